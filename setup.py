@@ -1,0 +1,32 @@
+"""rft: reward finetuning of generative models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.4.30",
+    "flax>=0.10",
+    "optax>=0.2.3",
+    "orbax-checkpoint>=0.6",
+    "chex>=0.1.87",
+    "ml-collections>=0.1.1",
+    "clu>=0.0.12",
+    "numpy>=1.26",
+    "pillow>=10",
+    "absl-py>=2",
+    "tensorboardX>=2.6",  # TF-free TensorBoard event files behind clu's MetricWriter
+    "tqdm>=4.66",
+]
+
+setup(
+    name="rft",
+    version="0.1.0",
+    description="Reward finetuning of diffusion models and LMs in JAX/Flax",
+    packages=find_packages(include=["rft", "rft.*"]),
+    package_data={"rft": ["assets/**/*", "assets/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "tfds": ["tensorflow-datasets"],
+    },
+)
