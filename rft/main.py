@@ -1,0 +1,62 @@
+"""rft's entry point: python -m rft.main --config=configs/<file>.py[:arg] [--workdir=DIR].
+
+The config file's `get_config(arg)` builds a locked ml_collections ConfigDict; any key
+can be overridden with --config.key=value (an unknown key or a wrong type is an error
+naming the key). `config.trainer` names the training program that runs.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rft import checkpoint
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs "
+                               "(default: workdirs/<config name>[_<arg>]).")
+
+# config.trainer -> "module:function"; each takes (config, workdir).
+TRAINERS = {
+    "pretrain_shapes": "rft.train.pretrain:train_and_evaluate",
+    "train_scorers": "rft.train.scorers:train_and_evaluate",
+}
+
+
+def default_workdir(config_arg: str) -> str:
+  path, _, arg = config_arg.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("workdirs", name + (f"_{arg.replace(',', '_')}" if arg else ""))
+
+
+def resolve_trainer(name: str):
+  if name not in TRAINERS:
+    raise ValueError(f"config.trainer={name!r} is not a trainer; known: {sorted(TRAINERS)}")
+  module, fn = TRAINERS[name].split(":")
+  return getattr(importlib.import_module(module), fn)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  checkpoint.ensure_workdir(workdir)  # fail before any work
+  train = resolve_trainer(config.trainer)
+  logging.info("config:\n%s", config)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  train(config, workdir)
+
+
+def run():
+  flags.mark_flag_as_required("config")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,60 @@
+"""Small pretrained bundles shipped in the repo (rft/assets/) and loaded by name.
+
+A bundle is `<name>.msgpack` (params, flax msgpack: no pickle) beside `<name>.json`
+(what builds the module, the command that made it, and its measured numbers).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rft import checkpoint
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+# Where each shipped bundle comes from, for the error message when it is absent.
+HOW_TO_MAKE = {
+    "shapes_base": "python -m rft.main --config=configs/pretrain_shapes.py "
+                   "--config.export_dir=rft/assets",
+    "shapes_reward": "python -m rft.main --config=configs/scorers_shapes.py "
+                     "--config.export_dir=rft/assets",
+    "shapes_evaluator": "python -m rft.main --config=configs/scorers_shapes.py "
+                        "--config.export_dir=rft/assets",
+}
+
+
+def bundle_paths(name: str, directory: str | None = None) -> tuple[str, str]:
+  d = directory or ASSETS
+  return os.path.join(d, f"{name}.msgpack"), os.path.join(d, f"{name}.json")
+
+
+def exists(name: str, directory: str | None = None) -> bool:
+  return all(os.path.exists(p) for p in bundle_paths(name, directory))
+
+
+def save_bundle(name: str, params: Any, meta: dict, directory: str | None = None) -> str:
+  params_path, meta_path = bundle_paths(name, directory)
+  os.makedirs(os.path.dirname(params_path), exist_ok=True)
+  checkpoint.save_params_file(params_path, params)
+  with open(meta_path, "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  return params_path
+
+
+def load_meta(name: str, directory: str | None = None) -> dict:
+  params_path, meta_path = bundle_paths(name, directory)
+  if not os.path.exists(meta_path) or not os.path.exists(params_path):
+    how = HOW_TO_MAKE.get(name, "")
+    raise FileNotFoundError(
+        f"pretrained bundle {name!r} not found: expected {params_path} and {meta_path}"
+        + (f". Make it with: {how}" if how else ""))
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def load_bundle(name: str, template: Any = None, directory: str | None = None) -> tuple[Any, dict]:
+  """(params, meta). With `template`, keys and shapes are checked against it."""
+  meta = load_meta(name, directory)
+  params = checkpoint.load_params_file(bundle_paths(name, directory)[0], template)
+  return params, meta

@@ -1,0 +1,166 @@
+"""Pretrain the ShapesWorld text-to-image base model (eps-prediction, CFG dropout).
+
+Sections: mesh -> data -> model -> optimizer/state -> checkpoint/resume -> update step
+-> evaluation -> loop -> export. Data is a pure function of (seed, step), the update
+RNG is fold_in(seed, step), so a resumed run continues the exact same curve.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from rft import checkpoint, metrics, parallel, pretrained
+from rft.data import shapes
+from rft.diffusion import training
+from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
+from rft.diffusion.schedules import make_schedule
+from rft.models.t2i import TextToImage
+from rft.train import shapes_eval
+from rft.train.state import TrainState, make_optimizer
+
+
+def build_model(model_cfg, vocab_size: int) -> TextToImage:
+  text = dict(model_cfg.text)
+  text.setdefault("vocab_size", vocab_size)
+  return TextToImage.from_config(text=text, unet=dict(model_cfg.unet))
+
+
+def model_meta(model: TextToImage, config) -> dict:
+  """What load_base_model needs to rebuild the model and its sampler."""
+  return {
+      "model": {k: list(v) if isinstance(v, tuple) else v for k, v in model.config().items()},
+      "schedule": {"name": config.schedule, "num_train_timesteps": config.num_train_timesteps},
+      "sampler": dict(config.sampler),
+      "holdout_fraction": config.holdout_fraction, "split_seed": config.split_seed,
+  }
+
+
+def load_judge(scorer_dir: str | None):
+  """The evaluator (+ reward) judge, or None with a warning when the bundles are absent."""
+  try:
+    evaluator = shapes_eval.Scorer.load("shapes_evaluator", scorer_dir or None)
+    reward = shapes_eval.Scorer.load("shapes_reward", scorer_dir or None)
+  except FileNotFoundError as e:
+    logging.warning("alignment evaluation disabled: %s", e)
+    return None
+  return shapes_eval.make_judge(evaluator, reward)
+
+
+def train_and_evaluate(config, workdir: str):
+  # ---------------------------------------------------------------- mesh and data
+  mesh = parallel.make_mesh(dict(config.mesh))
+  world = shapes.ShapesWorld(config.holdout_fraction, config.split_seed)
+  tok = shapes.tokenizer()
+  prompt_tokens = tok.encode(world.texts)  # [num_prompts, L]
+
+  def host_batch(step: int) -> dict:
+    rng = np.random.default_rng([config.seed, step])
+    ids = world.sample_prompt_ids(rng, config.batch_size, "train")
+    cells = world.sample_scenes(rng, ids)
+    return {"cells": cells, "offsets": shapes.sample_offsets(rng, cells),
+            "tokens": prompt_tokens[ids]}
+
+  # ---------------------------------------------------------------- model and state
+  model = build_model(config.model, tok.vocab_size)
+  pipe = shapes_pipeline(model, make_schedule(config.schedule, config.num_train_timesteps),
+                         shapes.IMAGE_SIZE)
+  tx = make_optimizer(config.lr, config.steps, config.warmup, config.weight_decay,
+                      config.grad_clip)
+  key = jax.random.key(config.seed)
+  h = shapes.IMAGE_SIZE
+  params = jax.jit(model.init)(key, jnp.zeros((1, h, h, 3)), jnp.zeros((1,), jnp.int32),
+                               jnp.zeros((1, tok.max_len), jnp.int32))["params"]
+  logging.info("model params: %d", sum(x.size for x in jax.tree.leaves(params)))
+  state = parallel.replicate(TrainState.create(params, tx, ema=config.ema_decay > 0), mesh)
+
+  # ---------------------------------------------------------------- checkpoint / resume
+  ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state)  # mismatching checkpoint: a clear error, never a restart
+    start = int(jax.device_get(state.step))
+    logging.info("resumed from step %d of %s", start, workdir)
+
+  # ---------------------------------------------------------------- update step
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state, batch, step_key):
+    x0 = shapes.render(batch["cells"], batch["offsets"])
+
+    def loss_fn(p):
+      cond, null = pipe.conditions(p, batch["tokens"])
+      return training.eps_loss(pipe.eps_fn, p, x0, cond, null, step_key, pipe.schedule,
+                               config.cond_dropout, config.snr_gamma or None)
+
+    (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    m["grad_norm"] = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+    return state.apply_gradients(grads, tx, config.ema_decay), m
+
+  # ---------------------------------------------------------------- evaluation
+  sampler = SamplerConfig(**dict(config.sampler))
+  judge = load_judge(config.scorer_dir)
+
+  @jax.jit
+  def sample_fn(p, tokens, k):
+    return pipe.sample(p, tokens, k, sampler)[0].sample
+
+  def evaluate(p, step: int) -> dict:
+    out = {}
+    for split in ("train", "heldout"):
+      ids = world.eval_prompt_ids(split, config.eval_prompts)
+      fn = lambda chunk, k: sample_fn(p, jnp.asarray(prompt_tokens[chunk]), k)
+      if judge is None:
+        images = np.asarray(fn(ids[:32], jax.random.key(step)))
+        m = {}
+      else:
+        m, images = shapes_eval.evaluate_alignment(fn, judge, world, ids, jax.random.key(step),
+                                                   config.eval_samples_per_prompt,
+                                                   config.eval_batch_size)
+      out.update({f"{split}/{k}": v for k, v in m.items()})
+      writer.write_images(step, {f"samples/{split}": metrics.image_grid(
+          images[:32], [world.texts[i] for i in ids[:32]], ncols=8)[None]})
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})
+    return out
+
+  # ---------------------------------------------------------------- loop
+  writer = metrics.create_writer(workdir)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
+  bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain")
+  t0, results = time.time(), {}
+  with parallel.use_mesh(mesh):
+    for step in range(start, config.steps):
+      batch = parallel.shard_batch(host_batch(step), mesh)
+      state, m = train_step(state, batch, jax.random.fold_in(key, step))
+      done = step + 1
+      if done % config.log_every == 0 or done == config.steps:
+        m = jax.device_get(m)
+        if not np.isfinite(m["loss"]):
+          raise FloatingPointError(f"loss is {m['loss']} at step {done}; last good checkpoint: "
+                                   f"step {ckpt.latest_step()} in {workdir}/checkpoints")
+        m["steps_per_sec"] = (done - start) / (time.time() - t0)
+        writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
+        bar.update(done, loss=float(m["loss"]))
+      if done % config.ckpt_every == 0 or done == config.steps:
+        ckpt.save(done, state)
+      if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+        eval_params = state.ema_params if state.ema_params is not None else state.params
+        results = evaluate(eval_params, done)
+        logging.info("step %d eval: %s", done, results)
+  bar.close()
+  ckpt.close()
+
+  # ---------------------------------------------------------------- export
+  final = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+  meta = model_meta(model, config)
+  meta.update(command=config.command, steps=config.steps, results=results,
+              train_seconds_this_run=round(time.time() - t0, 1))
+  pretrained.save_bundle("shapes_base", final, meta, workdir)
+  if config.export_dir:
+    pretrained.save_bundle("shapes_base", final, meta, config.export_dir)
+  writer.flush()
+  return results
