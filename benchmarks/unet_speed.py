@@ -31,12 +31,12 @@ from rft.models.t2i import TextToImage, make_encode_fn, make_eps_fn
 
 # Variants tried when choosing the default (all keep cross-attention at 8x8 and 4x4).
 VARIANTS = {
-    "default": {},
-    "wide": dict(channels=(32, 64, 96)),
-    "narrow": dict(channels=(32, 48, 64)),
+    "default": {},  # (32, 64, 64), lean skips, cross-attn at 8x8 + 4x4, self-attn 4x4
+    "full_skips": dict(full_skips=True),  # guided-diffusion up path (+1 block/level)
+    "narrow_full_skips": dict(full_skips=True, channels=(32, 48, 64)),
+    "wide_low": dict(channels=(32, 64, 96)),
     "no_mid_attn": dict(mid_attn=False),
-    "attn_lowest_only_self": dict(self_attn_levels=(2,), mid_attn=False),
-    "gn4": dict(num_groups=4),
+    "attn_16x16": dict(attn_levels=(0, 1, 2)),  # cross-attn at full res too
 }
 
 
@@ -44,16 +44,29 @@ def count_params(params) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
 
 
-def _time(fn, steps: int, runs: int) -> float:
-  """Median calls/s of ``fn`` (which must block) over ``runs`` runs of ``steps`` calls."""
+def _time(fn, steps: int, runs: int) -> tuple[float, float]:
+  """Median calls/s of ``fn`` (which must block) over ``runs`` runs of ``steps`` calls.
+
+  Returns (wall-clock calls/s, calls per process-CPU-second). On a shared machine the
+  second is less sensitive to other processes; multiply it by the core count for an
+  idealised "all cores to myself" rate.
+  """
   fn()  # warm-up run after compilation
-  rates = []
+  rates, cpu_rates = [], []
   for _ in range(runs):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
       fn()
     rates.append(steps / (time.perf_counter() - t0))
-  return statistics.median(rates)
+    cpu_rates.append(steps / (time.process_time() - c0))
+  return statistics.median(rates), statistics.median(cpu_rates)
+
+
+def _flops(jitted, *args) -> float:
+  cost = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def bench(name: str, overrides: dict, *, res: int, batch: int, infer_batch: int,
@@ -94,10 +107,12 @@ def bench(name: str, overrides: dict, *, res: int, batch: int, infer_batch: int,
     state["p"], state["o"], loss = train_step(state["p"], state["o"], x0, t, tokens, k)
     loss.block_until_ready()
 
+  train_gflop = _flops(train_step, state["p"], state["o"], x0, t, tokens,
+                       state["key"]) / 1e9
   t0 = time.perf_counter()
   one_train()
   compile_train = time.perf_counter() - t0
-  train_rate = _time(one_train, steps, runs)
+  train_rate, train_cpu = _time(one_train, steps, runs)
 
   # Inference: one denoiser call on a CFG batch (cond + uncond), text pre-encoded.
   rep = -(-infer_batch // batch)
@@ -109,9 +124,9 @@ def bench(name: str, overrides: dict, *, res: int, batch: int, infer_batch: int,
   fwd = jax.jit(eps_fn)
   fwd_fn = lambda: fwd(params, xi, ti, cond).block_until_ready()
   fwd_fn()
-  fwd_rate = _time(fwd_fn, steps * 2, runs)
-  return dict(name=name, params=n_params, train=train_rate, fwd=fwd_rate,
-              compile_s=compile_train)
+  fwd_rate, fwd_cpu = _time(fwd_fn, steps * 2, runs)
+  return dict(name=name, params=n_params, train=train_rate, train_cpu=train_cpu,
+              fwd=fwd_rate, fwd_cpu=fwd_cpu, gflop=train_gflop, compile_s=compile_train)
 
 
 def main():
@@ -130,13 +145,16 @@ def main():
       raise SystemExit(f"unknown variant {n!r}; expected one of {sorted(VARIANTS)}")
   print(f"backend={jax.default_backend()} devices={jax.devices()} res={args.res} "
         f"train batch={args.batch} infer batch={args.infer_batch}")
-  print(f"{'variant':<24}{'params':>10}{'train steps/s':>15}{'fwd calls/s':>13}"
-        f"{'compile s':>11}")
+  print(f"load average at start: {os.getloadavg()} on {os.cpu_count()} cores")
+  print(f"{'variant':<20}{'params':>10}{'GFLOP/step':>11}{'train/s':>9}"
+        f"{'train/cpu-s':>12}{'fwd/s':>8}{'fwd/cpu-s':>10}{'compile s':>10}")
   for n in names:
     r = bench(n, VARIANTS[n], res=args.res, batch=args.batch,
               infer_batch=args.infer_batch, steps=args.steps, runs=args.runs)
-    print(f"{r['name']:<24}{r['params']:>10,}{r['train']:>15.2f}{r['fwd']:>13.2f}"
-          f"{r['compile_s']:>11.1f}", flush=True)
+    print(f"{r['name']:<20}{r['params']:>10,}{r['gflop']:>11.1f}{r['train']:>9.2f}"
+          f"{r['train_cpu']:>12.2f}{r['fwd']:>8.2f}{r['fwd_cpu']:>10.2f}"
+          f"{r['compile_s']:>10.1f}", flush=True)
+  print(f"load average at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

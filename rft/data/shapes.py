@@ -239,12 +239,16 @@ class ShapesWorld:
     fams = self.family_ids[ids]
     present = [f for f in range(len(FAMILIES)) if np.any(fams == f)]
     w = self.family_weights[present] / self.family_weights[present].sum()
-    quota = np.floor(w * n).astype(int)
-    quota[np.argmax(w)] += n - quota.sum()
+    pools = [ids[fams == f] for f in present]
+    if n > len(ids):
+      raise ValueError(f"asked for {n} distinct {split} prompts, the split has {len(ids)}")
+    quota = np.minimum(np.floor(w * n).astype(int), [len(p) for p in pools])
+    while quota.sum() < n:  # give what small families cannot take to the others, by weight
+      spare = np.array([len(p) for p in pools]) - quota
+      quota[np.argmax(np.where(spare > 0, w, -1))] += 1
     out = []
-    for f, q in zip(present, quota):
-      pool = ids[fams == f]
-      out.extend(rng.choice(pool, size=min(q, len(pool)), replace=False))
+    for pool, q in zip(pools, quota):
+      out.extend(rng.choice(pool, size=q, replace=False))
     return np.array(sorted(out), np.int64)
 
   # -- scenes ----------------------------------------------------------------

@@ -19,10 +19,18 @@ sampling with eta = 0 still works and is deterministic.
 
 The sampler and the trainer share one per-step function (``ddim_step`` with
 ``prev_sample=`` to score a given transition, after jannerm/ddpo), so recomputing a stored
-transition's log-prob with unchanged params reproduces the recorded value exactly.
+transition's log-prob with unchanged params reproduces the recorded value exactly
+(ratio exp(new - old) == 1.0, bitwise), also inside a jitted value_and_grad. Two details
+make that hold under XLA, which contracts a*b+c into FMAs differently per fused kernel:
+the log-prob is computed in a custom-VJP "island" whose intermediates feed nothing else,
+and the per-dim mean is a sum of pre-scaled terms (no trailing multiply to contract into
+the consumer's subtraction). Pass stored latents / timesteps to jitted code as arguments,
+not closure constants: XLA constant-folds constants with different rounding.
+The log-prob is differentiable in reverse mode only (custom VJP).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -98,6 +106,58 @@ def _ddim_variance(ab_t, ab_prev):
 # --------------------------------------------------------------------------- one step
 
 
+def _mean_and_sigma(x, e, ab_t, ab_prev, eta, clip_x0):
+  """DDIM Eq. 12 mean and sigma_t (Eq. 16) in float32 from x_t, eps and the alpha_bars."""
+  sigma = eta * jnp.sqrt(_ddim_variance(ab_t, ab_prev))
+  x0_pred = (x - jnp.sqrt(1.0 - ab_t) * e) / jnp.sqrt(ab_t)
+  if clip_x0 is not None:
+    x0_pred = jnp.clip(x0_pred, -clip_x0, clip_x0)
+  # Clamped at 0 only against rounding (and eta > 1, where DDIM is not defined).
+  dir_coef = jnp.sqrt(jnp.maximum(1.0 - ab_prev - jnp.square(sigma), 0.0))
+  mean = jnp.sqrt(ab_prev) * x0_pred + dir_coef * e
+  return mean, sigma
+
+
+def _log_prob_plain(clip_x0, x, e, ab_t, ab_prev, eta, prev):
+  """Per-example (mean, sum) over non-batch dims of the Gaussian transition log-density."""
+  mean, sigma = _mean_and_sigma(x, e, ab_t, ab_prev, eta, clip_x0)
+  diff = jax.lax.stop_gradient(prev) - mean
+  log_prob = -jnp.square(diff) / (2.0 * jnp.square(sigma)) - jnp.log(sigma) - _HALF_LOG_2PI
+  axes = tuple(range(1, x.ndim))
+  # The mean is a sum of pre-scaled terms, not sum * (1/N): a trailing multiply would be
+  # contracted into an FMA with whatever consumes it (e.g. new - old in a ratio), so the
+  # trainer would see a different rounding of the "same" value than the sampler stored.
+  inv_n = np.float32(1.0 / np.prod(x.shape[1:]))
+  return jnp.sum(log_prob * inv_n, axis=axes), jnp.sum(log_prob, axis=axes)
+
+
+# Why an island: XLA fuses elementwise code differently depending on what else consumes
+# the intermediates (e.g. a backward pass), and LLVM then contracts a*b+c into an FMA in
+# some kernels but not others, so the "same" log-prob can differ by an ulp between the
+# sampler's program and the trainer's jitted grad step (and latents of size ~100 turn an
+# ulp of the mean into ~1e-4 of log-prob). Here the log-prob is computed behind
+# optimization barriers from its inputs alone, its intermediates feed nothing else (the
+# VJP recomputes them behind its own barrier instead of reusing them), so every program
+# compiles it to the same code: sampled == recomputed, bitwise.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _log_prob_island(clip_x0, x, e, ab_t, ab_prev, eta, prev):
+  inputs = jax.lax.optimization_barrier((x, e, ab_t, ab_prev, eta, prev))
+  return jax.lax.optimization_barrier(_log_prob_plain(clip_x0, *inputs))
+
+
+def _log_prob_island_fwd(clip_x0, *inputs):
+  return _log_prob_island(clip_x0, *inputs), inputs
+
+
+def _log_prob_island_bwd(clip_x0, inputs, g):
+  inputs = jax.lax.optimization_barrier(inputs)
+  _, vjp = jax.vjp(functools.partial(_log_prob_plain, clip_x0), *inputs)
+  return vjp(g)
+
+
+_log_prob_island.defvjp(_log_prob_island_fwd, _log_prob_island_bwd)
+
+
 def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta, *,
               key: Optional[jax.Array] = None, prev_sample: Optional[jax.Array] = None,
               clip_x0: Optional[float] = None):
@@ -107,33 +167,27 @@ def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta
   (float or traced). If ``prev_sample`` is None, samples mean + sigma * N(0, I) with
   ``key`` (key unused and optional when eta is the Python number 0); otherwise scores the
   given prev_sample. The whole step runs in float32; prev_sample is returned in x_t's
-  dtype and the log-prob is always that of the returned (cast) sample. The sample is
-  treated as data in the log-prob (stop_gradient), as in DDPO. log_prob_mean /
-  log_prob_sum: [B] float32, the per-dim Gaussian log-density averaged / summed over all
-  non-batch dims. NaN when sigma = 0 (eta = 0).
+  dtype and the log-prob is always that of the returned (cast) sample.
+
+  log_prob_mean / log_prob_sum: [B] float32, the per-dim Gaussian log-density averaged /
+  summed over all non-batch dims; NaN when sigma = 0 (eta = 0). Gradients flow to eps and
+  x_t (reverse mode only); the scored sample is treated as data (stop_gradient), as in
+  DDPO. The sample itself is differentiable through the mean (reward backprop).
   """
   f32 = jnp.float32
   x = x_t.astype(f32)
   e = eps.astype(f32)
   batch = x.shape[0]
-  # Always per-example [B] timesteps, so a scalar t (sampler) and a [B] t (trainer)
+  # Always per-example [B] alpha_bars, so a scalar t (sampler) and a [B] t (trainer)
   # build the same graph.
   ab_t, ab_prev = _alpha_bars(schedule, timesteps_vector(t, batch),
                               timesteps_vector(prev_t, batch))
   ab_t = _per_example(ab_t, x.ndim)
   ab_prev = _per_example(ab_prev, x.ndim)
-  eta = jnp.asarray(eta, f32)
-  x, e, ab_t, ab_prev, eta = jax.lax.optimization_barrier((x, e, ab_t, ab_prev, eta))
-  sigma = eta * jnp.sqrt(_ddim_variance(ab_t, ab_prev))
-
-  x0_pred = (x - jnp.sqrt(1.0 - ab_t) * e) / jnp.sqrt(ab_t)
-  if clip_x0 is not None:
-    x0_pred = jnp.clip(x0_pred, -clip_x0, clip_x0)
-  # Clamped at 0 only against rounding (and eta > 1, where DDIM is not defined).
-  dir_coef = jnp.sqrt(jnp.maximum(1.0 - ab_prev - jnp.square(sigma), 0.0))
-  mean = jnp.sqrt(ab_prev) * x0_pred + dir_coef * e
+  eta_f = jnp.asarray(eta, f32)
 
   if prev_sample is None:
+    mean, sigma = _mean_and_sigma(x, e, ab_t, ab_prev, eta_f, clip_x0)
     if _is_static_zero(eta):
       sample = mean
     else:
@@ -144,15 +198,8 @@ def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta
   elif prev_sample.shape != x_t.shape:
     raise ValueError(f"prev_sample shape {prev_sample.shape} != x_t shape {x_t.shape}")
 
-  # Optimization barriers fence the scoring off from whatever surrounds it (drawing the
-  # sample here, a ratio / gradient in the trainer), so XLA compiles the log-prob from
-  # identical inputs to identical code in every program: sampled == recomputed, bitwise.
-  prev_sample, mean, sigma = jax.lax.optimization_barrier((prev_sample, mean, sigma))
-  diff = jax.lax.stop_gradient(prev_sample).astype(f32) - mean
-  log_prob = -jnp.square(diff) / (2.0 * jnp.square(sigma)) - jnp.log(sigma) - _HALF_LOG_2PI
-  axes = tuple(range(1, x.ndim))
-  lp_mean, lp_sum = jax.lax.optimization_barrier(
-      (jnp.mean(log_prob, axis=axes), jnp.sum(log_prob, axis=axes)))
+  lp_mean, lp_sum = _log_prob_island(clip_x0, x, e, ab_t, ab_prev, eta_f,
+                                     prev_sample.astype(f32))
   return prev_sample, lp_mean, lp_sum
 
 

@@ -36,7 +36,8 @@ _TEXT_KEYS = {
 _UNET_KEYS = {
     "channels": "channels", "num_res_blocks": "num_res_blocks",
     "attn_levels": "attn_levels", "self_attn_levels": "self_attn_levels",
-    "mid_attn": "mid_attn", "num_heads": "num_heads", "emb_dim": "emb_dim",
+    "mid_attn": "mid_attn", "full_skips": "full_skips", "num_heads": "num_heads",
+    "emb_dim": "emb_dim",
     "num_groups": "num_groups", "out_channels": "out_channels",
 }
 
@@ -58,6 +59,7 @@ class TextToImage(nn.Module):
   attn_levels: Sequence[int] = (1, 2)
   self_attn_levels: Sequence[int] = (2,)
   mid_attn: bool = True
+  full_skips: bool = False
   num_heads: int = 4
   emb_dim: int = 128
   num_groups: int = 8
@@ -72,6 +74,7 @@ class TextToImage(nn.Module):
         channels=tuple(self.channels), num_res_blocks=self.num_res_blocks,
         attn_levels=tuple(self.attn_levels),
         self_attn_levels=tuple(self.self_attn_levels), mid_attn=self.mid_attn,
+        full_skips=self.full_skips,
         num_heads=self.num_heads, emb_dim=self.emb_dim, num_groups=self.num_groups,
         out_channels=self.out_channels)
 

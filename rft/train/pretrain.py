@@ -6,12 +6,12 @@ RNG is fold_in(seed, step), so a resumed run continues the exact same curve.
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from rft import checkpoint, metrics, parallel, pretrained
@@ -51,6 +51,24 @@ def load_judge(scorer_dir: str | None):
   return shapes_eval.make_judge(evaluator, reward)
 
 
+def make_train_step(pipe, tx, config):
+  """(state, batch, key) -> (state, metrics): render the batch's scenes, eps loss, AdamW."""
+
+  def train_step(state, batch, step_key):
+    x0 = shapes.render(batch["cells"], batch["offsets"])
+
+    def loss_fn(p):
+      cond, null = pipe.conditions(p, batch["tokens"])
+      return training.eps_loss(pipe.eps_fn, p, x0, cond, null, step_key, pipe.schedule,
+                               config.cond_dropout, config.snr_gamma or None)
+
+    (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    m["grad_norm"] = optax.global_norm(grads)
+    return state.apply_gradients(grads, tx, config.ema_decay), m
+
+  return train_step
+
+
 def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- mesh and data
   mesh = parallel.make_mesh(dict(config.mesh))
@@ -87,18 +105,7 @@ def train_and_evaluate(config, workdir: str):
     logging.info("resumed from step %d of %s", start, workdir)
 
   # ---------------------------------------------------------------- update step
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state, batch, step_key):
-    x0 = shapes.render(batch["cells"], batch["offsets"])
-
-    def loss_fn(p):
-      cond, null = pipe.conditions(p, batch["tokens"])
-      return training.eps_loss(pipe.eps_fn, p, x0, cond, null, step_key, pipe.schedule,
-                               config.cond_dropout, config.snr_gamma or None)
-
-    (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    m["grad_norm"] = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
-    return state.apply_gradients(grads, tx, config.ema_decay), m
+  train_step = jax.jit(make_train_step(pipe, tx, config), donate_argnums=(0,))
 
   # ---------------------------------------------------------------- evaluation
   sampler = SamplerConfig(**dict(config.sampler))

@@ -1,0 +1,91 @@
+"""The entry point: config files, overrides, locked keys, workdir errors, resume."""
+import os
+
+import numpy as np
+import pytest
+
+from rft import checkpoint, metrics, pretrained
+from tests.helpers import run_main
+
+SMOKE = "configs/pretrain_shapes.py:smoke"
+
+
+def test_every_config_file_has_command_docstring_and_smoke():
+  import importlib.util
+  configs = sorted(f for f in os.listdir("configs") if f.endswith(".py"))
+  assert configs
+  for f in configs:
+    spec = importlib.util.spec_from_file_location(f[:-3], os.path.join("configs", f))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert "COMMAND" in mod.__doc__ and "EXPECTED" in mod.__doc__, f
+    c = mod.get_config("smoke")
+    assert c.is_locked, f
+    with pytest.raises(ValueError, match="unknown config argument"):
+      mod.get_config("no_such_variant")
+
+
+def test_pretrain_smoke_writes_events_checkpoint_and_bundle(tmp_path):
+  run_main(SMOKE, tmp_path)
+  scalars = metrics.read_scalars(str(tmp_path))
+  assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
+  assert all(np.isfinite(v) for _, v in scalars["train/loss"])
+  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 6
+  meta = pretrained.load_meta("shapes_base", str(tmp_path))
+  assert meta["steps"] == 6 and meta["model"]["channels"] == [16, 32, 32]
+
+
+def test_unknown_key_and_wrong_type_are_errors_naming_the_key(tmp_path):
+  p = run_main(SMOKE, tmp_path, "--config.no_such_key=3", check=False)
+  assert p.returncode != 0 and "no_such_key" in p.stderr
+  p = run_main(SMOKE, tmp_path, "--config.steps=abc", check=False)
+  assert p.returncode != 0 and "steps" in p.stderr
+
+
+def test_unwritable_workdir_fails_before_work(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  p = run_main(SMOKE, blocker / "wd", check=False)
+  assert p.returncode != 0 and "WorkdirError" in p.stderr and str(blocker / "wd") in p.stderr
+  assert "pretrain:" not in p.stderr  # no training started
+
+
+def test_killed_run_resumes_to_the_same_params(tmp_path):
+  """SIGKILL mid-run, restart: the result equals an uninterrupted run bit for bit (CPU)."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  import jax
+  from tests.helpers import ROOT
+  args = ["--config.eval_every=0", "--config.steps=100", "--config.ckpt_every=10",
+          "--config.log_every=50"]
+  run_main(SMOKE, tmp_path / "a", *args)
+  proc = subprocess.Popen([sys.executable, "-m", "rft.main", f"--config={SMOKE}",
+                           f"--workdir={tmp_path / 'b'}", *args], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckdir = tmp_path / "b" / "checkpoints"
+  deadline = time.time() + 300
+  while not (ckdir.exists() and any(d.name.isdigit() for d in ckdir.iterdir())):
+    assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpoint.Checkpointer(str(ckdir)).latest_step()
+  assert killed_at is not None and killed_at < 100
+  assert not os.path.exists(tmp_path / "b" / "shapes_base.msgpack")
+  run_main(SMOKE, tmp_path / "b", *args)
+  a, _ = pretrained.load_bundle("shapes_base", directory=str(tmp_path / "a"))
+  b, _ = pretrained.load_bundle("shapes_base", directory=str(tmp_path / "b"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_mismatched_checkpoint_is_an_error_not_a_restart(tmp_path):
+  run_main(SMOKE, tmp_path, "--config.eval_every=0")
+  p = run_main(SMOKE, tmp_path, "--config.eval_every=0", "--config.steps=8",
+               "--config.model.text.width=48", check=False)
+  assert p.returncode != 0
+  assert "CheckpointMismatchError" in p.stderr and "shape mismatch" in p.stderr
+  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 6
