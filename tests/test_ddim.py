@@ -61,25 +61,31 @@ def test_negative_prev_t_uses_alphas_cumprod_0():
     got = float(ddim_sigma(s, 1, prev_t, 1.0))
     var = (1 - ab[0]) / (1 - ab[1]) * (1 - ab[1] / ab[0])
     np.testing.assert_allclose(got, np.sqrt(var), rtol=1e-4)
-  # Not alpha_bar = 1 (set_alpha_to_one=True would give sigma = 0 here and
-  # sqrt((1-ab_1)) * ... for the final step).
-  assert float(ddim_sigma(s, 1, -19, 1.0)) > 0
+  # alpha_bar_prev = 1 (set_alpha_to_one=True) would give the final step another sigma.
+  ab1 = 1.0
+  sigma_one = np.sqrt((1 - ab1) / (1 - ab[1]) * (1 - ab[1] / ab1))
+  assert abs(float(ddim_sigma(s, 1, -19, 1.0)) - sigma_one) > 1e-3
 
 
 @pytest.mark.parametrize("num_steps", [10, 50])
-@pytest.mark.parametrize("sched", list(SCHEDULES))
-def test_every_transition_has_positive_variance(sched, num_steps):
-  s = make_schedule(**SCHEDULES[sched])
-  t, prev = ddim_timesteps(s.num_train_timesteps, num_steps)
-  sigma = np.asarray(ddim_sigma(s, jnp.asarray(t), jnp.asarray(prev), 1.0))
-  assert sigma.shape == (num_steps,)
-  assert np.all(np.isfinite(sigma)) and np.all(sigma > 0), sigma
-  # And the log-prob of a transition at each step is finite (final step included).
-  x = jnp.zeros((num_steps, 2, 2, 1))
-  eps = jnp.full((num_steps, 2, 2, 1), 0.3)
-  _, lp, lps = ddim_step(s, eps, jnp.asarray(t), jnp.asarray(prev), x, 1.0,
-                         prev_sample=jnp.full_like(x, 0.01))
-  assert np.all(np.isfinite(np.asarray(lp))) and np.all(np.isfinite(np.asarray(lps)))
+def test_every_transition_has_positive_variance(num_steps):
+  @jax.jit
+  def sigmas_and_log_probs(sched, t, prev):
+    sigma = ddim_sigma(sched, t, prev, 1.0)
+    x = jnp.zeros((num_steps, 2, 2, 1))
+    _, lp, lps = ddim_step(sched, jnp.full_like(x, 0.3), t, prev, x, 1.0,
+                           prev_sample=jnp.full_like(x, 0.01))
+    return sigma, lp, lps
+
+  for name, kw in SCHEDULES.items():
+    s = make_schedule(**kw)
+    t, prev = ddim_timesteps(s.num_train_timesteps, num_steps)
+    assert prev[-1] < 0
+    sigma, lp, lps = map(np.asarray, sigmas_and_log_probs(s, t, prev))
+    assert sigma.shape == (num_steps,)
+    assert np.all(np.isfinite(sigma)) and np.all(sigma > 0), (name, sigma)
+    # The log-prob of a transition at each step is finite (final step included).
+    assert np.all(np.isfinite(lp)) and np.all(np.isfinite(lps)), (name, lp)
 
 
 # --------------------------------------------------------------------------- one step
@@ -193,8 +199,9 @@ def test_guided_eps_matches_separate_calls():
     calls.append(x.shape[0])
     return jnp.tanh(x * p + c["v"][:, None, None, :] + 0.01 * t[:, None, None, None])
 
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 4))
-  cond = {"v": jax.random.normal(jax.random.PRNGKey(1), (3, 4))}
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(3, 2, 2, 4), jnp.float32)
+  cond = {"v": jnp.asarray(rng.randn(3, 4), jnp.float32)}
   null = {"v": jnp.zeros((1, 4))}
   t = jnp.array([5, 6, 7])
   eps_u = eps_fn(0.5, x, t, {"v": jnp.zeros((3, 4))})
@@ -238,15 +245,24 @@ B, S = 3, 6
 CFG = 3.0
 
 
+def _random_params(shapes, seed, scale=0.3):
+  """Fills a param-shape tree with numpy normals (cheaper than compiling flax's init)."""
+  rng = np.random.RandomState(seed)
+  return jax.tree_util.tree_map(
+      lambda sd: jnp.asarray(scale * rng.randn(*sd.shape), sd.dtype), shapes)
+
+
 @pytest.fixture(scope="module")
 def setup():
   model = TinyDenoiser()
-  x_T = jax.random.normal(jax.random.PRNGKey(0), (B, 8, 8, 3))
-  cond = jax.random.normal(jax.random.PRNGKey(1), (B, 5))
+  rng = np.random.RandomState(0)
+  x_T = jnp.asarray(rng.randn(B, 8, 8, 3), jnp.float32)
+  cond = jnp.asarray(rng.randn(B, 5), jnp.float32)
   null = jnp.zeros((1, 5))
-  params = jax.jit(model.init)(jax.random.PRNGKey(2), x_T, jnp.zeros((B,), jnp.int32), cond)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x_T, jnp.zeros((B,), jnp.int32), cond)
+  params = _random_params(shapes, seed=1)
   eps_fn = model.apply
-  sched = make_schedule("cosine")
+  sched = make_schedule(**SCHEDULES["scaled_linear"])
   sample = jax.jit(functools.partial(ddim_sample, eps_fn, schedule=sched, num_steps=S, eta=1.0,
                                      guidance_scale=CFG))
   traj = sample(params, x_T, cond, null, key=jax.random.PRNGKey(3))
@@ -333,8 +349,8 @@ def test_recompute_ratio_is_exactly_one(setup):
     np.testing.assert_array_equal(np.asarray(lps), np.asarray(traj.log_probs_sum[:, i]))
 
   # Changed params change the log-probs (the ratio can move away from 1).
-  bumped = jax.tree_util.tree_map(
-      lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(4), p.shape), params)
+  bumped = jax.tree_util.tree_map(lambda p, d: p + 0.05 * d, params,
+                                  _random_params(params, seed=4, scale=1.0))
   new = recompute(bumped, traj, s["cond"], s["null"])
   assert np.abs(np.exp(np.asarray(new) - np.asarray(traj.log_probs)) - 1).max() > 1e-3
 

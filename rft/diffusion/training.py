@@ -43,17 +43,20 @@ def eps_loss(eps_fn: EpsFn, params: Any, x0: jax.Array, cond: Any, null_cond: An
   Pure and jittable (cond_dropout may be traced; snr_gamma is static).
   """
   batch = x0.shape[0]
+  no_dropout = isinstance(cond_dropout, (int, float)) and cond_dropout == 0
+  if not no_dropout:
+    if null_cond is None:
+      raise ValueError(f"eps_loss: cond_dropout={cond_dropout!r} needs a null_cond, got None")
+    null_cond = broadcast_batch(null_cond, batch)  # checks leading dims before any work
+
   t_key, noise_key, drop_key = jax.random.split(rng, 3)
   t = jax.random.randint(t_key, (batch,), 0, schedule.num_train_timesteps, dtype=jnp.int32)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32).astype(x0.dtype)
   x_t = add_noise(schedule, x0, noise, t)
 
-  no_dropout = isinstance(cond_dropout, (int, float)) and cond_dropout == 0
   if no_dropout:
     drop = jnp.zeros((batch,), bool)
   else:
-    if null_cond is None:
-      raise ValueError(f"eps_loss: cond_dropout={cond_dropout!r} needs a null_cond, got None")
     drop = jax.random.bernoulli(drop_key, cond_dropout, (batch,))
     cond = drop_cond(cond, null_cond, drop)
 
