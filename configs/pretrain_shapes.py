@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.cond_dropout = 0.1
   c.snr_gamma = 5.0  # min-SNR-gamma loss weighting; 0 disables
   # Optimisation.
-  c.steps = 3000
+  c.steps = 2500
   c.batch_size = 64
   c.lr = 2e-3
   c.warmup = 200
@@ -52,7 +52,7 @@ def get_config(arg=None):
   # Logging, evaluation, checkpoints.
   c.log_every = 50
   c.ckpt_every = 500
-  c.eval_every = 1000
+  c.eval_every = 1250
   c.eval_prompts = 256
   c.eval_samples_per_prompt = 1
   c.eval_batch_size = 256

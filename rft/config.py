@@ -1,6 +1,9 @@
 """Config helpers shared by the files in configs/ (ml_collections ConfigDicts)."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 from ml_collections import config_dict
 
 
@@ -20,3 +23,17 @@ def lock(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   """Lock a config so that a new key (e.g. a typo in --config.key=value) is an error."""
   config.lock()
   return config
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(name: str, arg: str | None = None) -> config_dict.ConfigDict:
+  """get_config(arg) of configs/<name>.py (or of a path to a config file)."""
+  path = name if name.endswith(".py") else os.path.join(CONFIG_DIR, f"{name}.py")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"rft_config_{os.path.basename(path)[:-3]}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)

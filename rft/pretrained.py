@@ -58,3 +58,24 @@ def load_bundle(name: str, template: Any = None, directory: str | None = None) -
   meta = load_meta(name, directory)
   params = checkpoint.load_params_file(bundle_paths(name, directory)[0], template)
   return params, meta
+
+
+def load_shapes_base(directory: str | None = None):
+  """The shipped ShapesWorld base model: (TextToImage module, params, meta).
+
+  meta["schedule"] and meta["sampler"] hold the noise schedule and the default sampler
+  settings it was evaluated with; meta["results"] its measured alignment.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from rft.models.t2i import TextToImage
+
+  meta = load_meta("shapes_base", directory)
+  cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
+  model = TextToImage(**cfg)
+  template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                            jnp.zeros((1,), jnp.int32),
+                            jnp.zeros((1, model.max_len), jnp.int32))["params"]
+  params, _ = load_bundle("shapes_base", template, directory)
+  return model, params, meta

@@ -11,18 +11,17 @@ SMOKE = "configs/pretrain_shapes.py:smoke"
 
 
 def test_every_config_file_has_command_docstring_and_smoke():
-  import importlib.util
-  configs = sorted(f for f in os.listdir("configs") if f.endswith(".py"))
+  import ast
+  from rft import config as config_lib
+  configs = sorted(f for f in os.listdir(config_lib.CONFIG_DIR) if f.endswith(".py"))
   assert configs
   for f in configs:
-    spec = importlib.util.spec_from_file_location(f[:-3], os.path.join("configs", f))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert "COMMAND" in mod.__doc__ and "EXPECTED" in mod.__doc__, f
-    c = mod.get_config("smoke")
-    assert c.is_locked, f
+    path = os.path.join(config_lib.CONFIG_DIR, f)
+    doc = ast.get_docstring(ast.parse(open(path).read()))
+    assert "COMMAND" in doc and "EXPECTED" in doc, f
+    assert config_lib.load(path, "smoke").is_locked, f
     with pytest.raises(ValueError, match="unknown config argument"):
-      mod.get_config("no_such_variant")
+      config_lib.load(path, "no_such_variant")
 
 
 def test_pretrain_smoke_writes_events_checkpoint_and_bundle(tmp_path):
@@ -89,3 +88,16 @@ def test_mismatched_checkpoint_is_an_error_not_a_restart(tmp_path):
   assert p.returncode != 0
   assert "CheckpointMismatchError" in p.stderr and "shape mismatch" in p.stderr
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 6
+
+
+def test_base_model_falls_back_to_pretraining_when_absent(tmp_path):
+  """No bundle in the given directory: pretrain (smoke) into the workdir and load it."""
+  import jax
+  from rft import config as config_lib
+  from rft.train import pretrain
+  cfg = config_lib.load("pretrain_shapes", "smoke")
+  with cfg.unlocked():
+    cfg.eval_every = 0
+  model, params, meta = pretrain.load_or_pretrain_base(str(tmp_path), str(tmp_path / "empty"), cfg)
+  assert meta["steps"] == 6 and pretrained.exists("shapes_base", str(tmp_path / "base_model"))
+  assert model.channels == (16, 32, 32) and jax.tree.leaves(params)

@@ -15,10 +15,8 @@ SCRIPT = textwrap.dedent("""
     from rft.diffusion.schedules import make_schedule
     from rft.train import pretrain
     from rft.train.state import TrainState, make_optimizer
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("c", "configs/pretrain_shapes.py")
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    config = mod.get_config("smoke")
+    from rft import config as config_lib
+    config = config_lib.load("pretrain_shapes", "smoke")
     assert jax.device_count() == 8
     tok = shapes.tokenizer()
     world = shapes.ShapesWorld()

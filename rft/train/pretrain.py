@@ -171,3 +171,23 @@ def train_and_evaluate(config, workdir: str):
     pretrained.save_bundle("shapes_base", final, meta, config.export_dir)
   writer.flush()
   return results
+
+
+def load_or_pretrain_base(workdir: str, directory: str | None = None, config=None):
+  """The ShapesWorld base model for finetuning: (model, params, meta).
+
+  Uses the bundle shipped in rft/assets (or `directory`); when it is absent, pretrains
+  one with `config` (default: configs/pretrain_shapes.py) in `workdir`/base_model,
+  resuming there if a previous attempt was interrupted, and loads the result.
+  """
+  if pretrained.exists("shapes_base", directory):
+    return pretrained.load_shapes_base(directory)
+  base_dir = f"{workdir}/base_model"
+  logging.warning("no shipped base model in %s; pretraining one in %s (about 20 minutes on a "
+                  "2-core CPU)", directory or pretrained.ASSETS, base_dir)
+  if config is None:
+    from rft import config as config_lib
+    config = config_lib.load("pretrain_shapes")
+  checkpoint.ensure_workdir(base_dir)
+  train_and_evaluate(config, base_dir)
+  return pretrained.load_shapes_base(base_dir)
