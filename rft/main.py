@@ -45,8 +45,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  checkpoint.ensure_workdir(workdir)  # fail before any work
   train = resolve_trainer(config.trainer)
+  checkpoint.ensure_workdir(workdir)  # fail before any work
   logging.info("config:\n%s", config)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))

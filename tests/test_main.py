@@ -56,13 +56,14 @@ def test_killed_run_resumes_to_the_same_params(tmp_path):
   import sys
   import time
   import jax
-  from tests.helpers import ROOT
-  args = ["--config.eval_every=0", "--config.steps=100", "--config.ckpt_every=10",
-          "--config.log_every=50"]
+  from tests.helpers import JAX_CACHE, ROOT
+  args = ["--config.eval_every=0", "--config.steps=40", "--config.ckpt_every=5",
+          "--config.log_every=20"]
   run_main(SMOKE, tmp_path / "a", *args)
   proc = subprocess.Popen([sys.executable, "-m", "rft.main", f"--config={SMOKE}",
                            f"--workdir={tmp_path / 'b'}", *args], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=JAX_CACHE),
+                          stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   ckdir = tmp_path / "b" / "checkpoints"
   deadline = time.time() + 300
@@ -72,7 +73,7 @@ def test_killed_run_resumes_to_the_same_params(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = checkpoint.Checkpointer(str(ckdir)).latest_step()
-  assert killed_at is not None and killed_at < 100
+  assert killed_at is not None and killed_at < 40
   assert not os.path.exists(tmp_path / "b" / "shapes_base.msgpack")
   run_main(SMOKE, tmp_path / "b", *args)
   a, _ = pretrained.load_bundle("shapes_base", directory=str(tmp_path / "a"))
@@ -101,3 +102,16 @@ def test_base_model_falls_back_to_pretraining_when_absent(tmp_path):
   model, params, meta = pretrain.load_or_pretrain_base(str(tmp_path), str(tmp_path / "empty"), cfg)
   assert meta["steps"] == 6 and pretrained.exists("shapes_base", str(tmp_path / "base_model"))
   assert model.channels == (16, 32, 32) and jax.tree.leaves(params)
+
+
+def test_missing_bundle_error_names_files_and_command(tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    pretrained.load_meta("shapes_base", str(tmp_path))
+  msg = str(e.value)
+  assert str(tmp_path / "shapes_base.msgpack") in msg and "configs/pretrain_shapes.py" in msg
+
+
+def test_unknown_trainer_is_an_error_before_the_workdir_is_made(tmp_path):
+  p = run_main(SMOKE, tmp_path / "wd", "--config.trainer=nope", check=False)
+  assert p.returncode != 0 and "config.trainer='nope'" in p.stderr
+  assert not (tmp_path / "wd").exists()
