@@ -1,27 +1,23 @@
-"""Pretrain the ShapesWorld text-to-image base model (16x16, ~0.9 M params).
+"""Pretrain the ShapesWorld text-to-image base model (16x16 images, 1.06 M params).
 
 COMMAND:
   python -m rft.main --config=configs/pretrain_shapes.py --workdir=workdirs/pretrain_shapes
   (add --config.export_dir=rft/assets to refresh the base model shipped in the repo)
 
-EXPECTED: about 15 minutes on a 2-core CPU (3,000 steps at batch 64); with the shipped
-scorers the evaluator judges roughly half of the samples aligned with their caption
-on training prompts and fewer on held-out prompts (see README's results table for the
-measured numbers). `:smoke` runs in seconds.
+EXPECTED: 2,500 steps at batch 64 in about 19 minutes on a 2-core CPU (1,148 s measured,
+two evaluations included). The evaluator then judges 43 % of samples aligned on
+training captions and 28 % on held-out captions (256 captions each; 20 DDIM steps,
+eta 1, CFG 1.5). The model shipped in rft/assets is this config run for 5,000 steps
+(--config.steps=5000): 50 % train, 37 % held-out. `:smoke` runs in seconds.
 """
 from ml_collections import config_dict
 
 from rft import config as config_lib
 
-COMMAND = ("python -m rft.main --config=configs/pretrain_shapes.py "
-           "--config.export_dir=rft/assets")
-
-
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke",))
   c = config_dict.ConfigDict()
   c.trainer = "pretrain_shapes"
-  c.command = COMMAND
   c.seed = 0
   c.mesh = config_dict.ConfigDict({"data": -1})
   # World.
@@ -48,7 +44,7 @@ def get_config(arg=None):
   c.ema_decay = 0.995
   # Sampling used for evaluation (and recorded as the base model's default sampler).
   c.sampler = config_dict.ConfigDict(
-      {"num_steps": 20, "eta": 1.0, "guidance_scale": 3.0, "clip_x0": 1.0})
+      {"num_steps": 20, "eta": 1.0, "guidance_scale": 1.5, "clip_x0": 1.0})
   # Logging, evaluation, checkpoints.
   c.log_every = 50
   c.ckpt_every = 500

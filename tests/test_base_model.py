@@ -44,12 +44,14 @@ def test_base_model_is_usable_but_imperfect(base):
   sample = jax.jit(lambda p, t, k: pipe.sample(p, t, k, cfg)[0].sample)
   fn = lambda ids, key: sample(params, jnp.asarray(tokens[ids]), key)
   judge = shapes_eval.make_judge(shapes_eval.Scorer.load("shapes_evaluator"))
+  assert cfg.guidance_scale == 1.5 and cfg.num_steps == 20 and cfg.eta == 1.0
   out = {}
   for split in ("train", "heldout"):
     ids = world.eval_prompt_ids(split, 128)
     out[split], _ = shapes_eval.evaluate_alignment(fn, judge, world, ids, jax.random.key(3),
                                                   batch_size=128)
   print(out)
-  assert 0.3 <= out["train"]["alignment"] <= 0.95, out
-  assert out["heldout"]["alignment"] <= 0.95, out
-  assert out["heldout"]["alignment_single"] >= 0.3, out  # composition, not memorised text
+  # Measured on 256 prompts per split (meta["results"]): train 0.50, held-out 0.37.
+  assert 0.3 <= out["train"]["alignment"] <= 0.9, out
+  assert 0.15 <= out["heldout"]["alignment"] <= 0.9, out
+  assert out["train"]["objects_present"] >= 0.7, out  # the named objects are drawn

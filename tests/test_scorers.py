@@ -63,3 +63,13 @@ def test_augment_keeps_shape_and_changes_pixels():
   y = scorer_training.augment(jax.random.key(0), jnp.repeat(x, 4, 0))
   assert y.shape == (4, 16, 16, 3) and not np.allclose(np.asarray(y), np.asarray(x))
   assert np.isfinite(np.asarray(y)).all()
+
+
+def test_objects_present_ignores_position_and_extras_but_not_counts(world):
+  p = world.prompts[world.prompt_ids(["two red circles"])[0]]
+  rc, bs = shapes.class_index(0, 0, 0), shapes.class_index(2, 1, 1)
+  assert shapes_eval.objects_present(p, np.array([rc, 0, rc, bs]))
+  assert not shapes_eval.objects_present(p, np.array([rc, 0, 0, bs]))
+  q = world.prompts[world.prompt_ids(["a red circle above a blue square"])[0]]
+  assert shapes_eval.objects_present(q, np.array([bs, 0, rc, 0]))  # wrong relation, both there
+  assert not shapes_eval.objects_present(q, np.array([rc, 0, 0, 0]))

@@ -108,6 +108,7 @@ def train_and_evaluate(config, workdir: str):
   train_step = jax.jit(make_train_step(pipe, tx, config), donate_argnums=(0,))
 
   # ---------------------------------------------------------------- evaluation
+  writer = metrics.create_writer(workdir)
   sampler = SamplerConfig(**dict(config.sampler))
   judge = load_judge(config.scorer_dir)
 
@@ -134,7 +135,6 @@ def train_and_evaluate(config, workdir: str):
     return out
 
   # ---------------------------------------------------------------- loop
-  writer = metrics.create_writer(workdir)
   if start == 0:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
   bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain")
@@ -163,8 +163,12 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- export
   final = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+  if config.eval_every and not results:  # rerun of a finished run: re-measure, don't blank
+    results = evaluate(final, config.steps)
+  if jax.process_index() != 0:
+    return results
   meta = model_meta(model, config)
-  meta.update(command=config.command, steps=config.steps, results=results,
+  meta.update(command=pretrained.invocation(), steps=config.steps, results=results,
               train_seconds_this_run=round(time.time() - t0, 1))
   pretrained.save_bundle("shapes_base", final, meta, workdir)
   if config.export_dir:

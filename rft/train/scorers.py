@@ -141,7 +141,7 @@ def train_and_evaluate(config, workdir: str):
     params, results = _train_one(name, cfg, config, world, mesh, workdir, writer)
     results["train_seconds_this_run"] = round(time.time() - t0, 1)
     meta = {"arch": cfg.arch, "seed": cfg.seed, "steps": config.steps,
-            "results": results, "command": config.command}
+            "results": results, "command": pretrained.invocation()}
     pretrained.save_bundle(f"shapes_{name}", params, meta, workdir)
     if config.export_dir:
       pretrained.save_bundle(f"shapes_{name}", params, meta, config.export_dir)

@@ -43,8 +43,8 @@ def make_judge(evaluator: Scorer, reward: Scorer | None = None) -> Callable:
 
   @jax.jit
   def judge(images, assignments):
-    out = {"aligned": align.is_aligned(
-        align.predicted_cells(evaluator.cell_log_probs(evaluator.params, images)), assignments)}
+    cells = align.predicted_cells(evaluator.cell_log_probs(evaluator.params, images))
+    out = {"aligned": align.is_aligned(cells, assignments), "cells": cells}
     if reward is not None:
       out["reward"] = jnp.exp(align.alignment_log_prob(
           reward.cell_log_probs(reward.params, images), assignments))
@@ -59,10 +59,12 @@ def evaluate_alignment(sample_images: Callable, judge: Callable, world: shapes.S
   """Sample images for prompt_ids (x samples_per_prompt) and judge them.
 
   sample_images(prompt_ids, key) -> images [n,16,16,3]. Returns (metrics, first images).
-  Metrics: alignment, reward (if the judge has a reward model), and alignment per family.
+  Metrics: alignment, reward (if the judge has a reward model), alignment per family,
+  and objects_present: every named (colour, shape) object is there, as often as named,
+  ignoring sizes, positions, relations and extra objects (a looser, diagnostic score).
   """
   ids = np.repeat(np.asarray(prompt_ids), samples_per_prompt)
-  aligned, reward, first = [], [], None
+  aligned, reward, present, first = [], [], [], None
   for i, start in enumerate(range(0, len(ids), batch_size)):
     chunk = ids[start:start + batch_size]
     pad = batch_size - len(chunk)  # keep one compiled shape
@@ -70,12 +72,14 @@ def evaluate_alignment(sample_images: Callable, judge: Callable, world: shapes.S
     images = sample_images(chunk_p, jax.random.fold_in(key, i))
     out = jax.device_get(judge(images, world.assignments(chunk_p)))
     aligned.append(np.asarray(out["aligned"])[:len(chunk)])
+    present.append([objects_present(world.prompts[i], c)
+                    for i, c in zip(chunk, np.asarray(out["cells"]))])
     if "reward" in out:
       reward.append(np.asarray(out["reward"])[:len(chunk)])
     if first is None:
       first = np.asarray(images)[:len(chunk)]
   aligned = np.concatenate(aligned)
-  m = {"alignment": float(aligned.mean())}
+  m = {"alignment": float(aligned.mean()), "objects_present": float(np.mean(np.concatenate(present)))}
   if reward:
     m["reward"] = float(np.concatenate(reward).mean())
   fams = world.family_ids[ids]
@@ -83,3 +87,58 @@ def evaluate_alignment(sample_images: Callable, judge: Callable, world: shapes.S
     if np.any(fams == f):
       m[f"alignment_{name}"] = float(aligned[fams == f].mean())
   return m, first
+
+
+def objects_present(prompt: shapes.Prompt, cells: np.ndarray) -> bool:
+  """Does the scene hold every (colour, shape) the prompt names, as many times as named?"""
+  found: dict[tuple[int, int], int] = {}
+  for k in cells:
+    if k > 0:
+      col, sh, _ = shapes.class_attributes(int(k))
+      found[(col, sh)] = found.get((col, sh), 0) + 1
+  need: dict[tuple[int, int], int] = {}
+  for o in prompt.objects:
+    need[(o.color, o.shape)] = need.get((o.color, o.shape), 0) + prompt.count
+  return all(found.get(k, 0) >= n for k, n in need.items())
+
+
+def sweep_samplers(samplers: list[str], base_dir: str | None = None, prompts: int = 256,
+                   seed: int = 0) -> dict:
+  """Alignment of the base model per sampler setting "steps,eta,cfg" on both splits."""
+  import time
+
+  from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
+  from rft.diffusion.schedules import make_schedule
+
+  model, params, meta = pretrained.load_shapes_base(base_dir)
+  pipe = shapes_pipeline(model, make_schedule(**meta["schedule"]))
+  world = shapes.ShapesWorld(meta["holdout_fraction"], meta["split_seed"])
+  tokens = shapes.tokenizer().encode(world.texts)
+  judge = make_judge(Scorer.load("shapes_evaluator"), Scorer.load("shapes_reward"))
+  results = {}
+  for spec in samplers:
+    steps, eta, cfg_scale = spec.split(",")
+    cfg = SamplerConfig(int(steps), float(eta), float(cfg_scale), meta["sampler"]["clip_x0"])
+    sample = jax.jit(lambda p, t, k, cfg=cfg: pipe.sample(p, t, k, cfg)[0].sample)
+    fn = lambda ids, key, sample=sample: sample(params, jnp.asarray(tokens[ids]), key)
+    t0, out = time.time(), {}
+    for split in ("train", "heldout"):
+      m, _ = evaluate_alignment(fn, judge, world, world.eval_prompt_ids(split, prompts),
+                                jax.random.key(seed), batch_size=min(256, prompts))
+      out[split] = {k: round(v, 3) for k, v in m.items()}
+    out["seconds"] = round(time.time() - t0, 1)
+    print(spec, out, flush=True)
+    results[spec] = out
+  return results
+
+
+if __name__ == "__main__":
+  import argparse
+  ap = argparse.ArgumentParser(description="Evaluator alignment of the ShapesWorld base model "
+                               "for sampler settings (steps,eta,cfg).")
+  ap.add_argument("samplers", nargs="+", help='e.g. 20,1,1.5 10,1,1.5 20,0,3')
+  ap.add_argument("--base_dir", default=None, help="bundle folder (default: rft/assets)")
+  ap.add_argument("--prompts", type=int, default=256)
+  ap.add_argument("--seed", type=int, default=0)
+  a = ap.parse_args()
+  sweep_samplers(a.samplers, a.base_dir, a.prompts, a.seed)
