@@ -7,7 +7,6 @@ naming the key). `config.trainer` names the training program that runs.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 from absl import app, flags, logging

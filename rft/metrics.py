@@ -10,7 +10,7 @@ Everything here is TensorFlow-free:
   ``async_writer``) through it.
 * :class:`TensorBoardWriter` writes real TensorBoard event files with
   tensorboardX.
-* :func:`read_scalars` reads event files back by parsing the TFRecord framing
+* :func:`read_scalars` (in rft.tb_events, re-exported) reads event files back by parsing the TFRecord framing
   and the ``Event`` protobuf (tensorboardX ships the compiled protos).
 
 Typical use::
@@ -29,11 +29,10 @@ import importlib.machinery
 import io
 import math
 import os
-import struct
 import sys
 import types
 import wave
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence
 
 from absl import logging
 import jax
@@ -620,112 +619,4 @@ class ProgressBar:
     self.close()
 
 
-# ----------------------------------------------------------------------------
-# Reading event files back (no TensorFlow)
-# ----------------------------------------------------------------------------
-
-_MASK_DELTA = 0xA282EAD8
-
-
-def _masked_crc(data: bytes) -> int:
-  from tensorboardX.crc32c import crc32c  # pylint: disable=g-import-not-at-top
-  x = crc32c(data) & 0xFFFFFFFF
-  return (((x >> 15) | (x << 17)) + _MASK_DELTA) & 0xFFFFFFFF
-
-
-def _iter_records(path: str, verify_crc: bool = True):
-  """Yields the payloads of a TFRecord file; a truncated tail is ignored."""
-  with open(path, "rb") as f:
-    while True:
-      header = f.read(12)
-      if len(header) < 12:
-        return  # EOF or a record still being written
-      (length,), (len_crc,) = (struct.unpack("<Q", header[:8]),
-                               struct.unpack("<I", header[8:]))
-      if _masked_crc(header[:8]) != len_crc:
-        raise ValueError(f"{path}: corrupt record length at offset "
-                         f"{f.tell() - 12}")
-      data = f.read(length)
-      footer = f.read(4)
-      if len(data) < length or len(footer) < 4:
-        return
-      if verify_crc and _masked_crc(data) != struct.unpack("<I", footer)[0]:
-        raise ValueError(f"{path}: corrupt record data at offset "
-                         f"{f.tell() - 4 - length}")
-      yield data
-
-
-def _event_files(logdir: str) -> List[str]:
-  if os.path.isfile(logdir):
-    return [logdir]
-  if not os.path.isdir(logdir):
-    raise FileNotFoundError(f"no such log directory: {logdir}")
-  return sorted(os.path.join(logdir, f) for f in os.listdir(logdir)
-                if "tfevents" in f and os.path.isfile(os.path.join(logdir, f)))
-
-
-def iter_events(logdir: str, verify_crc: bool = True):
-  """Yields ``Event`` protos from the event files directly in ``logdir``
-  (or from one event file), oldest file first."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  for path in _event_files(logdir):
-    for data in _iter_records(path, verify_crc):
-      yield event_pb2.Event.FromString(data)
-
-
-_TENSOR_DTYPES = {
-    1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16,
-    6: np.int8, 9: np.int64, 10: np.bool_, 17: np.uint16, 19: np.float16,
-    22: np.uint32, 23: np.uint64,
-}
-
-
-def _tensor_scalar(tensor) -> Optional[float]:
-  """The value of a numeric one-element TensorProto, else None."""
-  dtype = _TENSOR_DTYPES.get(tensor.dtype)
-  if dtype is None:
-    return None
-  dims = [d.size for d in tensor.tensor_shape.dim]
-  if int(np.prod(dims)) != 1:
-    return None
-  if tensor.tensor_content:
-    arr = np.frombuffer(tensor.tensor_content, dtype=np.dtype(dtype).newbyteorder("<"))
-    return float(arr.reshape(-1)[0]) if arr.size else None
-  for field in ("float_val", "double_val", "int_val", "int64_val", "bool_val",
-                "uint32_val", "uint64_val"):
-    vals = getattr(tensor, field, None)
-    if vals:
-      return float(vals[0])
-  if tensor.half_val:  # float16 bits stored in int32s
-    return float(np.array(tensor.half_val[0], np.uint16).view(np.float16))
-  return None
-
-
-def read_scalars(logdir: str, *, verify_crc: bool = True
-                 ) -> Dict[str, List[Tuple[int, float]]]:
-  """Reads the scalars of the TensorBoard event files in ``logdir``.
-
-  Returns ``{tag: [(step, value), ...]}`` in write order (files by name, i.e.
-  by creation time). Both ``simple_value`` scalars (tensorboardX, TF1) and
-  tensor-encoded scalars (TF2 ``tf.summary.scalar``: plugin ``scalars``, the
-  plugin name possibly only on a tag's first event) are read. Only files
-  directly in ``logdir`` are read (pass a subfolder for another run).
-  """
-  out: Dict[str, List[Tuple[int, float]]] = {}
-  plugin_of: Dict[str, str] = {}
-  for event in iter_events(logdir, verify_crc=verify_crc):
-    if not event.HasField("summary"):
-      continue
-    for value in event.summary.value:
-      tag = value.tag
-      if value.HasField("metadata") and value.metadata.plugin_data.plugin_name:
-        plugin_of.setdefault(tag, value.metadata.plugin_data.plugin_name)
-      kind = value.WhichOneof("value")
-      if kind == "simple_value":
-        out.setdefault(tag, []).append((int(event.step),
-                                        float(value.simple_value)))
-      elif kind == "tensor" and plugin_of.get(tag, "scalars") == "scalars":
-        v = _tensor_scalar(value.tensor)
-        if v is not None:
-          out.setdefault(tag, []).append((int(event.step), v))
-  return out
+from rft.tb_events import iter_events, read_scalars  # noqa: E402,F401  (re-exported)

@@ -5,7 +5,6 @@ import pytest
 
 from rft import pretrained
 from rft.data import shapes
-from rft.rewards import shapes_alignment as align
 from rft.train import scorers as scorer_training
 from rft.train import shapes_eval
 from tests.helpers import run_main

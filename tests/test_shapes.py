@@ -116,7 +116,6 @@ def jax_logsumexp(x):
 
 
 def test_joint_cell_log_probs_factorisation():
-  import jax
   rng = np.random.default_rng(0)
   logits = {"occupied": rng.normal(size=(2, 4, 2)), "color": rng.normal(size=(2, 4, 6)),
             "shape": rng.normal(size=(2, 4, 4)), "size": rng.normal(size=(2, 4, 2))}
