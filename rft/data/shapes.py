@@ -200,6 +200,12 @@ class ShapesWorld:
     self.split_ids = {"train": np.flatnonzero(~held), "heldout": np.flatnonzero(held)}
     w = np.asarray(family_weights, np.float64)
     self.family_weights = w / w.sum()
+    # Per split: the families present, their prompt pools and renormalised weights.
+    self._families = {}
+    for split, ids in self.split_ids.items():
+      present = [f for f in range(len(FAMILIES)) if np.any(fam[ids] == f)]
+      pw = self.family_weights[present]
+      self._families[split] = (present, [ids[fam[ids] == f] for f in present], pw / pw.sum())
     self._assign_cache: dict[int, np.ndarray] = {}
 
   # -- prompts ---------------------------------------------------------------
@@ -221,27 +227,21 @@ class ShapesWorld:
 
   def sample_prompt_ids(self, rng: np.random.Generator, n: int, split: str = "train") -> np.ndarray:
     """n prompt ids of `split`: a family by family_weights, then a prompt uniformly."""
-    ids = self.split_ids[_check_split(split)]
-    fams = self.family_ids[ids]
-    present = [f for f in range(len(FAMILIES)) if np.any(fams == f)]
-    w = self.family_weights[present] / self.family_weights[present].sum()
+    present, pools, w = self._families[_check_split(split)]
     chosen = rng.choice(present, size=n, p=w)
     out = np.empty(n, np.int64)
-    for f in present:
+    for f, pool in zip(present, pools):
       sel = chosen == f
-      out[sel] = rng.choice(ids[fams == f], size=int(sel.sum()))
+      out[sel] = rng.choice(pool, size=int(sel.sum()))
     return out
 
   def eval_prompt_ids(self, split: str, n: int, seed: int = 1234) -> np.ndarray:
     """A fixed evaluation set of n distinct prompts of `split` (same family mix)."""
-    ids = self.split_ids[_check_split(split)]
+    _, pools, w = self._families[_check_split(split)]
     rng = np.random.default_rng(seed)
-    fams = self.family_ids[ids]
-    present = [f for f in range(len(FAMILIES)) if np.any(fams == f)]
-    w = self.family_weights[present] / self.family_weights[present].sum()
-    pools = [ids[fams == f] for f in present]
-    if n > len(ids):
-      raise ValueError(f"asked for {n} distinct {split} prompts, the split has {len(ids)}")
+    if n > len(self.split_ids[split]):
+      raise ValueError(f"asked for {n} distinct {split} prompts, the split has "
+                       f"{len(self.split_ids[split])}")
     quota = np.minimum(np.floor(w * n).astype(int), [len(p) for p in pools])
     while quota.sum() < n:  # give what small families cannot take to the others, by weight
       spare = np.array([len(p) for p in pools]) - quota
@@ -339,18 +339,6 @@ def render_np(cells: np.ndarray, rng: np.random.Generator | None = None) -> np.n
   """Numpy convenience: render with random offsets from `rng` (None: centred)."""
   offsets = None if rng is None else sample_offsets(rng, cells)
   return np.asarray(_render_jit(np.asarray(cells, np.int32), offsets))
-
-
-def describe(cells: Sequence[int]) -> str:
-  """Human-readable scene, e.g. 'top left: small red circle; bottom right: empty'."""
-  parts = []
-  for c, k in enumerate(cells):
-    if k == 0:
-      parts.append(f"{POSITIONS[c]}: empty")
-    else:
-      col, sh, sz = class_attributes(int(k))
-      parts.append(f"{POSITIONS[c]}: {SIZES[sz]} {COLORS[col]} {SHAPES[sh]}")
-  return "; ".join(parts)
 
 
 MAX_CAPTION_WORDS = 12
