@@ -23,6 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 TRAINERS = {
     "pretrain_shapes": "rft.train.pretrain:train_and_evaluate",
     "train_scorers": "rft.train.scorers:train_and_evaluate",
+    "diffusion_rl": "rft.train.online:train_and_evaluate",  # PRDP, DDPO, DRaFT, AlignProp, RAFT
+    "reno": "rft.train.reno:run",  # inference-time noise optimisation
 }
 
 

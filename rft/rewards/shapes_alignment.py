@@ -11,8 +11,13 @@ each cell's argmax class and asks whether any assignment allows all of them.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from rft.rewards.base import Reward, register
 
 _NEG = -1e9  # stands in for log 0; keeps gradients finite where -inf would give NaN
 
@@ -50,3 +55,53 @@ def is_aligned(cells: jnp.ndarray, assignments: jnp.ndarray) -> jnp.ndarray:
   """Bool [B]: does the scene `cells` [B,C] satisfy some assignment [B,A,C,K]?"""
   allowed = jnp.take_along_axis(assignments, cells[:, None, :, None], axis=-1)[..., 0]  # [B,A,C]
   return allowed.all(-1).any(-1)
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+@dataclasses.dataclass
+class Scorer:
+  """A trained attribute classifier: apply(params, images) -> factored logits."""
+
+  name: str
+  module: Any
+  params: Any
+
+  @classmethod
+  def load(cls, name: str, directory: str | None = None) -> "Scorer":
+    from rft import pretrained
+    from rft.models import scorers
+    meta = pretrained.load_meta(name, directory)
+    module = scorers.make_scorer(meta["arch"])
+    template = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    params, _ = pretrained.load_bundle(name, template, directory)
+    return cls(name, module, params)
+
+  def cell_log_probs(self, params, images):
+    return joint_cell_log_probs(self.module.apply({"params": params}, images))
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def _alignment_reward(name: str, scorer: str, scorer_dir: str | None, log: bool) -> Reward:
+  s = Scorer.load(scorer, scorer_dir or None)
+
+  def fn(images, prompts):
+    lp = alignment_log_prob(s.cell_log_probs(s.params, images), prompts["assignments"])
+    return lp if log else jnp.exp(lp)
+
+  return Reward(name, fn, differentiable=True)
+
+
+@register("shapes_alignment")
+def shapes_alignment_reward(scorer_dir: str | None = None) -> Reward:
+  """P(caption satisfied) in [0, 1] under the `shapes_reward` classifier (differentiable)."""
+  return _alignment_reward("shapes_alignment", "shapes_reward", scorer_dir, log=False)
+
+
+@register("shapes_alignment_log")
+def shapes_alignment_log_reward(scorer_dir: str | None = None) -> Reward:
+  """log P(caption satisfied) under the `shapes_reward` classifier (differentiable, <= 0)."""
+  return _alignment_reward("shapes_alignment_log", "shapes_reward", scorer_dir, log=True)

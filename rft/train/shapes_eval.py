@@ -5,8 +5,7 @@ their caption; `reward` is the reward model's probability that the caption holds
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,28 +13,8 @@ import numpy as np
 
 from rft import pretrained
 from rft.data import shapes
-from rft.models import scorers
 from rft.rewards import shapes_alignment as align
-
-
-@dataclasses.dataclass
-class Scorer:
-  """A trained attribute classifier: apply(params, images) -> factored logits."""
-
-  name: str
-  module: Any
-  params: Any
-
-  @classmethod
-  def load(cls, name: str, directory: str | None = None) -> "Scorer":
-    meta = pretrained.load_meta(name, directory)
-    module = scorers.make_scorer(meta["arch"])
-    template = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-    params, _ = pretrained.load_bundle(name, template, directory)
-    return cls(name, module, params)
-
-  def cell_log_probs(self, params, images):
-    return align.joint_cell_log_probs(self.module.apply({"params": params}, images))
+from rft.rewards.shapes_alignment import Scorer  # noqa: F401  (re-exported)
 
 
 def make_judge(evaluator: Scorer, reward: Scorer | None = None) -> Callable:

@@ -1,0 +1,91 @@
+"""The reward interface of the online loop, weighted combinations, and the registry.
+
+A reward maps generated images and their prompts to one score per sample:
+
+    reward(images [B, H, W, 3] float32 in [-1, 1], prompts) -> scores [B] float32
+
+`prompts` is a dict of per-sample arrays: "ids" [B] (prompt index in the world),
+"tokens" [B, L], and for ShapesWorld "assignments" [B, A, C, K] (bool). A reward is
+declared `differentiable` (a jax function of the images: reward backprop, ReNO) or not
+(only its values are used: PRDP, DDPO, RAFT). `host` rewards run as numpy code outside
+jit (e.g. real JPEG encoding); the others are jax functions and may be jitted.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+  name: str
+  fn: Callable[[Any, Mapping[str, Any]], Any]
+  differentiable: bool
+  host: bool = False
+  # Combined rewards keep their weighted terms, for per-term logging.
+  terms: tuple[tuple[float, "Reward"], ...] = ()
+
+  def __call__(self, images, prompts):
+    return self.fn(images, prompts)
+
+  def parts(self, images, prompts) -> dict:
+    """{name: scores} of every term (just {name: scores} for a single reward)."""
+    if not self.terms:
+      return {self.name: self(images, prompts)}
+    out = {}
+    for _, r in self.terms:
+      out.update(r.parts(images, prompts))
+    return out
+
+
+def combine(terms: Sequence[tuple[float, Reward]], name: str = "combined") -> Reward:
+  """sum_i w_i * r_i(images, prompts); differentiable iff all terms are, host iff any is."""
+  terms = tuple((float(w), r) for w, r in terms)
+  if not terms:
+    raise ValueError("combine: no reward terms given")
+  if len(terms) == 1 and terms[0][0] == 1.0:
+    return terms[0][1]
+  host = any(r.host for _, r in terms)
+
+  def fn(images, prompts):
+    if host:
+      return sum(np.float32(w) * np.asarray(r(np.asarray(images), prompts), np.float32)
+                 for w, r in terms)
+    return sum(w * jnp.asarray(r(images, prompts), jnp.float32) for w, r in terms)
+
+  return Reward(name, fn, differentiable=all(r.differentiable for _, r in terms), host=host,
+                terms=terms)
+
+
+# name -> factory(**kwargs) -> Reward. Modules register themselves on import.
+REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register(name: str):
+  def deco(factory):
+    REGISTRY[name] = factory
+    return factory
+  return deco
+
+
+def build(weights: Mapping[str, float], **kwargs) -> Reward:
+  """A combined reward from {name: weight}, e.g. {"shapes_alignment": 1.0, "jpeg_compressibility": 0.1}.
+
+  kwargs (e.g. scorer_dir) go to each factory that accepts them. An unknown name is an
+  error listing the known ones.
+  """
+  import inspect
+
+  from rft.rewards import ensure_registered
+  ensure_registered()
+  terms = []
+  for name, w in weights.items():
+    if name not in REGISTRY:
+      raise ValueError(f"unknown reward {name!r} in config.reward; known: {sorted(REGISTRY)}")
+    factory = REGISTRY[name]
+    accepted = inspect.signature(factory).parameters
+    terms.append((w, factory(**{k: v for k, v in kwargs.items() if k in accepted})))
+  return combine(terms)
