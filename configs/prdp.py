@@ -1,0 +1,42 @@
+"""PRDP (Deng et al., CVPR 2024) on ShapesWorld: the main job.
+
+COMMAND:
+  python -m rft.main --config=configs/prdp.py
+
+EXPECTED: (filled from the measured run)
+Variants: `smoke` (seconds), `paper_small` / `paper_large` (Table 4 hyperparameters).
+"""
+from ml_collections import config_dict
+
+from rft import config as config_lib
+from rft.train import online_config
+
+
+def get_config(arg=None):
+  variants = config_lib.parse_arg(arg, ("smoke", "paper_small", "paper_large"))
+  c = online_config.base()
+  c.objective = config_dict.ConfigDict({
+      "name": "prdp",
+      "beta": 1e-3,  # KL weight: targets are (r(a) - r(b)) / beta
+      "clip_eps": 1e-3,  # proximal clip of each per-step log ratio around theta_old; 0 = off
+      "reduce": "mean",  # aggregate per-step log ratios over steps: "mean" (ref code) | "sum" (paper Eq.)
+      "drop_ties": False,
+      "timestep_fraction": 1.0,
+  })
+  c.epochs = 100
+  c.prompts_per_epoch = 32
+  c.samples_per_prompt = 8
+  c.updates_per_epoch = 2
+  c.prompts_per_update = 32
+  c.lr = 1e-4
+  if "paper_small" in variants:  # Table 4, small scale
+    c.epochs, c.updates_per_epoch = 100, 10
+    c.prompts_per_epoch, c.samples_per_prompt, c.prompts_per_update = 32, 16, 32
+    c.objective.beta, c.objective.clip_eps, c.lr = 3e-5, 1e-6, 1e-5
+  if "paper_large" in variants:  # Table 4, large scale
+    c.epochs, c.updates_per_epoch = 1000, 1
+    c.prompts_per_epoch, c.samples_per_prompt, c.prompts_per_update = 64, 8, 64
+    c.objective.beta, c.objective.clip_eps, c.lr = 3e-6, 1e-4, 7e-6
+  if "smoke" in variants:
+    online_config.smoke(c)
+  return config_lib.lock(c)

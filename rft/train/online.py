@@ -1,0 +1,429 @@
+"""The one online loop for diffusion reward finetuning: PRDP, DDPO, DRaFT, AlignProp, RAFT.
+
+    prompts -> rollout(theta_old) -> reward -> prepare -> K x update(state, batch)
+
+Sections: world and base model -> reward and judge -> trainable params (full or LoRA)
+-> objective (prepare + jitted update) -> checkpoint / resume -> evaluation -> loop.
+Prompts, noise and update keys are functions of (seed, epoch), and the checkpoint holds
+the train state (params, optimizer, step) and the per-prompt reward statistics, written
+at epoch ends where theta_old == theta, so a resumed run continues the same curve
+bit for bit.
+
+Objectives (config.objective.name):
+  prdp      rft.objectives.rdp       pair regression on implicit rewards, proximal clip
+  ddpo      rft.objectives.ddpo      PPO-clip (or score-function) surrogate, per-prompt stats
+  draft     rft.objectives.backprop  reward gradient through the last K steps (DRaFT-K)
+  draft_lv  rft.objectives.backprop  DRaFT-LV (n re-noised copies of the last step)
+  alignprop rft.objectives.backprop  randomised truncation K ~ U{k_min..T}
+  raft      rft.objectives.raft      eps loss on the top `keep` of `samples_per_prompt`
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from rft import checkpoint, metrics
+from rft.data import shapes
+from rft.diffusion import ddim, training
+from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
+from rft.diffusion.schedules import make_schedule
+from rft.models import lora
+from rft.objectives import backprop, ddpo, raft, rdp, trajectory
+from rft.rewards import base as rewards_lib
+from rft.train import shapes_eval
+from rft.train.pretrain import load_judge, load_or_pretrain_base
+from rft.train.state import TrainState, make_optimizer
+
+TRAJECTORY_OBJECTIVES = ("prdp", "ddpo")
+BACKPROP_OBJECTIVES = ("draft", "draft_lv", "alignprop")
+OBJECTIVES = TRAJECTORY_OBJECTIVES + BACKPROP_OBJECTIVES + ("raft",)
+
+
+# ------------------------------------------------------------------------ trainable params
+
+
+def trainable_mask(params, pattern: str):
+  """Bool tree: which leaves of a full-finetuning tree are trained (regex on 'a/b/c' paths)."""
+  rx = re.compile(pattern)
+  mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(rx.search("/".join(str(getattr(k, "key", k)) for k in path))), params)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(f"config.finetune.trainable={pattern!r} matches no parameter")
+  return mask
+
+
+def setup_finetuning(config, base_params, key):
+  """(trainable tree, materialize(trainable) -> full params, optimizer)."""
+  ft = config.finetune
+  total = config.epochs * max(config.updates_per_epoch, 1)
+  tx = make_optimizer(config.lr, total, config.warmup, config.weight_decay, config.grad_clip,
+                      config.adam_b1, config.adam_b2, schedule="constant")
+  if ft.mode == "lora":
+    trainable = lora.init(base_params, key, ft.lora_rank, ft.lora_targets)
+
+    def materialize(tr):
+      return lora.merge(base_params, tr, ft.lora_alpha, ft.lora_rank)
+
+    return trainable, materialize, tx
+  if ft.mode != "full":
+    raise ValueError(f"config.finetune.mode={ft.mode!r}; use 'full' or 'lora'")
+  mask = trainable_mask(base_params, ft.trainable)
+  labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+  tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  return jax.tree.map(jnp.copy, base_params), (lambda tr: tr), tx
+
+
+# ------------------------------------------------------------------------ updates
+
+
+def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, tx):
+  """update(state, batch, key, on_policy) for PRDP / DDPO on stored trajectories."""
+  o = config.objective
+  B = config.samples_per_prompt
+  unroll = trajectory.auto_unroll(config.unroll)
+
+  if o.name == "prdp":
+    def loss_from_lp(lp, b):
+      return rdp.rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"], group_size=B,
+                          beta=o.beta, clip_eps=o.clip_eps if o.clip_eps > 0 else None,
+                          reduce=o.reduce, drop_ties=o.drop_ties)
+
+    def grads_fn(trainable, b, key, on_policy):
+      return trajectory.coupled_grads(scorer, materialize, trainable, b, loss_from_lp, key,
+                                      timestep_fraction=o.timestep_fraction,
+                                      log_probs=b["log_probs"] if on_policy else None,
+                                      unroll=unroll)
+  else:
+    def step_loss(lp_j, j, b):
+      return ddpo.ddpo_step_loss(lp_j, jnp.take(b["log_probs"], j, axis=1), b["advantages"],
+                                 clip_range=o.clip_range, adv_clip_max=o.adv_clip_max,
+                                 importance_sampling=o.importance_sampling)
+
+    def grads_fn(trainable, b, key, on_policy):
+      del on_policy
+      return trajectory.separable_grads(scorer, materialize, trainable, b, step_loss, key,
+                                        timestep_fraction=o.timestep_fraction, unroll=unroll)
+
+  def update(state, b, key, on_policy):
+    loss, m, grads = grads_fn(state.params, b, key, on_policy)
+    m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.apply_gradients(grads, tx), m
+
+  return jax.jit(update, static_argnames=("on_policy",), donate_argnums=(0,))
+
+
+def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materialize, tx):
+  """update(state, b, key) for DRaFT-K / DRaFT-LV / AlignProp: sample with gradients, -reward."""
+  o = config.objective
+
+  def loss_fn(trainable, b, key):
+    params = materialize(trainable)
+    k_init, k_chain, k_trunc = jax.random.split(key, 3)
+    x_T = jax.random.normal(k_init, (b["tokens"].shape[0], *pipe.sample_shape), jnp.float32)
+    kw = dict(schedule=pipe.schedule, num_steps=sampler.num_steps, eta=sampler.eta,
+              guidance_scale=sampler.guidance_scale, clip_x0=sampler.clip_x0)
+    if o.name != "draft_lv":
+      kw["unroll"] = trajectory.auto_unroll(config.unroll)
+    if o.name == "draft_lv":
+      x0, renoised = backprop.lv_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
+                                         k_chain, num_renoise=o.num_renoise, **kw)
+      loss, m = backprop.reward_loss(reward_fn, renoised, b["prompts"])
+      return loss, (m, x0)
+    if o.name == "alignprop":
+      k = jax.random.randint(k_trunc, (), o.min_grad_steps, sampler.num_steps + 1)
+      m_extra = {"grad_steps": k.astype(jnp.float32)}
+      x0 = backprop.truncated_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
+                                      k_chain, grad_steps=k, random_truncation=True, **kw)
+    else:
+      m_extra = {"grad_steps": jnp.float32(o.grad_steps)}
+      x0 = backprop.truncated_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
+                                      k_chain, grad_steps=o.grad_steps, **kw)
+    loss, m = backprop.reward_loss(reward_fn, x0, b["prompts"])
+    return loss, (dict(m, **m_extra), x0)
+
+  def update(state, b, key):
+    (loss, (m, x0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, b, key)
+    m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.apply_gradients(grads, tx), m, x0
+
+  return jax.jit(update, donate_argnums=(0,))
+
+
+def make_raft_update(config, pipe, materialize, tx):
+  o = config.objective
+
+  def update(state, b, key):
+    def loss_fn(trainable):
+      return training.eps_loss(pipe.eps_fn, materialize(trainable), b["images"], b["cond"],
+                               b["null_cond"], key, pipe.schedule, o.cond_dropout)
+
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.apply_gradients(grads, tx), m
+
+  return jax.jit(update, donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def group_stats(rewards: np.ndarray, group_size: int) -> dict:
+  g = np.asarray(rewards, np.float32).reshape(-1, group_size)
+  std = g.std(axis=1)
+  return {"reward_mean": float(g.mean()), "reward_std": float(g.std()),
+          "reward_std_within_prompt": float(std.mean()),
+          "zero_std_groups": float(np.mean(std < 1e-6))}
+
+
+def _take(batch: dict, idx: np.ndarray, per_sample: tuple) -> dict:
+  return {k: (jax.tree.map(lambda a: a[idx], v) if k in per_sample else v)
+          for k, v in batch.items()}
+
+
+def validate(config):
+  o = config.objective
+  if o.name not in OBJECTIVES:
+    raise ValueError(f"config.objective.name={o.name!r}; known: {list(OBJECTIVES)}")
+  if config.prompts_per_epoch % config.prompts_per_update:
+    raise ValueError(f"config.prompts_per_epoch={config.prompts_per_epoch} must be a multiple "
+                     f"of config.prompts_per_update={config.prompts_per_update}")
+  if o.name == "prdp" and config.samples_per_prompt < 2:
+    raise ValueError("PRDP needs config.samples_per_prompt >= 2 (pairs of the same prompt)")
+  if o.name in TRAJECTORY_OBJECTIVES and config.sampler.eta <= 0:
+    raise ValueError(f"{o.name} needs a stochastic sampler: config.sampler.eta must be > 0 "
+                     f"(log-probs are undefined at eta=0), got {config.sampler.eta}")
+
+
+# ------------------------------------------------------------------------ main
+
+
+def train_and_evaluate(config, workdir: str):
+  validate(config)
+  o = config.objective
+  t_start = time.time()
+  # ---------------------------------------------------------------- world and base model
+  model, base_params, meta = load_or_pretrain_base(workdir, config.base_dir or None)
+  schedule = make_schedule(**meta["schedule"])
+  pipe = shapes_pipeline(model, schedule, shapes.IMAGE_SIZE)
+  world = shapes.ShapesWorld(meta["holdout_fraction"], meta["split_seed"])
+  tokens_all = shapes.tokenizer().encode(world.texts)
+  sampler = SamplerConfig(**dict(config.sampler))
+  B = config.samples_per_prompt
+  # ---------------------------------------------------------------- reward and judge
+  reward = rewards_lib.build(dict(config.reward), scorer_dir=config.scorer_dir or None)
+  if o.name in BACKPROP_OBJECTIVES and not reward.differentiable:
+    raise ValueError(f"{o.name} backpropagates through the reward, but config.reward "
+                     f"{dict(config.reward)} is not differentiable")
+  reward_jit = None if reward.host else jax.jit(reward.fn)
+  judge = load_judge(config.scorer_dir)
+
+  def score(images, ids):
+    prompts = {"ids": ids, "tokens": tokens_all[ids], "assignments": world.assignments(ids)}
+    if reward.host:
+      return np.asarray(reward(np.asarray(images), prompts), np.float32)
+    return np.asarray(reward_jit(images, prompts), np.float32)
+
+  # ---------------------------------------------------------------- trainable params
+  key = jax.random.key(config.seed)
+  trainable, materialize, tx = setup_finetuning(config, base_params, jax.random.fold_in(key, 2**31 - 1))
+  state = TrainState.create(trainable, tx)
+  tracker = None
+  if o.name == "ddpo" and o.per_prompt_stats:
+    tracker = ddpo.PerPromptStatTracker(len(world.prompts), o.buffer_size, o.min_count)
+  logging.info("objective %s, finetune %s: %d trainable params", o.name, config.finetune.mode,
+               sum(x.size for x in jax.tree.leaves(trainable)))
+
+  # ---------------------------------------------------------------- checkpoint / resume
+  def ckpt_tree(st):
+    return {"state": st, "tracker": tracker.state() if tracker else {}}
+
+  ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
+  start_epoch, history = 0, {}
+  if ckpt.latest_step() is not None:
+    restored, ck_meta = ckpt.restore(ckpt_tree(state))
+    state = restored["state"]
+    if tracker:
+      tracker.load_state(restored["tracker"])
+    start_epoch = ckpt.latest_step()
+    history = (ck_meta or {}).get("history", {})
+    logging.info("resumed %s at epoch %d", workdir, start_epoch)
+
+  # ---------------------------------------------------------------- rollout and updates
+  @jax.jit
+  def rollout(trainable, tokens, key):
+    traj, cond, null = pipe.sample(materialize(trainable), tokens, key, sampler)
+    return traj, cond, null
+
+  @jax.jit
+  def ref_log_probs(traj, cond, null):
+    return ddim.trajectory_log_probs(pipe.eps_fn, base_params, traj, cond, null,
+                                     schedule=schedule, eta=sampler.eta,
+                                     guidance_scale=sampler.guidance_scale,
+                                     clip_x0=sampler.clip_x0)
+
+  @jax.jit
+  def conditions(tokens):
+    return pipe.conditions(base_params, tokens)  # text encoder is frozen
+
+  if o.name in TRAJECTORY_OBJECTIVES:
+    scorer = trajectory.StepScorer(pipe.eps_fn, schedule, sampler.eta, sampler.guidance_scale,
+                                   sampler.clip_x0, reduce="mean")
+    update = make_trajectory_update(config, scorer, materialize, tx)
+  elif o.name in BACKPROP_OBJECTIVES:
+    update = make_backprop_update(config, pipe, sampler, reward.fn, materialize, tx)
+  else:
+    update = make_raft_update(config, pipe, materialize, tx)
+
+  # ---------------------------------------------------------------- evaluation
+  writer = metrics.create_writer(workdir)
+
+  @jax.jit
+  def sample_images(trainable, tokens, key):
+    return pipe.sample(materialize(trainable), tokens, key, sampler)[0].sample
+
+  def evaluate(trainable, epoch: int) -> dict:
+    out = {}
+    for split in ("train", "heldout"):
+      ids = world.eval_prompt_ids(split, config.eval_prompts)
+      fn = lambda chunk, k: sample_images(trainable, jnp.asarray(tokens_all[chunk]), k)
+      m, images = shapes_eval.evaluate_alignment(fn, judge, world, ids,
+                                                 jax.random.key(config.eval_seed),
+                                                 batch_size=config.eval_batch_size)
+      imgs = np.asarray(images[:32])
+      m["config_reward"] = float(np.mean(score(imgs, ids[:len(imgs)])))
+      out.update({f"{split}/{k}": v for k, v in m.items()})
+      writer.write_images(epoch, {f"samples/{split}": metrics.image_grid(
+          imgs, [world.texts[i] for i in ids[:32]], ncols=8)[None]})
+    writer.write_scalars(epoch, {f"eval/{k}": v for k, v in out.items()})
+    return out
+
+  # ---------------------------------------------------------------- one epoch
+  def trajectory_epoch(state, epoch, ids, k_epoch):
+    tokens = jnp.asarray(tokens_all[ids])
+    traj, cond, null = rollout(state.params, tokens, jax.random.fold_in(k_epoch, 0))
+    scores = score(traj.sample, ids)
+    m = group_stats(scores, B)
+    batch = {"latents": traj.latents, "timesteps": traj.timesteps,
+             "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
+             "cond": cond, "null_cond": null, "rewards": jnp.asarray(scores)}
+    if o.name == "prdp" or config.kl_metric:
+      ref = ref_log_probs(traj, cond, null)
+      batch["ref_log_probs"] = ref
+      m["kl_to_ref"] = float(jnp.mean(jnp.sum(traj.log_probs - ref, axis=1)))
+    if o.name == "ddpo":
+      adv = tracker.update(ids, scores) if tracker else ddpo.batch_advantages(scores)
+      batch["advantages"] = jnp.asarray(adv)
+    per_sample = ("latents", "log_probs", "rewards", "ref_log_probs", "advantages", "cond")
+    groups = np.random.default_rng([config.seed, epoch, 1]).permutation(config.prompts_per_epoch)
+    per_update = config.prompts_per_update
+    ms = []
+    for k in range(config.updates_per_epoch):
+      start = (k * per_update) % config.prompts_per_epoch
+      g = groups[start:start + per_update]
+      idx = (g[:, None] * B + np.arange(B)[None]).reshape(-1)
+      mb = _take(batch, idx, per_sample)
+      state, um = update(state, mb, jax.random.fold_in(k_epoch, 10 + k), on_policy=(k == 0))
+      ms.append(um)
+    return state, m, ms, traj.sample
+
+  def raft_epoch(state, epoch, ids, k_epoch):
+    tokens = jnp.asarray(tokens_all[ids])
+    traj, cond, null = rollout(state.params, tokens, jax.random.fold_in(k_epoch, 0))
+    scores = score(traj.sample, ids)
+    m = group_stats(scores, B)
+    keep = raft.select_top(scores, B, o.keep)
+    m["kept_reward_mean"] = float(scores[keep].mean())
+    kept = {"images": traj.sample[keep], "cond": jax.tree.map(lambda a: a[keep], cond),
+            "null_cond": null}
+    rng = np.random.default_rng([config.seed, epoch, 1])
+    ms = []
+    n_kept, mb = len(keep), config.prompts_per_update * o.keep
+    order = rng.permutation(n_kept)
+    for k in range(config.updates_per_epoch):
+      start = (k * mb) % n_kept
+      sel = order[start:start + mb]
+      b = {"images": kept["images"][sel], "cond": jax.tree.map(lambda a: a[sel], kept["cond"]),
+           "null_cond": null}
+      state, um = update(state, b, jax.random.fold_in(k_epoch, 10 + k))
+      ms.append(um)
+    return state, m, ms, traj.sample
+
+  def backprop_epoch(state, epoch, ids, k_epoch):
+    ms, samples = [], []
+    n_up = config.prompts_per_update
+    scores = []
+    for k in range(config.updates_per_epoch):
+      sel = ids[(k * n_up) % len(ids):][:n_up]
+      cond, null = conditions(jnp.asarray(tokens_all[sel]))
+      b = {"tokens": jnp.asarray(tokens_all[sel]), "cond": cond, "null_cond": null,
+           "prompts": {"ids": jnp.asarray(sel), "tokens": jnp.asarray(tokens_all[sel]),
+                       "assignments": jnp.asarray(world.assignments(sel))}}
+      state, um, x0 = update(state, b, jax.random.fold_in(k_epoch, 10 + k))
+      ms.append(um)
+      scores.append(float(um["reward"]))
+      samples.append(x0)
+    m = {"reward_mean": float(np.mean(scores))}
+    return state, m, ms, jnp.concatenate(samples)
+
+  epoch_fn = (trajectory_epoch if o.name in TRAJECTORY_OBJECTIVES else
+              backprop_epoch if o.name in BACKPROP_OBJECTIVES else raft_epoch)
+
+  # ---------------------------------------------------------------- loop
+  if start_epoch == 0:
+    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
+    if config.eval_every:
+      history["0"] = evaluate(state.params, 0)
+      logging.info("epoch 0 (base) eval: %s", history["0"])
+  bar = metrics.ProgressBar(config.epochs, initial=start_epoch, desc=o.name)
+  samples_per_epoch = (config.prompts_per_update * config.updates_per_epoch
+                       if o.name in BACKPROP_OBJECTIVES else config.prompts_per_epoch * B)
+  t_loop = time.time()
+  for epoch in range(start_epoch, config.epochs):
+    t0 = time.time()
+    k_epoch = jax.random.fold_in(key, epoch)
+    rng = np.random.default_rng([config.seed, epoch])
+    n_prompts = (config.prompts_per_update * config.updates_per_epoch
+                 if o.name in BACKPROP_OBJECTIVES else config.prompts_per_epoch)
+    ids = world.sample_prompt_ids(rng, n_prompts, "train")
+    if o.name not in BACKPROP_OBJECTIVES:
+      ids = np.repeat(ids, B)
+    state, m, ums, samples = epoch_fn(state, epoch, ids, k_epoch)
+    ums = jax.device_get(ums)
+    for name in ums[0]:
+      m[name] = float(np.mean([u[name] for u in ums]))
+    if not np.isfinite(m["loss"]):
+      raise FloatingPointError(
+          f"{o.name} loss is {m['loss']} at epoch {epoch + 1}; nothing saved for this epoch; "
+          f"last good checkpoint: epoch {ckpt.latest_step()} in {workdir}/checkpoints")
+    done = epoch + 1
+    m["reward_queries"] = done * samples_per_epoch
+    m["epoch_seconds"] = time.time() - t0
+    writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
+    bar.update(done, reward=m["reward_mean"], loss=m["loss"])
+    if config.eval_every and (done % config.eval_every == 0 or done == config.epochs):
+      history[str(done)] = evaluate(state.params, done)
+      history[str(done)]["train/reward_mean_epoch"] = m["reward_mean"]
+      logging.info("epoch %d eval: %s", done, history[str(done)])
+    if done % config.ckpt_every == 0 or done == config.epochs:
+      ckpt.save(done, ckpt_tree(state), metadata={"history": history})
+  bar.close()
+  ckpt.close()
+  writer.flush()
+  # ---------------------------------------------------------------- results
+  results = {"objective": o.name, "epochs": config.epochs,
+             "reward_queries": config.epochs * samples_per_epoch,
+             "train_seconds_this_run": round(time.time() - t_loop, 1),
+             "total_seconds_this_run": round(time.time() - t_start, 1),
+             "history": history}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+  return results

@@ -1,0 +1,68 @@
+"""Shared keys of the online-loop configs (configs/prdp.py, ddpo.py, draft.py, ...).
+
+Each config file starts from `base()`, sets its objective block and its settings, and
+applies `smoke()` for its `:smoke` variant.
+"""
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+
+def base() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.trainer = "diffusion_rl"
+  c.seed = 0
+  c.base_dir = ""  # "" = the base model shipped in rft/assets (pretrained if absent)
+  c.scorer_dir = ""  # "" = the scorers shipped in rft/assets
+  # Reward: {name: weight}; see rft/rewards (shapes_alignment, jpeg_compressibility, ...).
+  c.reward = config_dict.ConfigDict({"shapes_alignment": 1.0})
+  # Rollout sampler: DDIM with eta > 0 (stochastic, log-probs defined), CFG scale.
+  c.sampler = config_dict.ConfigDict(
+      {"num_steps": 10, "eta": 1.0, "guidance_scale": 1.0, "clip_x0": 1.0})
+  # Epoch: prompts_per_epoch prompts x samples_per_prompt samples from theta_old, then
+  # updates_per_epoch updates of prompts_per_update prompts each (cycling the epoch's).
+  c.epochs = 100
+  c.prompts_per_epoch = 32
+  c.samples_per_prompt = 8
+  c.updates_per_epoch = 1
+  c.prompts_per_update = 32
+  # Optimiser: AdamW, constant lr after warmup.
+  c.lr = 1e-4
+  c.warmup = 0
+  c.weight_decay = 1e-4
+  c.grad_clip = 1.0
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  # What is trained: full finetuning of the params matching `trainable`, or LoRA.
+  c.finetune = config_dict.ConfigDict({
+      "mode": "full", "trainable": "^unet/",
+      "lora_rank": 4, "lora_alpha": 4.0,
+      # UNet attention projections and res-block convs (rft.models.lora.DEFAULT_TARGETS).
+      "lora_targets": r"^unet/.*/(self_attn|cross_attn)/(q|k|v|out)/kernel$|"
+                      r"^unet/.*_res\d+/conv[12]/kernel$",
+  })
+  # Unrolling of the differentiated step scans: "auto" = full on CPU (XLA:CPU runs backward
+  # convs in rolled loops ~10x slower), rolled on GPU/TPU; or "full" / "none".
+  c.unroll = "auto"
+  c.kl_metric = True  # log the approximate KL to the base model (one more forward scan)
+  # Evaluation: independent evaluator's alignment on fixed prompt sets of both splits.
+  c.eval_every = 10
+  c.eval_prompts = 256
+  c.eval_batch_size = 256
+  c.eval_seed = 0
+  c.ckpt_every = 10
+  return c
+
+
+def smoke(c: config_dict.ConfigDict) -> None:
+  """Shrink any online config to seconds (tests run every config's smoke variant)."""
+  c.epochs = 2
+  c.prompts_per_epoch = 2
+  c.prompts_per_update = 2
+  c.samples_per_prompt = min(c.samples_per_prompt, 4)
+  c.updates_per_epoch = min(c.updates_per_epoch, 2)
+  c.sampler.num_steps = 3
+  c.eval_every = 2
+  c.eval_prompts = 4
+  c.eval_batch_size = 4
+  c.ckpt_every = 1
