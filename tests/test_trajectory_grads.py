@@ -211,3 +211,35 @@ def test_lv_rollout_shapes_and_gradient(setup):
   assert float(optax_norm(g)) > 0
   gx0 = jax.jit(jax.grad(lambda p: jnp.mean(jnp.sin(3 * f(p)[0]))))(setup["params"])
   assert float(optax_norm(gx0)) == 0.0
+
+
+def test_ratio_is_one_on_policy_with_lora(setup):
+  """LoRA: the sampler merges base + A B inside its program, the trainer inside its own;
+  with the base passed as an argument both give the same log-probs bitwise."""
+  from rft.models import lora
+  model, base = setup["model"], setup["params"]
+  tr = lora.init(base, jax.random.key(0), 2, r"kernel$")
+  tr = jax.tree.map(lambda x: x + 0.1, tr)  # nonzero B: the merge changes the weights
+  merge = lambda t, b: lora.merge(b, t, 4.0, 2)
+
+  @jax.jit
+  def sample(t, b, x_T, cond, null):
+    return ddim_sample(model.apply, merge(t, b), x_T, cond, null, schedule=setup["sched"],
+                       num_steps=S, eta=ETA, guidance_scale=CFG, clip_x0=1.0,
+                       key=jax.random.PRNGKey(4))
+
+  traj = sample(tr, base, setup["x_T"], setup["cond"], setup["null"])
+  batch = dict(setup["batch"], latents=traj.latents, log_probs=traj.log_probs)
+
+  def step_loss(lp_j, j, bb):
+    return ddpo.ddpo_step_loss(lp_j, jnp.take(bb["log_probs"], j, axis=1), bb["advantages"],
+                               clip_range=1e-4, adv_clip_max=5.0)
+
+  @jax.jit
+  def grads(t, b, bb):
+    return trajectory.separable_grads(setup["scorer"], lambda q: merge(q, b), t, bb, step_loss,
+                                      jax.random.key(0))
+
+  _, m, g = grads(tr, base, batch)
+  assert float(m["ratio"]) == 1.0 and float(m["clip_frac"]) == 0.0
+  assert float(optax_norm(g)) > 0

@@ -160,7 +160,7 @@ _log_prob_island.defvjp(_log_prob_island_fwd, _log_prob_island_bwd)
 
 def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta, *,
               key: Optional[jax.Array] = None, prev_sample: Optional[jax.Array] = None,
-              clip_x0: Optional[float] = None):
+              clip_x0: Optional[float] = None, log_prob: bool = True):
   """One DDIM transition x_t -> x_prev; returns (prev_sample, log_prob_mean, log_prob_sum).
 
   eps, x_t: [B, ...]; t, prev_t: Python ints or int arrays, scalar or [B]; eta >= 0
@@ -173,6 +173,8 @@ def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta
   summed over all non-batch dims; NaN when sigma = 0 (eta = 0). Gradients flow to eps and
   x_t (reverse mode only); the scored sample is treated as data (stop_gradient), as in
   DDPO. The sample itself is differentiable through the mean (reward backprop).
+  log_prob=False skips the log-prob (returned as None): reward backprop and eta = 0
+  sampling need only the sample, and at eta = 0 the log-prob's VJP would be NaN.
   """
   f32 = jnp.float32
   x = x_t.astype(f32)
@@ -198,17 +200,19 @@ def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta
   elif prev_sample.shape != x_t.shape:
     raise ValueError(f"prev_sample shape {prev_sample.shape} != x_t shape {x_t.shape}")
 
+  if not log_prob:
+    return prev_sample, None, None
   lp_mean, lp_sum = _log_prob_island(clip_x0, x, e, ab_t, ab_prev, eta_f,
                                      prev_sample.astype(f32))
   return prev_sample, lp_mean, lp_sum
 
 
 def _denoise_step(eps_fn, params, x_t, t, prev_t, cond, null_cond, schedule, eta,
-                  guidance_scale, clip_x0, key=None, prev_sample=None):
+                  guidance_scale, clip_x0, key=None, prev_sample=None, log_prob=True):
   """The one per-step function shared by the sampler and every log-prob recompute."""
   eps = guided_eps(eps_fn, params, x_t, t, cond, null_cond, guidance_scale)
   return ddim_step(schedule, eps, t, prev_t, x_t, eta, key=key, prev_sample=prev_sample,
-                   clip_x0=clip_x0)
+                   clip_x0=clip_x0, log_prob=log_prob)
 
 
 # --------------------------------------------------------------------------- sampler

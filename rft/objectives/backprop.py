@@ -28,7 +28,7 @@ from rft.diffusion.schedules import Schedule, add_noise
 def _step_fn(eps_fn, schedule, eta, guidance_scale, clip_x0):
   def step(params, x, t, prev_t, cond, null, key):
     x_prev, _, _ = ddim._denoise_step(eps_fn, params, x, t, prev_t, cond, null, schedule,
-                                      eta, guidance_scale, clip_x0, key=key)
+                                      eta, guidance_scale, clip_x0, key=key, log_prob=False)
     return x_prev
   return jax.checkpoint(step)
 

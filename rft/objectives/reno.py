@@ -27,8 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rft.diffusion import ddim
-from rft.diffusion.guidance import guided_eps
 from rft.diffusion.schedules import Schedule, _per_example
 
 Generate = Callable[[jax.Array], jax.Array]
@@ -147,29 +145,15 @@ def optimize(z0: jax.Array, generate: Generate, reward: RewardFn, prompts: Mappi
 
 def ddim_generate(eps_fn, params: Any, x_T: jax.Array, cond: Any, null_cond: Any, *,
                   schedule: Schedule, num_steps: int, guidance_scale=1.0,
-                  clip_x0: Optional[float] = None, steps_offset: int = 1) -> jax.Array:
+                  clip_x0: Optional[float] = None, unroll=1) -> jax.Array:
   """Deterministic DDIM (eta 0) from x_T, differentiable in x_T: the final sample.
 
-  The same transitions as ``ddim.ddim_sample(..., eta=0.0, key=None).sample`` without
-  the (NaN at eta 0) log-probs, whose custom VJP would otherwise multiply a zero
-  cotangent by NaN partials. Each step is rematerialised (``jax.checkpoint``), so the
-  backward pass keeps only the per-step latents.
+  The same transitions as ``ddim.ddim_sample(..., eta=0.0, key=None).sample``, through
+  reward backprop's rollout (rft.objectives.backprop.truncated_rollout with K = T): no
+  log-probs (NaN at eta 0), each step rematerialised (``jax.checkpoint``).
   """
-  timesteps, prev_timesteps = ddim.ddim_timesteps(schedule.num_train_timesteps, num_steps,
-                                                  steps_offset)
-  batch = x_T.shape[0]
-
-  @jax.checkpoint
-  def step(x, t, prev_t):
-    eps = guided_eps(eps_fn, params, x, t, cond, null_cond, guidance_scale)
-    ab_t, ab_prev = ddim._alpha_bars(schedule, jnp.full((batch,), t), jnp.full((batch,), prev_t))
-    x32 = x.astype(jnp.float32)
-    mean, _ = ddim._mean_and_sigma(x32, eps.astype(jnp.float32), _per_example(ab_t, x.ndim),
-                                   _per_example(ab_prev, x.ndim), jnp.float32(0.0), clip_x0)
-    return mean.astype(x.dtype)
-
-  def body(x, ts):
-    return step(x, *ts), None
-
-  x0, _ = jax.lax.scan(body, x_T, (jnp.asarray(timesteps), jnp.asarray(prev_timesteps)))
-  return x0
+  from rft.objectives import backprop
+  return backprop.truncated_rollout(eps_fn, params, x_T, cond, null_cond, jax.random.key(0),
+                                    schedule=schedule, num_steps=num_steps, eta=0.0,
+                                    guidance_scale=guidance_scale, clip_x0=clip_x0,
+                                    grad_steps=num_steps, unroll=unroll)

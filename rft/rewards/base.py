@@ -71,8 +71,30 @@ def register(name: str):
   return deco
 
 
-def build(weights: Mapping[str, float], **kwargs) -> Reward:
-  """A combined reward from {name: weight}, e.g. {"shapes_alignment": 1.0, "jpeg_compressibility": 0.1}.
+def parse_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
+  """"a:1.0,b:0.5" (or "a", weight 1) or a {name: weight} mapping -> {name: weight}.
+
+  Terms with weight 0 are dropped. A malformed term is an error naming it.
+  """
+  if not isinstance(spec, str):
+    items = dict(spec).items()
+  else:
+    items = []
+    for term in filter(None, (t.strip() for t in spec.split(","))):
+      name, _, w = term.partition(":")
+      try:
+        items.append((name.strip(), float(w) if w else 1.0))
+      except ValueError:
+        raise ValueError(f"bad reward term {term!r} in {spec!r}; expected name[:weight]") from None
+  out = {name: float(w) for name, w in items if float(w) != 0.0}
+  if not out:
+    raise ValueError(f"reward spec {spec!r} has no term with a nonzero weight")
+  return out
+
+
+def build(weights: str | Mapping[str, float], **kwargs) -> Reward:
+  """A combined reward from "name:weight,..." or {name: weight}, e.g.
+  "shapes_alignment" or "shapes_alignment:1,jpeg_compressibility:0.1".
 
   kwargs (e.g. scorer_dir) go to each factory that accepts them. An unknown name is an
   error listing the known ones.
@@ -82,7 +104,7 @@ def build(weights: Mapping[str, float], **kwargs) -> Reward:
   from rft.rewards import ensure_registered
   ensure_registered()
   terms = []
-  for name, w in weights.items():
+  for name, w in parse_spec(weights).items():
     if name not in REGISTRY:
       raise ValueError(f"unknown reward {name!r} in config.reward; known: {sorted(REGISTRY)}")
     factory = REGISTRY[name]

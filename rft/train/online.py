@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rft import checkpoint, metrics
+from rft import checkpoint, metrics, pretrained
 from rft.data import shapes
 from rft.diffusion import ddim, training
 from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
@@ -61,7 +61,11 @@ def trainable_mask(params, pattern: str):
 
 
 def setup_finetuning(config, base_params, key):
-  """(trainable tree, materialize(trainable) -> full params, optimizer)."""
+  """(trainable tree, materialize(trainable, base) -> full params, optimizer).
+
+  The base params always enter jitted code as an argument, never as a closure constant:
+  XLA folds constants with different rounding, which would break ratio == 1 on-policy.
+  """
   ft = config.finetune
   total = config.epochs * max(config.updates_per_epoch, 1)
   tx = make_optimizer(config.lr, total, config.warmup, config.weight_decay, config.grad_clip,
@@ -69,8 +73,8 @@ def setup_finetuning(config, base_params, key):
   if ft.mode == "lora":
     trainable = lora.init(base_params, key, ft.lora_rank, ft.lora_targets)
 
-    def materialize(tr):
-      return lora.merge(base_params, tr, ft.lora_alpha, ft.lora_rank)
+    def materialize(tr, base):
+      return lora.merge(base, tr, ft.lora_alpha, ft.lora_rank)
 
     return trainable, materialize, tx
   if ft.mode != "full":
@@ -78,7 +82,7 @@ def setup_finetuning(config, base_params, key):
   mask = trainable_mask(base_params, ft.trainable)
   labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
   tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-  return jax.tree.map(jnp.copy, base_params), (lambda tr: tr), tx
+  return jax.tree.map(jnp.copy, base_params), (lambda tr, base: tr), tx
 
 
 # ------------------------------------------------------------------------ updates
@@ -96,8 +100,8 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
                           beta=o.beta, clip_eps=o.clip_eps if o.clip_eps > 0 else None,
                           reduce=o.reduce, drop_ties=o.drop_ties)
 
-    def grads_fn(trainable, b, key, on_policy):
-      return trajectory.coupled_grads(scorer, materialize, trainable, b, loss_from_lp, key,
+    def grads_fn(trainable, mat, b, key, on_policy):
+      return trajectory.coupled_grads(scorer, mat, trainable, b, loss_from_lp, key,
                                       timestep_fraction=o.timestep_fraction,
                                       log_probs=b["log_probs"] if on_policy else None,
                                       unroll=unroll)
@@ -107,13 +111,14 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
                                  clip_range=o.clip_range, adv_clip_max=o.adv_clip_max,
                                  importance_sampling=o.importance_sampling)
 
-    def grads_fn(trainable, b, key, on_policy):
+    def grads_fn(trainable, mat, b, key, on_policy):
       del on_policy
-      return trajectory.separable_grads(scorer, materialize, trainable, b, step_loss, key,
+      return trajectory.separable_grads(scorer, mat, trainable, b, step_loss, key,
                                         timestep_fraction=o.timestep_fraction, unroll=unroll)
 
-  def update(state, b, key, on_policy):
-    loss, m, grads = grads_fn(state.params, b, key, on_policy)
+  def update(state, base, b, key, on_policy):
+    mat = lambda tr: materialize(tr, base)
+    loss, m, grads = grads_fn(state.params, mat, b, key, on_policy)
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx), m
 
@@ -124,8 +129,8 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
   """update(state, b, key) for DRaFT-K / DRaFT-LV / AlignProp: sample with gradients, -reward."""
   o = config.objective
 
-  def loss_fn(trainable, b, key):
-    params = materialize(trainable)
+  def loss_fn(trainable, base, b, key):
+    params = materialize(trainable, base)
     k_init, k_chain, k_trunc = jax.random.split(key, 3)
     x_T = jax.random.normal(k_init, (b["tokens"].shape[0], *pipe.sample_shape), jnp.float32)
     kw = dict(schedule=pipe.schedule, num_steps=sampler.num_steps, eta=sampler.eta,
@@ -149,8 +154,9 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
     loss, m = backprop.reward_loss(reward_fn, x0, b["prompts"])
     return loss, (dict(m, **m_extra), x0)
 
-  def update(state, b, key):
-    (loss, (m, x0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, b, key)
+  def update(state, base, b, key):
+    (loss, (m, x0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, base, b,
+                                                                        key)
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx), m, x0
 
@@ -160,9 +166,9 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
 def make_raft_update(config, pipe, materialize, tx):
   o = config.objective
 
-  def update(state, b, key):
+  def update(state, base, b, key):
     def loss_fn(trainable):
-      return training.eps_loss(pipe.eps_fn, materialize(trainable), b["images"], b["cond"],
+      return training.eps_loss(pipe.eps_fn, materialize(trainable, base), b["images"], b["cond"],
                                b["null_cond"], key, pipe.schedule, o.cond_dropout)
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -218,10 +224,10 @@ def train_and_evaluate(config, workdir: str):
   sampler = SamplerConfig(**dict(config.sampler))
   B = config.samples_per_prompt
   # ---------------------------------------------------------------- reward and judge
-  reward = rewards_lib.build(dict(config.reward), scorer_dir=config.scorer_dir or None)
+  reward = rewards_lib.build(config.reward, scorer_dir=config.scorer_dir or None)
   if o.name in BACKPROP_OBJECTIVES and not reward.differentiable:
     raise ValueError(f"{o.name} backpropagates through the reward, but config.reward "
-                     f"{dict(config.reward)} is not differentiable")
+                     f"{config.reward!r} is not differentiable")
   reward_jit = None if reward.host else jax.jit(reward.fn)
   judge = load_judge(config.scorer_dir)
 
@@ -258,20 +264,20 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- rollout and updates
   @jax.jit
-  def rollout(trainable, tokens, key):
-    traj, cond, null = pipe.sample(materialize(trainable), tokens, key, sampler)
+  def rollout(trainable, base, tokens, key):
+    traj, cond, null = pipe.sample(materialize(trainable, base), tokens, key, sampler)
     return traj, cond, null
 
   @jax.jit
-  def ref_log_probs(traj, cond, null):
-    return ddim.trajectory_log_probs(pipe.eps_fn, base_params, traj, cond, null,
+  def ref_log_probs(base, traj, cond, null):
+    return ddim.trajectory_log_probs(pipe.eps_fn, base, traj, cond, null,
                                      schedule=schedule, eta=sampler.eta,
                                      guidance_scale=sampler.guidance_scale,
                                      clip_x0=sampler.clip_x0)
 
   @jax.jit
-  def conditions(tokens):
-    return pipe.conditions(base_params, tokens)  # text encoder is frozen
+  def conditions(base, tokens):
+    return pipe.conditions(base, tokens)  # the text encoder is frozen
 
   if o.name in TRAJECTORY_OBJECTIVES:
     scorer = trajectory.StepScorer(pipe.eps_fn, schedule, sampler.eta, sampler.guidance_scale,
@@ -286,14 +292,15 @@ def train_and_evaluate(config, workdir: str):
   writer = metrics.create_writer(workdir)
 
   @jax.jit
-  def sample_images(trainable, tokens, key):
-    return pipe.sample(materialize(trainable), tokens, key, sampler)[0].sample
+  def sample_images(trainable, base, tokens, key):
+    return pipe.sample(materialize(trainable, base), tokens, key, sampler)[0].sample
 
   def evaluate(trainable, epoch: int) -> dict:
     out = {}
     for split in ("train", "heldout"):
       ids = world.eval_prompt_ids(split, config.eval_prompts)
-      fn = lambda chunk, k: sample_images(trainable, jnp.asarray(tokens_all[chunk]), k)
+      fn = lambda chunk, k: sample_images(trainable, base_params, jnp.asarray(tokens_all[chunk]),
+                                          k)
       m, images = shapes_eval.evaluate_alignment(fn, judge, world, ids,
                                                  jax.random.key(config.eval_seed),
                                                  batch_size=config.eval_batch_size)
@@ -308,14 +315,14 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- one epoch
   def trajectory_epoch(state, epoch, ids, k_epoch):
     tokens = jnp.asarray(tokens_all[ids])
-    traj, cond, null = rollout(state.params, tokens, jax.random.fold_in(k_epoch, 0))
+    traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0))
     scores = score(traj.sample, ids)
     m = group_stats(scores, B)
     batch = {"latents": traj.latents, "timesteps": traj.timesteps,
              "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
              "cond": cond, "null_cond": null, "rewards": jnp.asarray(scores)}
     if o.name == "prdp" or config.kl_metric:
-      ref = ref_log_probs(traj, cond, null)
+      ref = ref_log_probs(base_params, traj, cond, null)
       batch["ref_log_probs"] = ref
       m["kl_to_ref"] = float(jnp.mean(jnp.sum(traj.log_probs - ref, axis=1)))
     if o.name == "ddpo":
@@ -330,13 +337,14 @@ def train_and_evaluate(config, workdir: str):
       g = groups[start:start + per_update]
       idx = (g[:, None] * B + np.arange(B)[None]).reshape(-1)
       mb = _take(batch, idx, per_sample)
-      state, um = update(state, mb, jax.random.fold_in(k_epoch, 10 + k), on_policy=(k == 0))
+      state, um = update(state, base_params, mb, jax.random.fold_in(k_epoch, 10 + k),
+                         on_policy=(k == 0))
       ms.append(um)
     return state, m, ms, traj.sample
 
   def raft_epoch(state, epoch, ids, k_epoch):
     tokens = jnp.asarray(tokens_all[ids])
-    traj, cond, null = rollout(state.params, tokens, jax.random.fold_in(k_epoch, 0))
+    traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0))
     scores = score(traj.sample, ids)
     m = group_stats(scores, B)
     keep = raft.select_top(scores, B, o.keep)
@@ -352,7 +360,7 @@ def train_and_evaluate(config, workdir: str):
       sel = order[start:start + mb]
       b = {"images": kept["images"][sel], "cond": jax.tree.map(lambda a: a[sel], kept["cond"]),
            "null_cond": null}
-      state, um = update(state, b, jax.random.fold_in(k_epoch, 10 + k))
+      state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
       ms.append(um)
     return state, m, ms, traj.sample
 
@@ -362,11 +370,11 @@ def train_and_evaluate(config, workdir: str):
     scores = []
     for k in range(config.updates_per_epoch):
       sel = ids[(k * n_up) % len(ids):][:n_up]
-      cond, null = conditions(jnp.asarray(tokens_all[sel]))
+      cond, null = conditions(base_params, jnp.asarray(tokens_all[sel]))
       b = {"tokens": jnp.asarray(tokens_all[sel]), "cond": cond, "null_cond": null,
            "prompts": {"ids": jnp.asarray(sel), "tokens": jnp.asarray(tokens_all[sel]),
                        "assignments": jnp.asarray(world.assignments(sel))}}
-      state, um, x0 = update(state, b, jax.random.fold_in(k_epoch, 10 + k))
+      state, um, x0 = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
       ms.append(um)
       scores.append(float(um["reward"]))
       samples.append(x0)
@@ -426,4 +434,9 @@ def train_and_evaluate(config, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
+    # The finetuned model as a bundle: load it with rft.pretrained.load_shapes_base(workdir).
+    final = jax.device_get(materialize(state.params, base_params))
+    bundle_meta = dict(meta, command=pretrained.invocation(), finetuned_from=config.base_dir
+                       or "rft/assets/shapes_base", objective=o.name, results=results)
+    pretrained.save_bundle("shapes_base", final, bundle_meta, workdir)
   return results

@@ -14,8 +14,9 @@ def base() -> config_dict.ConfigDict:
   c.seed = 0
   c.base_dir = ""  # "" = the base model shipped in rft/assets (pretrained if absent)
   c.scorer_dir = ""  # "" = the scorers shipped in rft/assets
-  # Reward: {name: weight}; see rft/rewards (shapes_alignment, jpeg_compressibility, ...).
-  c.reward = config_dict.ConfigDict({"shapes_alignment": 1.0})
+  # Reward: "name[:weight],..." (rft/rewards: shapes_alignment, shapes_alignment_log,
+  # jpeg_compressibility, jpeg_incompressibility, saturation, brightness).
+  c.reward = "shapes_alignment"
   # Rollout sampler: DDIM with eta > 0 (stochastic, log-probs defined), CFG scale.
   c.sampler = config_dict.ConfigDict(
       {"num_steps": 10, "eta": 1.0, "guidance_scale": 1.0, "clip_x0": 1.0})

@@ -29,7 +29,7 @@ from rft import metrics, pretrained
 from rft.data import shapes
 from rft.diffusion.pipeline import shapes_pipeline
 from rft.diffusion.schedules import make_schedule
-from rft.objectives import reno
+from rft.objectives import reno, trajectory
 from rft.rewards import base as rewards_base
 from rft.train import shapes_eval
 
@@ -47,12 +47,9 @@ def run(config, workdir: str) -> dict:
   prompt_tokens = shapes.tokenizer().encode(world.texts)
 
   # ---------------------------------------------------------------- reward and judge
-  weights = {k: float(w) for k, w in config.reward.items() if w}  # weight 0 drops a term
-  if not weights:
-    raise ValueError(f"config.reward={dict(config.reward)} has no term with nonzero weight")
-  reward = rewards_base.build(weights, scorer_dir=config.scorer_dir or None)
+  reward = rewards_base.build(config.reward, scorer_dir=config.scorer_dir or None)
   if not reward.differentiable or reward.host:
-    raise ValueError(f"ReNO needs a differentiable jax reward; config.reward={weights} "
+    raise ValueError(f"ReNO needs a differentiable jax reward; config.reward={config.reward!r} "
                      f"gives differentiable={reward.differentiable}, host={reward.host}")
   # The independent evaluator's hard alignment, and the reward model's P(caption) so that
   # runs with different config.reward stay comparable.
@@ -63,6 +60,7 @@ def run(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- the jitted ReNO batch
   tx = reno.make_optimizer(config.optimizer, config.lr, config.momentum, nesterov=True)
   guidance = float(config.guidance_scale)  # a Python 1.0 skips the unconditional pass
+  unroll = trajectory.auto_unroll("auto")  # XLA:CPU: backward convs are slow in rolled loops
 
   @jax.jit
   def reno_batch(p, z0, ids, tokens, assignments):
@@ -71,7 +69,7 @@ def run(config, workdir: str) -> dict:
     def generate(z):
       return reno.ddim_generate(pipe.eps_fn, p, z, cond, null, schedule=schedule,
                                 num_steps=config.num_steps, guidance_scale=guidance,
-                                clip_x0=clip_x0)
+                                clip_x0=clip_x0, unroll=unroll)
 
     prompts = {"ids": ids, "tokens": tokens, "assignments": assignments}
     out = reno.optimize(z0, generate, reward, prompts, n_iters=config.iterations, tx=tx,
@@ -148,7 +146,7 @@ def run(config, workdir: str) -> dict:
   # ---------------------------------------------------------------- results
   results["reward_queries"] = sum(results[s]["reward_queries"] for s in ("train", "heldout"))
   results["wall_seconds"] = round(time.time() - t_start, 1)
-  results["reward"] = weights
+  results["reward"] = rewards_base.parse_spec(config.reward)
   results["sampler"] = {"num_steps": config.num_steps, "eta": 0.0,
                         "guidance_scale": config.guidance_scale, "clip_x0": clip_x0}
   writer.flush()

@@ -1,0 +1,33 @@
+"""AlignProp (Prabhudesai et al. 2023) on ShapesWorld: reward backprop with random truncation.
+
+COMMAND:
+  python -m rft.main --config=configs/alignprop.py
+
+EXPECTED: see the README's method table (filled from the measured run).
+Each update draws K ~ U{min_grad_steps..T} and backpropagates through the last K steps
+(one checkpointed step at a time). Variants: `smoke`; `lora` (LoRA rank 4, as in the paper).
+"""
+from ml_collections import config_dict
+
+from rft import config as config_lib
+from rft.train import online_config
+
+
+def get_config(arg=None):
+  variants = config_lib.parse_arg(arg, ("smoke", "lora"))
+  c = online_config.base()
+  c.objective = config_dict.ConfigDict({"name": "alignprop", "min_grad_steps": 1})
+  c.samples_per_prompt = 1
+  c.epochs = 100
+  c.updates_per_epoch = 1
+  c.prompts_per_epoch = 32
+  c.prompts_per_update = 32
+  c.lr = 1e-4
+  c.eval_every = 25
+  c.ckpt_every = 25
+  if "lora" in variants:
+    c.finetune.mode = "lora"
+    c.lr = 1e-3
+  if "smoke" in variants:
+    online_config.smoke(c)
+  return config_lib.lock(c)

@@ -1,0 +1,40 @@
+"""DDPO (Black et al., ICLR 2024) on ShapesWorld: PPO-clip surrogate over denoising steps.
+
+COMMAND:
+  python -m rft.main --config=configs/ddpo.py
+
+EXPECTED: see the README's method table (filled from the measured run).
+Variants: `smoke` (seconds); `sf` (score-function DDPO_SF instead of importance sampling);
+`compressibility` (JPEG compressibility reward, as in the paper).
+"""
+from ml_collections import config_dict
+
+from rft import config as config_lib
+from rft.train import online_config
+
+
+def get_config(arg=None):
+  variants = config_lib.parse_arg(arg, ("smoke", "sf", "compressibility"))
+  c = online_config.base()
+  c.objective = config_dict.ConfigDict({
+      "name": "ddpo",
+      "importance_sampling": "sf" not in variants,  # DDPO_IS (PPO clip) vs DDPO_SF
+      "clip_range": 1e-4,  # paper / reference code
+      "adv_clip_max": 5.0,
+      "timestep_fraction": 1.0,
+      "per_prompt_stats": True,  # per-prompt reward mean/std (fallback: batch stats)
+      "buffer_size": 16,
+      "min_count": 8,
+  })
+  c.epochs = 40
+  c.prompts_per_epoch = 32
+  c.samples_per_prompt = 8
+  c.updates_per_epoch = 2  # one pass over the epoch's samples in 2 minibatches
+  c.prompts_per_update = 16
+  c.lr = 1e-4
+  if "compressibility" in variants:
+    c.reward = "jpeg_compressibility"
+  if "smoke" in variants:
+    online_config.smoke(c)
+    c.objective.min_count = 2
+  return config_lib.lock(c)

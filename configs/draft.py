@@ -1,0 +1,37 @@
+"""DRaFT (Clark et al., ICLR 2024) on ShapesWorld: reward gradients through the sampler.
+
+COMMAND:
+  python -m rft.main --config=configs/draft.py        # DRaFT-1
+  python -m rft.main --config=configs/draft.py:lv     # DRaFT-LV
+
+EXPECTED: see the README's method table (filled from the measured runs).
+Variants: `smoke`; `lv` (DRaFT-LV: n re-noised copies of the last step); `full` (K = T,
+backprop through the whole chain).
+"""
+from ml_collections import config_dict
+
+from rft import config as config_lib
+from rft.train import online_config
+
+
+def get_config(arg=None):
+  variants = config_lib.parse_arg(arg, ("smoke", "lv", "full"))
+  c = online_config.base()
+  c.objective = config_dict.ConfigDict({
+      "name": "draft_lv" if "lv" in variants else "draft",
+      "grad_steps": 1,  # DRaFT-K: gradients through the last K steps
+      "num_renoise": 2,  # DRaFT-LV: re-noised copies of the final sample
+  })
+  c.samples_per_prompt = 1
+  c.epochs = 150
+  c.updates_per_epoch = 1
+  c.prompts_per_epoch = 32
+  c.prompts_per_update = 32
+  c.lr = 1e-4
+  c.eval_every = 25
+  c.ckpt_every = 25
+  if "full" in variants:
+    c.objective.grad_steps = c.sampler.num_steps
+  if "smoke" in variants:
+    online_config.smoke(c)
+  return config_lib.lock(c)
