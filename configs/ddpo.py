@@ -22,6 +22,8 @@ def get_config(arg=None):
       "clip_range": 1e-4,  # paper / reference code
       "adv_clip_max": 5.0,
       "timestep_fraction": 1.0,
+      # Final steps left out of the gradient (see rft.objectives.trajectory.select_steps).
+      "skip_last_steps": 0,
       "per_prompt_stats": True,  # per-prompt reward mean/std (fallback: batch stats)
       "buffer_size": 16,
       "min_count": 8,

@@ -22,6 +22,8 @@ def get_config(arg=None):
       "reduce": "mean",  # aggregate per-step log ratios over steps: "mean" (ref code) | "sum" (paper Eq.)
       "drop_ties": False,
       "timestep_fraction": 1.0,
+      # Final steps left out of the gradient (see rft.objectives.trajectory.select_steps).
+      "skip_last_steps": 0,
   })
   c.epochs = 100
   c.prompts_per_epoch = 32

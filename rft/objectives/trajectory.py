@@ -85,17 +85,29 @@ def auto_unroll(setting: str = "auto"):
   raise ValueError(f"config.unroll={setting!r}; use 'auto', 'full' or 'none'")
 
 
-def select_steps(key, num_steps: int, fraction: float) -> tuple[jax.Array, float]:
-  """A random subset of max(1, round(fraction * T)) step indices and the scale T / |subset|."""
-  k = max(1, int(round(fraction * num_steps)))
-  if k >= num_steps:
-    return jnp.arange(num_steps), 1.0
-  return jnp.sort(jax.random.permutation(key, num_steps)[:k]), num_steps / k
+def select_steps(key, num_steps: int, fraction: float, skip_last: int = 0
+                 ) -> tuple[jax.Array, float]:
+  """Step indices that get gradients, and the scale |candidates| / |subset|.
+
+  Candidates are the first T - skip_last steps; a random max(1, round(fraction * n))
+  of them are taken (fraction 1: all). skip_last > 0 drops the final, lowest-noise steps
+  from the gradient (their log-prob gradients scale like 1/sigma_t and dominate the
+  update with noise while the image's composition is set at high noise: measured on
+  ShapesWorld, step 9 of 10 has a 15-30x larger gradient norm than steps 1-8); it is a
+  biased, lower-variance estimator, off (0) by default.
+  """
+  n = num_steps - int(skip_last)
+  if n < 1:
+    raise ValueError(f"skip_last={skip_last} leaves no step of {num_steps} with a gradient")
+  k = max(1, int(round(fraction * n)))
+  if k >= n:
+    return jnp.arange(n), 1.0
+  return jnp.sort(jax.random.permutation(key, n)[:k]), n / k
 
 
 def coupled_grads(scorer: StepScorer, materialize: Callable, trainable: Any, batch: dict,
                   loss_from_log_probs: Callable, key, *, timestep_fraction: float = 1.0,
-                  log_probs: jax.Array | None = None, unroll=1):
+                  log_probs: jax.Array | None = None, skip_last: int = 0, unroll=1):
   """(loss, metrics, grads) of loss_from_log_probs(lp [n, T], batch) w.r.t. `trainable`.
 
   params = materialize(trainable) (identity for full finetuning, base + LoRA otherwise).
@@ -105,7 +117,7 @@ def coupled_grads(scorer: StepScorer, materialize: Callable, trainable: Any, bat
   params = materialize(trainable)
   lp = scorer.all_steps(params, batch) if log_probs is None else log_probs
   (loss, metrics), g = jax.value_and_grad(loss_from_log_probs, has_aux=True)(lp, batch)
-  steps, scale = select_steps(key, lp.shape[1], timestep_fraction)
+  steps, scale = select_steps(key, lp.shape[1], timestep_fraction, skip_last)
 
   def body(acc, j):
     _, vjp = jax.vjp(lambda tr: scorer.step(materialize(tr), batch, j), trainable)
@@ -118,10 +130,11 @@ def coupled_grads(scorer: StepScorer, materialize: Callable, trainable: Any, bat
 
 
 def separable_grads(scorer: StepScorer, materialize: Callable, trainable: Any, batch: dict,
-                    step_loss: Callable, key, *, timestep_fraction: float = 1.0, unroll=1):
+                    step_loss: Callable, key, *, timestep_fraction: float = 1.0,
+                    skip_last: int = 0, unroll=1):
   """(loss, metrics, grads) of mean over selected steps j of step_loss(lp_j [n], j, batch)."""
   num = batch["latents"].shape[1] - 1
-  steps, _ = select_steps(key, num, timestep_fraction)
+  steps, _ = select_steps(key, num, timestep_fraction, skip_last)
 
   def body(acc, j):
     def f(tr):

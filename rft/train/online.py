@@ -104,7 +104,7 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
       return trajectory.coupled_grads(scorer, mat, trainable, b, loss_from_lp, key,
                                       timestep_fraction=o.timestep_fraction,
                                       log_probs=b["log_probs"] if on_policy else None,
-                                      unroll=unroll)
+                                      skip_last=o.skip_last_steps, unroll=unroll)
   else:
     def step_loss(lp_j, j, b):
       return ddpo.ddpo_step_loss(lp_j, jnp.take(b["log_probs"], j, axis=1), b["advantages"],
@@ -114,7 +114,8 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
     def grads_fn(trainable, mat, b, key, on_policy):
       del on_policy
       return trajectory.separable_grads(scorer, mat, trainable, b, step_loss, key,
-                                        timestep_fraction=o.timestep_fraction, unroll=unroll)
+                                        timestep_fraction=o.timestep_fraction,
+                                        skip_last=o.skip_last_steps, unroll=unroll)
 
   def update(state, base, b, key, on_policy):
     mat = lambda tr: materialize(tr, base)
