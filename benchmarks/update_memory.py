@@ -120,7 +120,7 @@ def main():
   for T in (t0, t1):
     rows[T] = prdp_memory(model, params, T) + backprop_memory(model, params, T)
   names = ["PRDP update (ours: step-wise)", "PRDP update (naive: one grad)",
-           "DRaFT-1 (ours)", f"full backprop, checkpointed (ours)", "full backprop (naive)"]
+           "DRaFT-1 (ours)", "full backprop, checkpointed (ours)", "full backprop (naive)"]
   print(f"{'update':40s} {'T=' + str(t0):>12s} {'T=' + str(t1):>12s} {'ratio':>7s}")
   for i, name in enumerate(names):
     lo, hi = rows[t0][i], rows[t1][i]

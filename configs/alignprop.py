@@ -17,14 +17,7 @@ def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke", "lora"))
   c = online_config.base()
   c.objective = config_dict.ConfigDict({"name": "alignprop", "min_grad_steps": 1})
-  c.samples_per_prompt = 1
-  c.epochs = 100
-  c.updates_per_epoch = 1
-  c.prompts_per_epoch = 32
-  c.prompts_per_update = 32
-  c.lr = 1e-4
-  c.eval_every = 25
-  c.ckpt_every = 25
+  online_config.reward_backprop(c, epochs=100)
   if "lora" in variants:
     c.finetune.mode = "lora"
     c.lr = 1e-3

@@ -23,17 +23,19 @@ def get_config(arg=None):
       "adv_clip_max": 5.0,
       "timestep_fraction": 1.0,
       # Final steps left out of the gradient (see rft.objectives.trajectory.select_steps).
-      "skip_last_steps": 0,
+      "skip_last_steps": 2,
       "per_prompt_stats": True,  # per-prompt reward mean/std (fallback: batch stats)
       "buffer_size": 16,
       "min_count": 8,
   })
-  c.epochs = 40
+  c.epochs = 30
   c.prompts_per_epoch = 32
   c.samples_per_prompt = 8
   c.updates_per_epoch = 2  # one pass over the epoch's samples in 2 minibatches
   c.prompts_per_update = 16
-  c.lr = 1e-4
+  c.lr = 2e-5
+  c.eval_every = 15
+  c.ckpt_every = 5
   if "compressibility" in variants:
     c.reward = "jpeg_compressibility"
   if "smoke" in variants:

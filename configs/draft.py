@@ -22,14 +22,7 @@ def get_config(arg=None):
       "grad_steps": 1,  # DRaFT-K: gradients through the last K steps
       "num_renoise": 2,  # DRaFT-LV: re-noised copies of the final sample
   })
-  c.samples_per_prompt = 1
-  c.epochs = 150
-  c.updates_per_epoch = 1
-  c.prompts_per_epoch = 32
-  c.prompts_per_update = 32
-  c.lr = 1e-4
-  c.eval_every = 25
-  c.ckpt_every = 25
+  online_config.reward_backprop(c, epochs=150)
   if "full" in variants:
     c.objective.grad_steps = c.sampler.num_steps
   if "smoke" in variants:

@@ -23,14 +23,18 @@ def get_config(arg=None):
       "drop_ties": False,
       "timestep_fraction": 1.0,
       # Final steps left out of the gradient (see rft.objectives.trajectory.select_steps).
-      "skip_last_steps": 0,
+      "skip_last_steps": 2,
   })
-  c.epochs = 100
+  c.epochs = 45
   c.prompts_per_epoch = 32
   c.samples_per_prompt = 8
   c.updates_per_epoch = 2
   c.prompts_per_update = 32
-  c.lr = 1e-4
+  c.lr = 2e-5
+  c.eval_every = 15
+  c.ckpt_every = 5
+  if "paper_small" in variants or "paper_large" in variants:
+    c.objective.skip_last_steps = 0
   if "paper_small" in variants:  # Table 4, small scale
     c.epochs, c.updates_per_epoch = 100, 10
     c.prompts_per_epoch, c.samples_per_prompt, c.prompts_per_update = 32, 16, 32

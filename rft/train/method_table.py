@@ -3,9 +3,9 @@
   python -m rft.train.method_table workdirs/table/prdp workdirs/table/ddpo ...
 
 Online runs (rft.train.online) give base (epoch 0) and final evaluations; ReNO runs
-(rft.train.reno) give initial / best per split. Columns: reward (the config's reward on
-training prompts), evaluator alignment on training and held-out prompts, reward queries,
-wall time.
+(rft.train.reno) give initial / best per split. Columns: reward, evaluator alignment on training and held-out prompts, reward queries,
+wall time. The reward column is the reward model's P(caption) averaged over the 256
+fixed training-split evaluation prompts (the default `shapes_alignment` reward).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def rows(workdir: str) -> list[str]:
     hist = r["history"]
     first, last = hist["0"], hist[max(hist, key=int)]
     return [
-        f"| {name} (epoch 0 = base) | {first['train/config_reward']:.3f} | "
+        f"| {name} (epoch 0 = base) | {first['train/reward']:.3f} | "
         f"{_pct(first['train/alignment'])} | {_pct(first['heldout/alignment'])} | 0 | – |",
-        f"| **{name}** ({max(hist, key=int)} epochs) | {last['train/config_reward']:.3f} | "
+        f"| **{name}** ({max(hist, key=int)} epochs) | {last['train/reward']:.3f} | "
         f"{_pct(last['train/alignment'])} | {_pct(last['heldout/alignment'])} | "
         f"{r['reward_queries']:,} | {r['total_seconds_this_run'] / 60:.1f} min |"]
   tr, ho = r["train"], r["heldout"]  # ReNO

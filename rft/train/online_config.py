@@ -55,6 +55,19 @@ def base() -> config_dict.ConfigDict:
   return c
 
 
+def reward_backprop(c: config_dict.ConfigDict, epochs: int) -> None:
+  """Settings shared by DRaFT and AlignProp: one sample per prompt, one update per epoch
+  on 32 fresh prompts (the rollout runs inside the loss)."""
+  c.samples_per_prompt = 1
+  c.epochs = epochs
+  c.updates_per_epoch = 1
+  c.prompts_per_epoch = 32
+  c.prompts_per_update = 32
+  c.lr = 1e-4
+  c.eval_every = 25
+  c.ckpt_every = 25
+
+
 def smoke(c: config_dict.ConfigDict) -> None:
   """Shrink any online config to seconds (tests run every config's smoke variant)."""
   c.epochs = 2
