@@ -3,7 +3,8 @@
 COMMAND:
   python -m rft.main --config=configs/alignprop.py
 
-EXPECTED: see the README's method table (filled from the measured run).
+EXPECTED: at lr 1e-4 (full finetuning) the model degrades: after 60 updates alignment
+48.0 -> 39.8 % (train), 36.3 -> 30.9 % (held-out). See the README's method table.
 Each update draws K ~ U{min_grad_steps..T} and backpropagates through the last K steps
 (one checkpointed step at a time). Variants: `smoke`; `lora` (LoRA rank 4, as in the paper).
 """

@@ -4,7 +4,9 @@ COMMAND:
   python -m rft.main --config=configs/draft.py        # DRaFT-1
   python -m rft.main --config=configs/draft.py:lv     # DRaFT-LV
 
-EXPECTED: see the README's method table (filled from the measured runs).
+EXPECTED: DRaFT-1, 150 updates of 32 prompts, 16 min (shared CPU): alignment 48.0 ->
+45.7 % (train), 36.3 -> 39.1 % (held-out); the last step alone cannot move where
+objects go. DRaFT-LV (30 epochs): 48.4 % / 37.1 %. See the README's method table.
 Variants: `smoke`; `lv` (DRaFT-LV: n re-noised copies of the last step); `full` (K = T,
 backprop through the whole chain).
 """

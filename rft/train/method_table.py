@@ -18,16 +18,16 @@ def _pct(x):
   return f"{100 * x:.1f} %"
 
 
-def rows(workdir: str) -> list[str]:
+def rows(workdir: str, with_base: bool = True) -> list[str]:
   with open(os.path.join(workdir, "results.json")) as f:
     r = json.load(f)
   name = os.path.basename(os.path.normpath(workdir))
   if "history" in r:  # online loop
     hist = r["history"]
     first, last = hist["0"], hist[max(hist, key=int)]
-    return [
-        f"| {name} (epoch 0 = base) | {first['train/reward']:.3f} | "
-        f"{_pct(first['train/alignment'])} | {_pct(first['heldout/alignment'])} | 0 | – |",
+    base = [f"| base model (epoch 0 of {name}) | {first['train/reward']:.3f} | "
+            f"{_pct(first['train/alignment'])} | {_pct(first['heldout/alignment'])} | 0 | – |"]
+    return (base if with_base else []) + [
         f"| **{name}** ({max(hist, key=int)} epochs) | {last['train/reward']:.3f} | "
         f"{_pct(last['train/alignment'])} | {_pct(last['heldout/alignment'])} | "
         f"{r['reward_queries']:,} | {r['total_seconds_this_run'] / 60:.1f} min |"]
@@ -44,8 +44,8 @@ def main(workdirs: list[str]) -> None:
   print("| run | reward (train prompts) | alignment (train) | alignment (held-out) | "
         "reward queries | wall time |")
   print("|---|---|---|---|---|---|")
-  for w in workdirs:
-    for line in rows(w):
+  for i, w in enumerate(workdirs):  # the base row once: every online run starts from it
+    for line in rows(w, with_base=i == 0):
       print(line)
 
 

@@ -82,14 +82,23 @@ def objects_present(prompt: shapes.Prompt, cells: np.ndarray) -> bool:
 
 
 def sweep_samplers(samplers: list[str], base_dir: str | None = None, prompts: int = 256,
-                   seed: int = 0) -> dict:
-  """Alignment of the base model per sampler setting "steps,eta,cfg" on both splits."""
+                   seed: int = 0, unet_noise: float = 0.0) -> dict:
+  """Alignment of the base model per sampler setting "steps,eta,cfg" on both splits.
+
+  unet_noise > 0 first adds N(0, unet_noise^2) to every UNet weight (numpy seed 0): how
+  far the weights can wander before the samples degrade.
+  """
   import time
 
   from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
   from rft.diffusion.schedules import make_schedule
 
   model, params, meta = pretrained.load_shapes_base(base_dir)
+  if unet_noise:
+    rng = np.random.RandomState(0)
+    params = dict(params, unet=jax.tree.map(
+        lambda x: x + np.float32(unet_noise) * rng.randn(*x.shape).astype(np.float32),
+        params["unet"]))
   pipe = shapes_pipeline(model, make_schedule(**meta["schedule"]))
   world = shapes.ShapesWorld(meta["holdout_fraction"], meta["split_seed"])
   tokens = shapes.tokenizer().encode(world.texts)
@@ -106,7 +115,7 @@ def sweep_samplers(samplers: list[str], base_dir: str | None = None, prompts: in
                                 jax.random.key(seed), batch_size=min(256, prompts))
       out[split] = {k: round(v, 3) for k, v in m.items()}
     out["seconds"] = round(time.time() - t0, 1)
-    print(spec, out, flush=True)
+    print(spec, f"unet_noise={unet_noise}" if unet_noise else "", out, flush=True)
     results[spec] = out
   return results
 
@@ -119,5 +128,8 @@ if __name__ == "__main__":
   ap.add_argument("--base_dir", default=None, help="bundle folder (default: rft/assets)")
   ap.add_argument("--prompts", type=int, default=256)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--unet_noise", default="0", help="comma-separated std(s) of Gaussian noise "
+                  "added to the UNet weights, e.g. 0,1e-3,3e-3")
   a = ap.parse_args()
-  sweep_samplers(a.samplers, a.base_dir, a.prompts, a.seed)
+  for std in a.unet_noise.split(","):
+    sweep_samplers(a.samplers, a.base_dir, a.prompts, a.seed, float(std))
