@@ -71,6 +71,21 @@ def test_lora_finetuning_keeps_base_outside_targets(tmp_path):
   assert all(p.endswith("kernel") and ("attn" in p or "conv" in p) for p in changed), changed
 
 
+def test_ema_params_are_evaluated_and_exported(tmp_path):
+  """With ema_decay the EMA is part of the checkpointed state, and the run exports a model."""
+  wd = tmp_path / "ema"
+  run_main("configs/raft.py:smoke", wd, "--config.ema_decay=0.5", "--config.eval_every=0")
+  _, base, _ = pretrained.load_shapes_base()
+  _, ema, _ = pretrained.load_shapes_base(str(wd))
+  from rft import checkpoint
+  ck = checkpoint.Checkpointer(str(wd / "checkpoints"))
+  tree = ck.saved_tree()
+  assert "ema_params" in tree["state"]  # the EMA is part of the checkpointed state
+  moved = max(float(np.max(np.abs(a - b)))
+              for a, b in zip(jax.tree.leaves(base["unet"]), jax.tree.leaves(ema["unet"])))
+  assert moved > 0
+
+
 def test_bad_config_values_are_clear_errors(tmp_path):
   p = run_main("configs/prdp.py:smoke", tmp_path / "x", "--config.samples_per_prompt=1",
                check=False)

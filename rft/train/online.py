@@ -121,7 +121,7 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
     mat = lambda tr: materialize(tr, base)
     loss, m, grads = grads_fn(state.params, mat, b, key, on_policy)
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.apply_gradients(grads, tx), m
+    return state.apply_gradients(grads, tx, config.ema_decay), m
 
   return jax.jit(update, static_argnames=("on_policy",), donate_argnums=(0,))
 
@@ -159,7 +159,7 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
     (loss, (m, x0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, base, b,
                                                                         key)
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.apply_gradients(grads, tx), m, x0
+    return state.apply_gradients(grads, tx, config.ema_decay), m, x0
 
   return jax.jit(update, donate_argnums=(0,))
 
@@ -174,7 +174,7 @@ def make_raft_update(config, pipe, materialize, tx):
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.apply_gradients(grads, tx), m
+    return state.apply_gradients(grads, tx, config.ema_decay), m
 
   return jax.jit(update, donate_argnums=(0,))
 
@@ -241,7 +241,7 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- trainable params
   key = jax.random.key(config.seed)
   trainable, materialize, tx = setup_finetuning(config, base_params, jax.random.fold_in(key, 2**31 - 1))
-  state = TrainState.create(trainable, tx)
+  state = TrainState.create(trainable, tx, ema=config.ema_decay > 0)
   tracker = None
   if o.name == "ddpo" and o.per_prompt_stats:
     tracker = ddpo.PerPromptStatTracker(len(world.prompts), o.buffer_size, o.min_count)
@@ -291,6 +291,9 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- evaluation
   writer = metrics.create_writer(workdir)
+
+  def eval_params(st):
+    return st.ema_params if st.ema_params is not None else st.params
 
   @jax.jit
   def sample_images(trainable, base, tokens, key):
@@ -389,7 +392,7 @@ def train_and_evaluate(config, workdir: str):
   if start_epoch == 0:
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
     if config.eval_every:
-      history["0"] = evaluate(state.params, 0)
+      history["0"] = evaluate(eval_params(state), 0)
       logging.info("epoch 0 (base) eval: %s", history["0"])
   bar = metrics.ProgressBar(config.epochs, initial=start_epoch, desc=o.name)
   samples_per_epoch = (config.prompts_per_update * config.updates_per_epoch
@@ -418,7 +421,7 @@ def train_and_evaluate(config, workdir: str):
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
     if config.eval_every and (done % config.eval_every == 0 or done == config.epochs):
-      history[str(done)] = evaluate(state.params, done)
+      history[str(done)] = evaluate(eval_params(state), done)
       history[str(done)]["train/reward_mean_epoch"] = m["reward_mean"]
       logging.info("epoch %d eval: %s", done, history[str(done)])
     if done % config.ckpt_every == 0 or done == config.epochs:
@@ -436,7 +439,7 @@ def train_and_evaluate(config, workdir: str):
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
     # The finetuned model as a bundle: load it with rft.pretrained.load_shapes_base(workdir).
-    final = jax.device_get(materialize(state.params, base_params))
+    final = jax.device_get(materialize(eval_params(state), base_params))
     bundle_meta = dict(meta, command=pretrained.invocation(), finetuned_from=config.base_dir
                        or "rft/assets/shapes_base", objective=o.name, results=results)
     pretrained.save_bundle("shapes_base", final, bundle_meta, workdir)

@@ -34,6 +34,9 @@ def base() -> config_dict.ConfigDict:
   c.grad_clip = 1.0
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
+  # EMA of the trained params (0 = off). When on, evaluation and the exported model use
+  # the EMA; rollouts stay on-policy with the raw params.
+  c.ema_decay = 0.0
   # What is trained: full finetuning of the params matching `trainable`, or LoRA.
   c.finetune = config_dict.ConfigDict({
       "mode": "full", "trainable": "^unet/",
