@@ -136,13 +136,11 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
     x_T = jax.random.normal(k_init, (b["tokens"].shape[0], *pipe.sample_shape), jnp.float32)
     kw = dict(schedule=pipe.schedule, num_steps=sampler.num_steps, eta=sampler.eta,
               guidance_scale=sampler.guidance_scale, clip_x0=sampler.clip_x0)
-    if o.name != "draft_lv":
-      kw["unroll"] = trajectory.auto_unroll(config.unroll)
     if o.name == "draft_lv":
-      x0, renoised = backprop.lv_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
-                                         k_chain, num_renoise=o.num_renoise, **kw)
-      loss, m = backprop.reward_loss(reward_fn, renoised, b["prompts"])
-      return loss, (m, x0)
+      _, renoised = backprop.lv_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
+                                        k_chain, num_renoise=o.num_renoise, **kw)
+      return backprop.reward_loss(reward_fn, renoised, b["prompts"])
+    kw["unroll"] = trajectory.auto_unroll(config.unroll)
     if o.name == "alignprop":
       k = jax.random.randint(k_trunc, (), o.min_grad_steps, sampler.num_steps + 1)
       m_extra = {"grad_steps": k.astype(jnp.float32)}
@@ -153,13 +151,12 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
       x0 = backprop.truncated_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
                                       k_chain, grad_steps=o.grad_steps, **kw)
     loss, m = backprop.reward_loss(reward_fn, x0, b["prompts"])
-    return loss, (dict(m, **m_extra), x0)
+    return loss, dict(m, **m_extra)
 
   def update(state, base, b, key):
-    (loss, (m, x0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, base, b,
-                                                                        key)
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, base, b, key)
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.apply_gradients(grads, tx, config.ema_decay), m, x0
+    return state.apply_gradients(grads, tx, config.ema_decay), m
 
   return jax.jit(update, donate_argnums=(0,))
 
@@ -193,6 +190,13 @@ def group_stats(rewards: np.ndarray, group_size: int) -> dict:
 def _take(batch: dict, idx: np.ndarray, per_sample: tuple) -> dict:
   return {k: (jax.tree.map(lambda a: a[idx], v) if k in per_sample else v)
           for k, v in batch.items()}
+
+
+def minibatches(order: np.ndarray, size: int, count: int):
+  """`count` consecutive slices of `size` from `order`, cycling through it."""
+  for k in range(count):
+    start = (k * size) % len(order)
+    yield order[start:start + size]
 
 
 def validate(config):
@@ -295,16 +299,12 @@ def train_and_evaluate(config, workdir: str):
   def eval_params(st):
     return st.ema_params if st.ema_params is not None else st.params
 
-  @jax.jit
-  def sample_images(trainable, base, tokens, key):
-    return pipe.sample(materialize(trainable, base), tokens, key, sampler)[0].sample
-
   def evaluate(trainable, epoch: int) -> dict:
     out = {}
     for split in ("train", "heldout"):
       ids = world.eval_prompt_ids(split, config.eval_prompts)
-      fn = lambda chunk, k: sample_images(trainable, base_params, jnp.asarray(tokens_all[chunk]),
-                                          k)
+      fn = lambda chunk, k: rollout(trainable, base_params, jnp.asarray(tokens_all[chunk]),
+                                    k)[0].sample
       m, images = shapes_eval.evaluate_alignment(fn, judge, world, ids,
                                                  jax.random.key(config.eval_seed),
                                                  batch_size=config.eval_batch_size)
@@ -317,11 +317,14 @@ def train_and_evaluate(config, workdir: str):
     return out
 
   # ---------------------------------------------------------------- one epoch
-  def trajectory_epoch(state, epoch, ids, k_epoch):
+  def sample_and_score(state, ids, k_epoch):
     tokens = jnp.asarray(tokens_all[ids])
     traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0))
     scores = score(traj.sample, ids)
-    m = group_stats(scores, B)
+    return traj, cond, null, scores, group_stats(scores, B)
+
+  def trajectory_epoch(state, epoch, ids, k_epoch):
+    traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch)
     batch = {"latents": traj.latents, "timesteps": traj.timesteps,
              "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
              "cond": cond, "null_cond": null, "rewards": jnp.asarray(scores)}
@@ -334,56 +337,44 @@ def train_and_evaluate(config, workdir: str):
       batch["advantages"] = jnp.asarray(adv)
     per_sample = ("latents", "log_probs", "rewards", "ref_log_probs", "advantages", "cond")
     groups = np.random.default_rng([config.seed, epoch, 1]).permutation(config.prompts_per_epoch)
-    per_update = config.prompts_per_update
     ms = []
-    for k in range(config.updates_per_epoch):
-      start = (k * per_update) % config.prompts_per_epoch
-      g = groups[start:start + per_update]
+    for k, g in enumerate(minibatches(groups, config.prompts_per_update,
+                                      config.updates_per_epoch)):
       idx = (g[:, None] * B + np.arange(B)[None]).reshape(-1)
       mb = _take(batch, idx, per_sample)
       state, um = update(state, base_params, mb, jax.random.fold_in(k_epoch, 10 + k),
                          on_policy=(k == 0))
       ms.append(um)
-    return state, m, ms, traj.sample
+    return state, m, ms
 
   def raft_epoch(state, epoch, ids, k_epoch):
-    tokens = jnp.asarray(tokens_all[ids])
-    traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0))
-    scores = score(traj.sample, ids)
-    m = group_stats(scores, B)
+    traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch)
     keep = raft.select_top(scores, B, o.keep)
     m["kept_reward_mean"] = float(scores[keep].mean())
     kept = {"images": traj.sample[keep], "cond": jax.tree.map(lambda a: a[keep], cond),
             "null_cond": null}
-    rng = np.random.default_rng([config.seed, epoch, 1])
+    order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(keep))
     ms = []
-    n_kept, mb = len(keep), config.prompts_per_update * o.keep
-    order = rng.permutation(n_kept)
-    for k in range(config.updates_per_epoch):
-      start = (k * mb) % n_kept
-      sel = order[start:start + mb]
-      b = {"images": kept["images"][sel], "cond": jax.tree.map(lambda a: a[sel], kept["cond"]),
-           "null_cond": null}
+    for k, sel in enumerate(minibatches(order, config.prompts_per_update * o.keep,
+                                        config.updates_per_epoch)):
+      b = _take(kept, sel, ("images", "cond"))
       state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
       ms.append(um)
-    return state, m, ms, traj.sample
+    return state, m, ms
 
   def backprop_epoch(state, epoch, ids, k_epoch):
-    ms, samples = [], []
-    n_up = config.prompts_per_update
-    scores = []
-    for k in range(config.updates_per_epoch):
-      sel = ids[(k * n_up) % len(ids):][:n_up]
-      cond, null = conditions(base_params, jnp.asarray(tokens_all[sel]))
-      b = {"tokens": jnp.asarray(tokens_all[sel]), "cond": cond, "null_cond": null,
-           "prompts": {"ids": jnp.asarray(sel), "tokens": jnp.asarray(tokens_all[sel]),
+    ms = []
+    for k, sel in enumerate(minibatches(ids, config.prompts_per_update,
+                                        config.updates_per_epoch)):
+      tokens = jnp.asarray(tokens_all[sel])
+      cond, null = conditions(base_params, tokens)
+      b = {"tokens": tokens, "cond": cond, "null_cond": null,
+           "prompts": {"ids": jnp.asarray(sel), "tokens": tokens,
                        "assignments": jnp.asarray(world.assignments(sel))}}
-      state, um, x0 = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
+      state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
       ms.append(um)
-      scores.append(float(um["reward"]))
-      samples.append(x0)
-    m = {"reward_mean": float(np.mean(scores))}
-    return state, m, ms, jnp.concatenate(samples)
+    # Reward of the samples each update drew (one device sync per epoch, not per update).
+    return state, {"reward_mean": float(np.mean([u["reward"] for u in jax.device_get(ms)]))}, ms
 
   epoch_fn = (trajectory_epoch if o.name in TRAJECTORY_OBJECTIVES else
               backprop_epoch if o.name in BACKPROP_OBJECTIVES else raft_epoch)
@@ -395,19 +386,19 @@ def train_and_evaluate(config, workdir: str):
       history["0"] = evaluate(eval_params(state), 0)
       logging.info("epoch 0 (base) eval: %s", history["0"])
   bar = metrics.ProgressBar(config.epochs, initial=start_epoch, desc=o.name)
-  samples_per_epoch = (config.prompts_per_update * config.updates_per_epoch
-                       if o.name in BACKPROP_OBJECTIVES else config.prompts_per_epoch * B)
+  # Reward backprop samples one image for each of its fresh prompts inside every update.
+  prompts_per_epoch = (config.prompts_per_update * config.updates_per_epoch
+                       if o.name in BACKPROP_OBJECTIVES else config.prompts_per_epoch)
+  samples_per_epoch = prompts_per_epoch * (1 if o.name in BACKPROP_OBJECTIVES else B)
   t_loop = time.time()
   for epoch in range(start_epoch, config.epochs):
     t0 = time.time()
     k_epoch = jax.random.fold_in(key, epoch)
     rng = np.random.default_rng([config.seed, epoch])
-    n_prompts = (config.prompts_per_update * config.updates_per_epoch
-                 if o.name in BACKPROP_OBJECTIVES else config.prompts_per_epoch)
-    ids = world.sample_prompt_ids(rng, n_prompts, "train")
+    ids = world.sample_prompt_ids(rng, prompts_per_epoch, "train")
     if o.name not in BACKPROP_OBJECTIVES:
       ids = np.repeat(ids, B)
-    state, m, ums, samples = epoch_fn(state, epoch, ids, k_epoch)
+    state, m, ums = epoch_fn(state, epoch, ids, k_epoch)
     ums = jax.device_get(ums)
     for name in ums[0]:
       m[name] = float(np.mean([u[name] for u in ums]))
