@@ -14,6 +14,7 @@ CORE = [
     "absl-py>=2",
     "tensorboardX>=2.6",  # TF-free TensorBoard event files behind clu's MetricWriter
     "tqdm>=4.66",
+    "safetensors>=0.4",  # HF checkpoints (rft.weights), read without torch
 ]
 
 setup(
@@ -26,7 +27,9 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8", "pytest-xdist>=3",
+                 # numerical references for rft.models.lm (torch: the CPU build)
+                 "torch==2.13.0", "transformers>=5", "safetensors>=0.4"],
         "tfds": ["tensorflow-datasets"],
     },
 )

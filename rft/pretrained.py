@@ -21,6 +21,8 @@ HOW_TO_MAKE = {
                      "--config.export_dir=rft/assets",
     "shapes_evaluator": "python -m rft.main --config=configs/scorers_shapes.py "
                         "--config.export_dir=rft/assets",
+    "arith_base": "python -m rft.main --config=configs/pretrain_arith.py "
+                  "--config.export_dir=rft/assets",
 }
 
 
@@ -86,3 +88,23 @@ def load_shapes_base(directory: str | None = None):
                             jnp.zeros((1, model.max_len), jnp.int32))["params"]
   params, _ = load_bundle("shapes_base", template, directory)
   return model, params, meta
+
+
+def load_arith_base(directory: str | None = None):
+  """The shipped arithmetic-world LM: (LMConfig, params, meta).
+
+  meta["world"] holds the ArithmeticWorld settings it was trained on; meta["results"] its
+  measured exact-match accuracy.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from rft.models.lm import DecoderLM, LMConfig
+
+  meta = load_meta("arith_base", directory)
+  cfg = LMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
+  dummy = jnp.zeros((1, 4), jnp.int32)
+  template = jax.eval_shape(DecoderLM(cfg).init, jax.random.key(0), dummy, dummy,
+                            jnp.ones((1, 4), bool))["params"]
+  params, _ = load_bundle("arith_base", template, directory)
+  return cfg, params, meta

@@ -2,7 +2,7 @@
 import importlib
 
 # Every module that registers reward factories (rft.rewards.base.register).
-REWARD_MODULES = ("shapes_alignment", "jpeg", "image_stats")
+REWARD_MODULES = ("shapes_alignment", "jpeg", "image_stats", "text")
 
 
 def ensure_registered():

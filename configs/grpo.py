@@ -1,0 +1,85 @@
+"""GRPO and its variants on the arithmetic world (the LM main job).
+
+COMMAND:
+  python -m rft.main --config=configs/grpo.py            # GRPO
+  python -m rft.main --config=configs/grpo.py:dapo       # DAPO: clip-higher, token-mean
+                                                         # loss, dynamic sampling, overlong
+  python -m rft.main --config=configs/grpo.py:dr_grpo    # Dr.GRPO
+  python -m rft.main --config=configs/grpo.py:gspo       # GSPO (sequence-level ratio)
+  python -m rft.main --config=configs/grpo.py:rloo       # RLOO advantages
+  python -m rft.main --config=configs/grpo.py:raft       # RAFT (rejection-sampling SFT)
+
+EXPECTED: filled in from the measured run (see README).
+Variants combine with commas (e.g. `dapo,smoke`); `kl` adds a k3 KL penalty (beta 0.04).
+"""
+from ml_collections import config_dict
+
+from rft import config as config_lib
+
+VARIANTS = ("smoke", "dapo", "dr_grpo", "gspo", "rloo", "bnpo", "raft", "kl")
+
+
+def get_config(arg=None):
+  variants = config_lib.parse_arg(arg, VARIANTS)
+  c = config_dict.ConfigDict()
+  c.trainer = "lm_rl"
+  c.seed = 0
+  c.base_dir = ""  # "" = the arithmetic LM shipped in rft/assets (pretrained if absent)
+  # Reward: "name[:weight],..." (rft/rewards: exact_match, math_answer, format, ...).
+  c.reward = "exact_match"
+  c.sampling = config_dict.ConfigDict(
+      {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
+  # Step: prompts_per_step problems x group_size completions from theta_old, then
+  # inner_iterations passes (mu) over `minibatches` minibatches of whole groups.
+  c.steps = 150
+  c.prompts_per_step = 32
+  c.group_size = 8
+  c.inner_iterations = 1
+  c.minibatches = 1
+  c.objective = config_dict.ConfigDict({
+      "name": "grpo",  # "grpo" (policy-gradient family, see `loss`) | "raft"
+      "loss": "grpo",  # preset: grpo | dapo | dr_grpo | gspo | bnpo (rft.objectives.grpo)
+      # Overrides of the preset ("" / -1 = keep the preset's value).
+      "advantage": "",  # grpo | dr_grpo | rloo
+      "scale_rewards": "",  # group | batch | none
+      "clip_eps": -1.0,
+      "clip_eps_high": -1.0,
+      "importance": "",  # token | sequence
+      "aggregation": "",  # grpo | bnpo | dr_grpo | dapo
+      "kl_estimator": "",  # k1 | k3
+      "beta": 0.0,  # KL weight; 0 = no reference model held
+      # DAPO extras.
+      "dynamic_sampling": False,  # drop groups whose rewards all agree, refill the batch
+      "max_rounds": 4,
+      "overlong_filter": False,  # truncated completions drop out of the loss
+      "overlong_buffer": 0,  # soft overlong punishment over the last N tokens; 0 = off
+      "keep": 1,  # RAFT: completions kept per prompt
+  })
+  c.lr = 2e-4
+  c.warmup = 0
+  c.weight_decay = 0.0
+  c.grad_clip = 1.0
+  c.eval_every = 50
+  c.eval_problems = 512
+  c.eval_seed = 0
+  c.log_every = 10
+  c.ckpt_every = 25
+  o = c.objective
+  if "dapo" in variants:
+    o.loss, o.dynamic_sampling, o.overlong_filter, o.overlong_buffer = "dapo", True, True, 2
+  if "dr_grpo" in variants:
+    o.loss = "dr_grpo"
+  if "gspo" in variants:
+    o.loss = "gspo"
+  if "bnpo" in variants:
+    o.loss = "bnpo"
+  if "rloo" in variants:
+    o.advantage = "rloo"
+  if "raft" in variants:
+    o.name = "raft"
+  if "kl" in variants:
+    o.beta, o.kl_estimator = 0.04, "k3"
+  if "smoke" in variants:
+    c.steps, c.prompts_per_step, c.group_size = 2, 2, 4
+    c.eval_every, c.eval_problems, c.log_every, c.ckpt_every = 2, 8, 1, 1
+  return config_lib.lock(c)

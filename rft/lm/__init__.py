@@ -1,0 +1,1 @@
+"""LM generation with per-token log-probs."""

@@ -1,0 +1,413 @@
+"""GRPO-family losses for language models: advantages, clipped policy loss, DAPO tools, RAFT.
+
+Layout: rewards [N] with N = num_groups · G, the G completions of one prompt contiguous;
+token arrays [N, L] (log-probs of the sampled completion tokens) with `mask` [N, L]
+marking completion tokens (bool, or float weights).
+
+Advantages (group-relative, no critic). With r̄_g the mean of group g:
+
+* grpo    A_i = (r_i − r̄_g) / (σ + eps)             Shao et al. 2024 (DeepSeekMath)
+* dr_grpo A_i =  r_i − r̄_g                          Liu et al. 2025, "Understanding
+          R1-Zero-like training" (std scaling biases towards too easy / hard prompts)
+* rloo    A_i =  r_i − mean_{j≠i} r_j = G/(G−1) (r_i − r̄_g)   Ahmadian et al. 2024
+
+σ follows TRL's GRPOConfig.scale_rewards: "group" = std of the group, "batch" = std of
+all N rewards (the mean stays per group: LitePPO, Liu et al. 2025 "Tricks or Traps?",
+TRL PR #3935), "none" = no division. Stds are Bessel-corrected (ddof=1) like torch.std,
+eps = 1e-4 as in TRL.
+
+Policy loss per token, with ρ the importance ratio and KL_t an estimate of KL(π‖πref):
+
+    l_t = −min(ρ_t A, clip(ρ_t, 1 − ε, 1 + ε_high) A) + β KL_t
+
+* token importance (PPO/GRPO): ρ_t = exp(lp_t − lp_t^old).
+* sequence importance (GSPO, Zheng et al. 2025): s_i = exp(mean_t(lp_t − lp_t^old)) over
+  the sequence's masked tokens, used in the paper's GSPO-token form
+  ρ_t = sg[s_i] · π(y_t)/sg[π(y_t)]: its value is s_i at every token and its gradient
+  s_i ∇lp_t, so with A constant per sequence the grpo aggregation gives GSPO's gradient.
+* ε_high > ε is DAPO's clip-higher (Yu et al. 2025).
+* KL (Schulman, "Approximating KL divergence", 2020), δ = lp_ref − lp:
+  k1 = −δ = lp − lp_ref, k3 = exp(δ) − δ − 1 (unbiased, always ≥ 0).
+
+Aggregation of l over tokens (m the mask):
+
+* grpo    (1/N) Σ_i Σ_t m l / Σ_t m           per-sequence token mean, then mean
+* bnpo    Σ_{i,t} m l / Σ_{i,t} m             token mean over this (micro-)batch
+* dr_grpo Σ_{i,t} m l / (N · max_len)         constant divisor (no length bias)
+* dapo    Σ_{i,t} m l / num_tokens_total      token mean over the whole generation batch
+
+bnpo and dapo agree on one batch. Under gradient accumulation (a generation batch split
+into micro-batches) bnpo normalises each micro-batch by its own token count, so the
+micro-batch mean of losses is not the batch token mean; dapo divides every micro-batch
+by the token count of the whole generation batch (`num_tokens_total`), so the *sum* of
+the micro-batch losses is exactly DAPO's token-level loss.
+
+DAPO's other tools: dynamic sampling (keep only groups whose rewards differ, refill by
+generating more: `fill_batch`), overlong filtering (truncated completions drop out of
+the loss) and soft overlong punishment (a length penalty on the last `cache_len` tokens).
+
+RAFT for LMs (Dong et al. 2023): finetune (SFT loss) on the best completions per group.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rft.objectives.raft import select_top
+
+SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def _groups(rewards, group_size: int) -> jax.Array:
+  r = jnp.asarray(rewards, jnp.float32)
+  if r.ndim != 1:
+    raise ValueError(f"rewards must be [N], got shape {r.shape}")
+  if group_size < 2:
+    raise ValueError(f"group-relative advantages need group_size >= 2, got {group_size}")
+  if r.shape[0] % group_size:
+    raise ValueError(f"{r.shape[0]} rewards are not whole groups of group_size={group_size}")
+  return r.reshape(-1, group_size)
+
+
+def _mean_baseline(g: jax.Array) -> jax.Array:
+  """r_i − r̄_g."""
+  return g - g.mean(axis=1, keepdims=True)
+
+
+def _loo_baseline(g: jax.Array) -> jax.Array:
+  """r_i − (Σ_j r_j − r_i) / (G − 1)."""
+  n = g.shape[1]
+  return g - (g.sum(axis=1, keepdims=True) - g) / (n - 1)
+
+
+class Estimator(NamedTuple):
+  center: Callable[[jax.Array], jax.Array]  # [groups, G] -> centred rewards
+  default_scale: str  # scale_rewards when the caller passes None
+  scales: tuple[str, ...] = SCALE_REWARDS  # allowed scale_rewards
+
+
+ADVANTAGES: dict[str, Estimator] = {
+    "grpo": Estimator(_mean_baseline, "group"),
+    "dr_grpo": Estimator(_mean_baseline, "none", ("none",)),
+    "rloo": Estimator(_loo_baseline, "none"),
+}
+
+
+def advantages(rewards, group_size: int, estimator: str = "grpo",
+               scale_rewards: str | None = None, eps: float = 1e-4):
+  """(advantages [N], group_std [num_groups]) float32.
+
+  scale_rewards: "group" | "batch" | "none", or None for the estimator's own choice
+  (grpo: "group"; dr_grpo and rloo: "none"). dr_grpo is defined without std scaling, so
+  it only accepts "none". group_std is the std (ddof=1) of each group's raw rewards
+  whatever the scaling: `mean(group_std == 0)` is the fraction of groups that carry no
+  learning signal.
+  """
+  if estimator not in ADVANTAGES:
+    raise ValueError(f"unknown advantage estimator {estimator!r}; known: {sorted(ADVANTAGES)}")
+  est = ADVANTAGES[estimator]
+  scale = est.default_scale if scale_rewards is None else scale_rewards
+  if scale not in est.scales:
+    raise ValueError(f"scale_rewards={scale!r} is not valid for estimator {estimator!r}; "
+                     f"expected one of {est.scales}")
+  g = _groups(rewards, group_size)
+  group_std = jnp.std(g, axis=1, ddof=1)
+  adv = est.center(g)
+  if scale == "group":
+    adv = adv / (group_std[:, None] + eps)
+  elif scale == "batch":
+    adv = adv / (jnp.std(g, ddof=1) + eps)
+  return adv.reshape(-1), group_std
+
+
+def aggregate(reward_matrix, weights, group_size: int, order: str = "sum_then_normalize", *,
+              scale_rewards: str | None = None, eps: float = 1e-4):
+  """Advantages from several rewards [N, R] with weights [R]: (advantages [N], group_std).
+
+  * "sum_then_normalize" (GRPO, TRL's default): r = Σ_k w_k r_k, then the grpo advantage
+    with `scale_rewards` (default "group").
+  * "normalize_then_sum" (GDPO, "Group reward-Decoupled Normalization Policy Optimization";
+    TRL's multi_objective_aggregation): each reward is normalised within its group,
+    ñ_k = (r_k − r̄_k,g) / (σ_k,g + eps), then s = Σ_k w_k ñ_k is z-scored over the
+    batch: A = (s − mean(s)) / (std(s) + eps).
+    A reward that is constant in a group contributes 0 there instead of being drowned
+    out or dominating by scale. `scale_rewards` does not apply (must stay None).
+
+  group_std: per-group std of the summed reward (Σ w r, or s).
+  """
+  x = jnp.asarray(reward_matrix, jnp.float32)
+  w = jnp.asarray(weights, jnp.float32)
+  if x.ndim != 2 or w.shape != (x.shape[1],):
+    raise ValueError(f"reward_matrix must be [N, R] and weights [R]; got {x.shape} and {w.shape}")
+  if order == "sum_then_normalize":
+    return advantages(x @ w, group_size, "grpo", scale_rewards or "group", eps)
+  if order != "normalize_then_sum":
+    raise ValueError(f"unknown order {order!r}; expected 'sum_then_normalize' or "
+                     "'normalize_then_sum'")
+  if scale_rewards is not None:
+    raise ValueError("scale_rewards applies to order='sum_then_normalize' only; "
+                     "normalize_then_sum always ends with a batch z-score")
+  _groups(x[:, 0], group_size)  # shape checks
+  g = x.reshape(-1, group_size, x.shape[1])
+  norm = (g - g.mean(axis=1, keepdims=True)) / (jnp.std(g, axis=1, ddof=1, keepdims=True) + eps)
+  s = (norm @ w)  # [groups, G]
+  adv = (s - s.mean()) / (jnp.std(s, ddof=1) + eps)
+  return adv.reshape(-1), jnp.std(s, axis=1, ddof=1)
+
+
+# --------------------------------------------------------------------------- policy loss
+
+
+def _masked_mean(x, m):
+  return jnp.sum(jnp.where(m > 0, x * m, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def kl_estimate(log_probs, ref_log_probs, estimator: str = "k3") -> jax.Array:
+  """Per-token KL(π‖πref) estimate from samples of π: k1 = lp − ref,
+  k3 = exp(ref − lp) − (ref − lp) − 1."""
+  delta = ref_log_probs - log_probs
+  if estimator == "k1":
+    return -delta
+  if estimator == "k3":
+    return jnp.exp(delta) - delta - 1.0
+  raise ValueError(f"unknown kl_estimator {estimator!r}; expected 'k1' or 'k3'")
+
+
+def aggregate_tokens(per_token, mask, aggregation: str, *, max_len: int | None = None,
+                     num_tokens_total=None) -> jax.Array:
+  """Scalar from per-token losses [N, L] and mask [N, L]; see the module docstring.
+
+  max_len (default L) is only read by dr_grpo, so callers may always pass it;
+  num_tokens_total is dapo's divisor and an error with any other aggregation.
+  """
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"unknown aggregation {aggregation!r}; known: {list(AGGREGATIONS)}")
+  if num_tokens_total is not None and aggregation != "dapo":
+    raise ValueError(f"num_tokens_total is the dapo divisor; not used by "
+                     f"aggregation={aggregation!r}")
+  m = jnp.asarray(mask, jnp.float32)
+  weighted = jnp.where(m > 0, per_token * m, 0.0)
+  total = jnp.sum(weighted)
+  if aggregation == "grpo":
+    per_seq = jnp.sum(weighted, axis=1)
+    return jnp.mean(per_seq / jnp.maximum(jnp.sum(m, axis=1), 1.0))
+  if aggregation == "bnpo":
+    return total / jnp.maximum(jnp.sum(m), 1.0)
+  if aggregation == "dr_grpo":
+    n, length = m.shape
+    return total / (n * (length if max_len is None else max_len))
+  denom = jnp.sum(m) if num_tokens_total is None else jnp.asarray(num_tokens_total, jnp.float32)
+  return total / jnp.maximum(denom, 1.0)
+
+
+def policy_loss(log_probs, old_log_probs, advantages, mask, *, clip_eps: float = 0.2,
+                clip_eps_high: float | None = None, importance: str = "token",
+                aggregation: str = "grpo", max_len: int | None = None, num_tokens_total=None,
+                ref_log_probs=None, beta: float = 0.0, kl_estimator: str = "k3"):
+  """Clipped surrogate loss (scalar) and metrics; see the module docstring.
+
+  log_probs / old_log_probs (/ ref_log_probs): [N, L] per-token log-probs under θ, the
+  sampling policy θold (and πref); advantages [N]; mask [N, L]. clip_eps_high None ->
+  clip_eps. ref_log_probs is only read when beta != 0. At ρ = 1 the gradient is the
+  REINFORCE gradient −A ∇lp aggregated the same way.
+  """
+  f32 = jnp.float32
+  lp = jnp.asarray(log_probs, f32)
+  old = jnp.asarray(old_log_probs, f32)
+  if lp.ndim != 2 or old.shape != lp.shape or jnp.shape(mask) != lp.shape:
+    raise ValueError(f"log_probs, old_log_probs and mask must all be [N, L]; got {lp.shape}, "
+                     f"{old.shape}, {jnp.shape(mask)}")
+  adv = jnp.asarray(advantages, f32)
+  if adv.shape != lp.shape[:1]:
+    raise ValueError(f"advantages must be [N]={lp.shape[:1]}, got {adv.shape}")
+  adv = adv[:, None]
+  m = jnp.asarray(mask, f32)
+  valid = m > 0
+  lp, old = jnp.where(valid, lp, 0.0), jnp.where(valid, old, 0.0)  # padding may hold NaN
+  eps_low = clip_eps
+  eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+
+  log_ratio = lp - old
+  if importance == "token":
+    log_w = log_ratio
+  elif importance == "sequence":
+    seq = jnp.sum(log_ratio * m, axis=1, keepdims=True) / jnp.maximum(
+        jnp.sum(m, axis=1, keepdims=True), 1.0)
+    log_w = jax.lax.stop_gradient(seq) + lp - jax.lax.stop_gradient(lp)
+  else:
+    raise ValueError(f"unknown importance {importance!r}; expected 'token' or 'sequence'")
+  ratio = jnp.exp(log_w)
+  per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+
+  metrics = {}
+  if beta != 0.0:
+    if ref_log_probs is None:
+      raise ValueError(f"beta={beta} needs ref_log_probs")
+    ref = jnp.asarray(ref_log_probs, f32)
+    if ref.shape != lp.shape:
+      raise ValueError(f"ref_log_probs must be {lp.shape}, got {ref.shape}")
+    kl = kl_estimate(lp, jnp.where(valid, ref, 0.0), kl_estimator)
+    per_token = per_token + beta * kl
+    metrics["kl"] = _masked_mean(kl, m)
+  elif kl_estimator not in ("k1", "k3"):
+    raise ValueError(f"unknown kl_estimator {kl_estimator!r}; expected 'k1' or 'k3'")
+
+  loss = aggregate_tokens(per_token, m, aggregation, max_len=max_len,
+                          num_tokens_total=num_tokens_total)
+  r = jax.lax.stop_gradient(ratio)
+  low = ((r < 1.0 - eps_low) & (adv < 0)).astype(f32)
+  high = ((r > 1.0 + eps_high) & (adv > 0)).astype(f32)
+  metrics.update({
+      "loss": loss,
+      "clip_ratio_low": _masked_mean(low, m),
+      "clip_ratio_high": _masked_mean(high, m),
+      "clip_ratio": _masked_mean(low + high, m),
+      "ratio_mean": _masked_mean(r, m),
+  })
+  return loss, metrics
+
+
+# --------------------------------------------------------------------------- presets
+
+# name -> kwargs of policy_loss, plus the advantages() settings "advantage" (estimator)
+# and "scale_rewards" (None: the estimator's own default).
+ADVANTAGE_KEYS = ("advantage", "scale_rewards")
+LOSSES: dict[str, dict] = {
+    "grpo": dict(advantage="grpo", scale_rewards=None, importance="token", aggregation="grpo",
+                 clip_eps=0.2, clip_eps_high=None),
+    "bnpo": dict(advantage="grpo", scale_rewards=None, importance="token", aggregation="bnpo",
+                 clip_eps=0.2, clip_eps_high=None),
+    "dapo": dict(advantage="grpo", scale_rewards=None, importance="token", aggregation="dapo",
+                 clip_eps=0.2, clip_eps_high=0.28, beta=0.0),
+    "dr_grpo": dict(advantage="dr_grpo", scale_rewards=None, importance="token",
+                    aggregation="dr_grpo", clip_eps=0.2, clip_eps_high=None),
+    "gspo": dict(advantage="grpo", scale_rewards=None, importance="sequence",
+                 aggregation="grpo", clip_eps=3e-4, clip_eps_high=4e-4),
+}
+
+
+def preset(name: str) -> dict:
+  """A copy of LOSSES[name]: the ADVANTAGE_KEYS go to advantages(), the rest to policy_loss."""
+  if name not in LOSSES:
+    raise ValueError(f"unknown GRPO loss preset {name!r}; known: {sorted(LOSSES)}")
+  return dict(LOSSES[name])
+
+
+# --------------------------------------------------------------------------- DAPO helpers
+
+
+def dynamic_sampling_keep(rewards, group_size: int) -> jax.Array:
+  """bool [num_groups]: groups whose rewards are not all equal (DAPO dynamic sampling;
+  an all-equal group has zero advantage and gives no gradient)."""
+  n = jnp.shape(rewards)[0]
+  if n % group_size:
+    raise ValueError(f"{n} rewards are not whole groups of group_size={group_size}")
+  g = jnp.asarray(rewards).reshape(-1, group_size)
+  return jnp.max(g, axis=1) != jnp.min(g, axis=1)
+
+
+def overlong_filter_mask(truncated) -> jax.Array:
+  """float [N]: 0 for truncated completions, 1 otherwise; multiply into the token mask
+  (mask * f[:, None]) so that truncated completions drop out of the loss (DAPO)."""
+  return 1.0 - jnp.asarray(truncated).astype(jnp.float32)
+
+
+def soft_overlong_punishment(lengths, max_len: int, cache_len: int) -> jax.Array:
+  """float [N] DAPO length penalty, added to the reward:
+  0 if len <= max_len − cache_len; ((max_len − cache_len) − len) / cache_len while in the
+  last cache_len tokens; −1 beyond max_len."""
+  if not 0 < cache_len <= max_len:
+    raise ValueError(f"need 0 < cache_len <= max_len; got cache_len={cache_len}, "
+                     f"max_len={max_len}")
+  n = jnp.asarray(lengths, jnp.float32)
+  start = max_len - cache_len
+  return jnp.where(n <= start, 0.0, jnp.where(n <= max_len, (start - n) / cache_len, -1.0))
+
+
+def fill_batch(generate: Callable[[int], tuple], group_size: int, target_groups: int,
+               max_rounds: int = 8) -> tuple[dict, dict]:
+  """DAPO dynamic sampling on the host: (batch, info).
+
+  Calls generate(round) -> (rewards [n], payload {key: array [n, ...]}), group-contiguous,
+  until `target_groups` groups with unequal rewards are kept or `max_rounds` calls were
+  made. batch: the payload rows of the kept groups, in generation order, sliced to
+  target_groups · G rows (the surplus of the last round is dropped, so the batch size
+  stays fixed). info: "rewards" (of the batch rows), "num_groups", "complete" (False when
+  max_rounds ran out first: then num_groups < target_groups), "rounds",
+  "generated_groups", "kept_groups" (over all rounds, before slicing), "kept_fraction".
+  """
+  if target_groups < 1 or max_rounds < 1:
+    raise ValueError(f"need target_groups >= 1 and max_rounds >= 1; got {target_groups}, "
+                     f"{max_rounds}")
+  rewards_parts, payload_parts = [], []
+  kept = generated = rounds = 0
+  while rounds < max_rounds and kept < target_groups:
+    rewards, payload = generate(rounds)
+    rounds += 1
+    rewards = np.asarray(rewards)
+    n = rewards.shape[0]
+    if rewards.ndim != 1 or n % group_size:
+      raise ValueError(f"generate returned rewards of shape {rewards.shape}; expected [n] "
+                       f"with n a multiple of group_size={group_size}")
+    for key, value in payload.items():
+      if np.shape(value)[:1] != (n,):
+        raise ValueError(f"payload[{key!r}] has shape {np.shape(value)}; expected leading "
+                         f"dim {n} (one row per completion)")
+    groups = np.flatnonzero(np.asarray(dynamic_sampling_keep(rewards, group_size)))
+    generated += n // group_size
+    kept += len(groups)
+    rows = (groups[:, None] * group_size + np.arange(group_size)).reshape(-1)
+    rewards_parts.append(rewards[rows])
+    payload_parts.append({k: np.asarray(v)[rows] for k, v in payload.items()})
+  num = min(kept, target_groups)
+  rows = num * group_size
+  batch = {k: np.concatenate([p[k] for p in payload_parts])[:rows] for k in payload_parts[0]}
+  info = {"rewards": np.concatenate(rewards_parts)[:rows], "num_groups": num,
+          "complete": kept >= target_groups, "rounds": rounds, "generated_groups": generated,
+          "kept_groups": kept, "kept_fraction": kept / generated}
+  return batch, info
+
+
+class DynamicSampler:
+  """fill_batch with fixed settings and running totals for logging."""
+
+  def __init__(self, group_size: int, target_groups: int, max_rounds: int = 8):
+    self.group_size, self.target_groups, self.max_rounds = group_size, target_groups, max_rounds
+    self.totals = {"batches": 0, "incomplete": 0, "rounds": 0, "generated_groups": 0,
+                   "kept_groups": 0}
+
+  def fill(self, generate: Callable[[int], tuple]) -> tuple[dict, dict]:
+    batch, info = fill_batch(generate, self.group_size, self.target_groups, self.max_rounds)
+    t = self.totals
+    t["batches"] += 1
+    t["incomplete"] += int(not info["complete"])
+    for k in ("rounds", "generated_groups", "kept_groups"):
+      t[k] += info[k]
+    return batch, info
+
+  def stats(self) -> Mapping[str, float]:
+    t = self.totals
+    return {**t, "kept_fraction": t["kept_groups"] / max(t["generated_groups"], 1)}
+
+
+# --------------------------------------------------------------------------- RAFT
+
+
+def raft_select(rewards, group_size: int, keep: int = 1) -> np.ndarray:
+  """Flat indices of the `keep` best completions of every group, best first, ties to the
+  earlier one (RAFT, Dong et al. 2023: finetune on them with sft_loss)."""
+  return select_top(np.asarray(rewards), group_size, keep)
+
+
+def sft_loss(log_probs, mask) -> jax.Array:
+  """−Σ m lp / Σ m: negative masked token-mean log-likelihood."""
+  m = jnp.asarray(mask, jnp.float32)
+  lp = jnp.where(m > 0, jnp.asarray(log_probs, jnp.float32), 0.0)
+  return -_masked_mean(lp, m)

@@ -1,0 +1,308 @@
+"""Online RL for decoder LMs: GRPO, DAPO, Dr.GRPO, GSPO, RLOO, BNPO and RAFT on one loop.
+
+    prompts x G -> generate(theta_old) -> reward -> [dynamic sampling] -> advantages
+               -> old / ref log-probs -> mu x minibatch updates
+
+Sections: task and base model -> reward -> state -> checkpoint / resume -> log-probs and
+updates -> rollout -> evaluation -> loop -> export. Problems, sampling keys and update
+order are functions of (seed, step); checkpoints hold the TrainState at step ends, so a
+resumed run continues the same curve.
+
+Old log-probs are recomputed by the trainer's own forward (`policy_log_probs`, behind a
+custom-VJP island), so the first inner iteration sees ratio == 1 bitwise; the sampler's
+log-probs (a cached decode, different matmul shapes) agree to ~1e-6 and are logged as
+`sampler_logprob_gap`. With beta == 0 no reference params are held or evaluated.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from rft import checkpoint, metrics, pretrained
+from rft.data.arithmetic import ArithmeticWorld
+from rft.lm import sampling
+from rft.models import lm
+from rft.objectives import grpo
+from rft.rewards import base as rewards_lib
+from rft.train import arith_eval
+from rft.train.pretrain_lm import load_or_pretrain_arith
+from rft.train.state import TrainState, make_optimizer
+
+
+# ------------------------------------------------------------------------ log-probs
+
+
+def _log_probs_and_entropy(lm_config, temperature, params, batch):
+  tokens = jnp.concatenate([batch["prompt"], batch["completion"]], axis=1)
+  mask = jnp.concatenate([batch["prompt_mask"].astype(bool),
+                          batch["completion_mask"] > 0], axis=1)
+  logits, _ = lm.forward(lm_config, params, tokens, sampling.positions_from_mask(mask), mask)
+  P = batch["prompt"].shape[1]
+  logp = jax.nn.log_softmax(logits[:, P - 1:-1].astype(jnp.float32) / temperature, axis=-1)
+  lp = jnp.take_along_axis(logp, batch["completion"][..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return lp, entropy
+
+
+# Same reason as rft.diffusion.ddim's island: the forward is compiled behind optimization
+# barriers, and its VJP recomputes it, so the log-probs inside a jitted grad step are
+# bitwise those of the no-grad forward that produced the stored old log-probs.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def policy_log_probs(lm_config, temperature, params, batch):
+  """([B, N] log-probs of the completion tokens at `temperature`, [B, N] entropies)."""
+  params, batch = jax.lax.optimization_barrier((params, batch))
+  return jax.lax.optimization_barrier(
+      _log_probs_and_entropy(lm_config, temperature, params, batch))
+
+
+def _island_fwd(lm_config, temperature, params, batch):
+  return policy_log_probs(lm_config, temperature, params, batch), (params, batch)
+
+
+def _island_bwd(lm_config, temperature, res, g):
+  params, batch = jax.lax.optimization_barrier(res)
+  _, vjp = jax.vjp(lambda p: _log_probs_and_entropy(lm_config, temperature, p, batch), params)
+  (g_params,) = vjp(g)
+  return g_params, jax.tree.map(jnp.zeros_like, batch)
+
+
+policy_log_probs.defvjp(_island_fwd, _island_bwd)
+
+
+def loss_settings(o) -> dict:
+  """The objective block of the config -> policy_loss kwargs (preset, then overrides)."""
+  kw = grpo.preset(o.loss)
+  for k in ("clip_eps", "clip_eps_high", "importance", "aggregation", "kl_estimator",
+            "advantage", "scale_rewards"):
+    v = o.get(k)
+    if v not in (None, "", -1, -1.0):
+      kw[k] = v
+  kw["beta"] = o.beta
+  return kw
+
+
+def make_update(lm_config, config, tx):
+  """update(state, ref_params, mb) -> (state, metrics) for the policy loss or RAFT's SFT."""
+  o = config.objective
+  T = config.sampling.temperature
+  kw = loss_settings(o)
+  advantage_keys = ("advantage", "scale_rewards")
+  loss_kw = {k: v for k, v in kw.items() if k not in advantage_keys}
+
+  def loss_fn(params, mb):
+    lp, ent = policy_log_probs(lm_config, T, params, mb)
+    mask = mb["completion_mask"] * mb["loss_weight"][:, None]
+    if o.name == "raft":
+      loss = grpo.sft_loss(lp, mask)
+      m = {}
+    else:
+      loss, m = grpo.policy_loss(lp, mb["old_log_probs"], mb["advantages"], mask,
+                                 ref_log_probs=mb.get("ref_log_probs"),
+                                 max_len=mb["completion"].shape[1], **loss_kw)
+    denom = jnp.maximum(jnp.sum(mb["completion_mask"]), 1.0)
+    m = dict(m, entropy=jnp.sum(jax.lax.stop_gradient(ent) * mb["completion_mask"]) / denom)
+    return loss, m
+
+  def update(state, mb):
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+    m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
+    return state.apply_gradients(grads, tx), m
+
+  return jax.jit(update, donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+def validate(config):
+  o = config.objective
+  if o.name not in ("grpo", "raft"):
+    raise ValueError(f"config.objective.name={o.name!r}; use 'grpo' (with objective.loss "
+                     f"naming the variant) or 'raft'")
+  if o.name == "grpo":
+    grpo.preset(o.loss)  # unknown names raise, listing the known ones
+  if config.group_size < 2 and o.name == "grpo":
+    raise ValueError(f"config.group_size={config.group_size}: group-relative advantages need "
+                     f"at least 2 completions per prompt")
+  if config.prompts_per_step % config.minibatches:
+    raise ValueError(f"config.prompts_per_step={config.prompts_per_step} must be divisible by "
+                     f"config.minibatches={config.minibatches} (whole groups per minibatch)")
+
+
+def train_and_evaluate(config, workdir: str):
+  validate(config)
+  o = config.objective
+  t_start = time.time()
+  # ---------------------------------------------------------------- task and base model
+  lm_config, base_params, meta = load_or_pretrain_arith(workdir, config.base_dir or None)
+  world = ArithmeticWorld(**meta["world"])
+  tok = world.tokenizer
+  G, Q = config.group_size, config.prompts_per_step
+  sc = sampling.SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
+                               temperature=config.sampling.temperature,
+                               top_k=config.sampling.top_k, top_p=config.sampling.top_p)
+  # ---------------------------------------------------------------- reward
+  reward = rewards_lib.build(config.reward)
+  kw = loss_settings(o) if o.name == "grpo" else {}
+
+  def score(texts, ids):
+    return np.asarray(reward(texts, [world.answers[i] for i in ids]), np.float32)
+
+  # ---------------------------------------------------------------- state
+  tx = make_optimizer(config.lr, config.steps * config.inner_iterations * config.minibatches,
+                      config.warmup, config.weight_decay, config.grad_clip,
+                      schedule="constant")
+  state = TrainState.create(jax.tree.map(jnp.copy, base_params), tx)
+  ref_params = base_params if o.beta > 0 else None
+  logging.info("LM RL %s/%s: %d params, beta=%g (%s reference)", o.name, o.loss,
+               sum(x.size for x in jax.tree.leaves(base_params)), o.beta,
+               "with" if ref_params is not None else "no")
+
+  # ---------------------------------------------------------------- checkpoint / resume
+  ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
+  start, history = 0, {}
+  if ckpt.latest_step() is not None:
+    state, ck_meta = ckpt.restore(state)
+    start = ckpt.latest_step()
+    history = (ck_meta or {}).get("history", {})
+    logging.info("resumed %s at step %d", workdir, start)
+
+  # ---------------------------------------------------------------- log-probs and updates
+  update = make_update(lm_config, config, tx)
+  log_probs_fn = jax.jit(lambda p, b: policy_log_probs(lm_config, sc.temperature, p, b))
+
+  # ---------------------------------------------------------------- rollout
+  def rollout(params, ids, key) -> dict:
+    pt, pm = world.prompt_tokens(ids)
+    out = sampling.generate(lm_config, params, jnp.asarray(pt), jnp.asarray(pm), key,
+                            sampling=sc, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    texts = sampling.decode_texts(tok, out)
+    r = score(texts, ids)
+    lengths = np.asarray(out.lengths)
+    if o.overlong_buffer > 0:  # DAPO soft overlong punishment
+      r = r + np.asarray(grpo.soft_overlong_punishment(
+          lengths, sc.max_new_tokens, o.overlong_buffer), np.float32)
+    return {"prompt": pt, "prompt_mask": pm, "completion": np.asarray(out.tokens),
+            "completion_mask": np.asarray(out.mask), "sampler_log_probs": np.asarray(out.log_probs),
+            "truncated": np.asarray(out.truncated), "lengths": lengths, "rewards": r,
+            "ids": np.asarray(ids), "texts": np.asarray(texts, dtype=object)}
+
+  def sample_groups(params, rng, key) -> tuple[dict, dict]:
+    """Q groups of G completions; with dynamic sampling, only groups whose rewards differ,
+    refilled from further rounds (up to objective.max_rounds) so the batch keeps Q groups."""
+    def one_round(r):
+      ids = np.repeat(world.sample_ids("train", Q, rng), G)
+      b = rollout(params, ids, jax.random.fold_in(key, r))
+      return b["rewards"], b
+
+    if not (o.name == "grpo" and o.dynamic_sampling):
+      rewards, b = one_round(0)
+      return b, {"sampling_rounds": 1.0}
+    b, info = grpo.fill_batch(one_round, G, Q, o.max_rounds)
+    return b, {"sampling_rounds": float(info["rounds"]),
+               "groups_kept_fraction": float(info["kept_fraction"])}
+
+  # ---------------------------------------------------------------- evaluation
+  writer = metrics.create_writer(workdir)
+
+  def evaluate(params, step: int) -> dict:
+    m, examples = arith_eval.evaluate(lm_config, params, world, config.eval_problems,
+                                      config.eval_seed, sc.temperature)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
+    writer.write_texts(step, {f"eval_samples/{s}": "\n".join(v) for s, v in examples.items()})
+    return m
+
+  # ---------------------------------------------------------------- loop
+  if start == 0 and config.eval_every:
+    history["0"] = evaluate(state.params, 0)
+    logging.info("step 0 (base) eval: %s", history["0"])
+  bar = metrics.ProgressBar(config.steps, initial=start, desc=f"{o.name}:{o.loss}")
+  t_loop = time.time()
+  for step in range(start, config.steps):
+    t0 = time.time()
+    rng = np.random.default_rng([config.seed, step])
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    b, m = sample_groups(state.params, rng, key)
+    rewards = b["rewards"]
+    groups = rewards.reshape(-1, G)
+    m.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
+             zero_std_groups=float(np.mean(groups.std(axis=1) < 1e-6)),
+             length_mean=float(b["lengths"].mean()), length_max=float(b["lengths"].max()),
+             truncated_fraction=float(b["truncated"].mean()))
+    batch = {k: jnp.asarray(b[k]) for k in ("prompt", "prompt_mask", "completion",
+                                            "completion_mask")}
+    weight = np.ones(len(rewards), np.float32)
+    if o.name == "grpo" and o.overlong_filter:
+      weight = np.asarray(grpo.overlong_filter_mask(b["truncated"]), np.float32)
+    if o.name == "raft":
+      keep = np.asarray(grpo.raft_select(rewards, G, o.keep))
+      weight = np.zeros(len(rewards), np.float32)
+      weight[keep] = 1.0
+      m["kept_reward_mean"] = float(rewards[keep].mean())
+    batch["loss_weight"] = jnp.asarray(weight)
+    old_lp, _ = log_probs_fn(state.params, batch)
+    batch["old_log_probs"] = old_lp
+    m["sampler_logprob_gap"] = float(jnp.max(jnp.abs(old_lp - b["sampler_log_probs"])
+                                             * batch["completion_mask"]))
+    if o.name == "grpo":
+      adv, _ = grpo.advantages(jnp.asarray(rewards), G, kw["advantage"], kw["scale_rewards"])
+      batch["advantages"] = adv
+      if ref_params is not None:
+        batch["ref_log_probs"], _ = log_probs_fn(ref_params, batch)
+    ums = []
+    n = len(rewards) // config.minibatches
+    for it in range(config.inner_iterations):
+      order = np.random.default_rng([config.seed, step, it]).permutation(Q)
+      for j in range(config.minibatches):
+        g = order[j * (Q // config.minibatches):(j + 1) * (Q // config.minibatches)]
+        idx = (g[:, None] * G + np.arange(G)[None]).reshape(-1)
+        assert len(idx) == n
+        mb = jax.tree.map(lambda a: a[idx], batch)
+        state, um = update(state, mb)
+        ums.append(um)
+    ums = jax.device_get(ums)
+    for name in ums[0]:
+      m[name] = float(np.mean([u[name] for u in ums]))
+    m["first_update_ratio_mean"] = float(ums[0].get("ratio_mean", 1.0))
+    if not np.isfinite(m["loss"]):
+      raise FloatingPointError(
+          f"loss is {m['loss']} at step {step + 1}; nothing saved for this step; last good "
+          f"checkpoint: step {ckpt.latest_step()} in {workdir}/checkpoints")
+    done = step + 1
+    m["step_seconds"] = time.time() - t0
+    writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
+    if done % config.log_every == 0 or done == config.steps:
+      writer.write_texts(done, {"samples/train": "\n".join(
+          f"{world.prompts[i]}{t}  (reward {r:.2f})"
+          for i, t, r in zip(b["ids"][:G * 2], b["texts"][:G * 2], rewards[:G * 2]))})
+    bar.update(done, reward=m["reward_mean"], loss=m["loss"])
+    if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+      history[str(done)] = evaluate(state.params, done)
+      history[str(done)]["train/reward_mean_step"] = m["reward_mean"]
+      logging.info("step %d eval: %s", done, history[str(done)])
+    if done % config.ckpt_every == 0 or done == config.steps:
+      ckpt.save(done, state, metadata={"history": history})
+  bar.close()
+  ckpt.close()
+  writer.flush()
+  # ---------------------------------------------------------------- results and export
+  results = {"objective": o.name, "loss": o.loss if o.name == "grpo" else "sft",
+             "steps": config.steps, "completions_per_step": Q * G,
+             "train_seconds_this_run": round(time.time() - t_loop, 1),
+             "total_seconds_this_run": round(time.time() - t_start, 1), "history": history}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    bundle_meta = dict(meta, command=pretrained.invocation(), objective=o.name,
+                       finetuned_from=config.base_dir or "rft/assets/arith_base",
+                       results=results)
+    pretrained.save_bundle("arith_base", jax.device_get(state.params), bundle_meta, workdir)
+  return results

@@ -1,0 +1,149 @@
+"""Pretrain the arithmetic-world LM (supervised next-token loss on the answers).
+
+Sections: world -> model -> optimizer/state -> checkpoint/resume -> update step ->
+evaluation -> loop -> export. The batch is a pure function of (seed, step), so a resumed
+run continues the same curve. The loss is the mean negative log-likelihood of the answer
+tokens (answer + EOS) given BOS + prompt: the prompt itself is uniform noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from rft import checkpoint, metrics, pretrained
+from rft.data.arithmetic import ArithmeticWorld
+from rft.lm import sampling
+from rft.models import lm
+from rft.train import arith_eval
+from rft.train.state import TrainState, make_optimizer
+
+
+def build_world(config) -> ArithmeticWorld:
+  return ArithmeticWorld(config.max_operand, config.ops, config.holdout_fraction,
+                         config.split_seed)
+
+
+def build_lm_config(model_cfg, vocab_size: int, max_len: int) -> lm.LMConfig:
+  return lm.LMConfig(vocab_size=vocab_size, max_position_embeddings=max_len,
+                     **dict(model_cfg))
+
+
+def sft_loss(lm_config, params, batch) -> tuple[jax.Array, dict]:
+  """- mean over answer tokens of log p(token | BOS, prompt, previous answer tokens)."""
+  lp = sampling.token_log_probs(lm_config, params, batch["prompt"], batch["prompt_mask"],
+                                batch["answer"], batch["answer_mask"])
+  m = batch["answer_mask"].astype(jnp.float32)
+  nll = -jnp.sum(lp * m) / jnp.sum(m)
+  seq_correct = jnp.all((lp > np.log(0.5)) | (m == 0), axis=1)  # argmax-correct proxy
+  return nll, {"loss": nll, "token_prob_mean": jnp.sum(jnp.exp(lp) * m) / jnp.sum(m),
+               "seq_confident": jnp.mean(seq_correct.astype(jnp.float32))}
+
+
+def lm_meta(lm_config: lm.LMConfig, config) -> dict:
+  return {"model": dataclasses.asdict(lm_config),
+          "world": {"max_operand": config.max_operand, "ops": config.ops,
+                    "holdout_fraction": config.holdout_fraction,
+                    "split_seed": config.split_seed}}
+
+
+def train_and_evaluate(config, workdir: str):
+  # ---------------------------------------------------------------- world
+  world = build_world(config)
+
+  def host_batch(step: int) -> dict:
+    ids = world.sample_ids("train", config.batch_size, np.random.default_rng([config.seed, step]))
+    pt, pm = world.prompt_tokens(ids)
+    at, am = world.answer_tokens(ids)
+    return {"prompt": pt, "prompt_mask": pm, "answer": at, "answer_mask": am}
+
+  # ---------------------------------------------------------------- model and state
+  lm_config = build_lm_config(config.model, world.tokenizer.vocab_size,
+                              world.max_prompt_len + world.max_answer_len + 4)
+  model = lm.DecoderLM(lm_config)
+  key = jax.random.key(config.seed)
+  dummy = jnp.zeros((1, 4), jnp.int32)
+  params = jax.jit(model.init)(key, dummy, dummy, jnp.ones((1, 4), bool))["params"]
+  logging.info("LM params: %d", sum(x.size for x in jax.tree.leaves(params)))
+  tx = make_optimizer(config.lr, config.steps, config.warmup, config.weight_decay,
+                      config.grad_clip)
+  state = TrainState.create(params, tx)
+
+  # ---------------------------------------------------------------- checkpoint / resume
+  ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state)
+    start = int(jax.device_get(state.step))
+    logging.info("resumed from step %d of %s", start, workdir)
+
+  # ---------------------------------------------------------------- update step
+  def train_step(state, batch):
+    (_, m), grads = jax.value_and_grad(lambda p: sft_loss(lm_config, p, batch),
+                                       has_aux=True)(state.params)
+    m["grad_norm"] = optax.global_norm(grads)
+    return state.apply_gradients(grads, tx), m
+
+  train_step = jax.jit(train_step, donate_argnums=(0,))
+
+  # ---------------------------------------------------------------- evaluation
+  writer = metrics.create_writer(workdir)
+
+  def evaluate(p, step: int) -> dict:
+    m, examples = arith_eval.evaluate(lm_config, p, world, config.eval_problems)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
+    writer.write_texts(step, {f"samples/{s}": "\n".join(v) for s, v in examples.items()})
+    return m
+
+  # ---------------------------------------------------------------- loop
+  bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain_arith")
+  t0, results = time.time(), {}
+  for step in range(start, config.steps):
+    state, m = train_step(state, jax.tree.map(jnp.asarray, host_batch(step)))
+    done = step + 1
+    if done % config.log_every == 0 or done == config.steps:
+      m = jax.device_get(m)
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"loss is {m['loss']} at step {done}; last good checkpoint: "
+                                 f"step {ckpt.latest_step()} in {workdir}/checkpoints")
+      writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
+      bar.update(done, loss=float(m["loss"]))
+    if done % config.ckpt_every == 0 or done == config.steps:
+      ckpt.save(done, state)
+    if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+      results = evaluate(state.params, done)
+      logging.info("step %d eval: %s", done, results)
+  bar.close()
+  ckpt.close()
+
+  # ---------------------------------------------------------------- export
+  final = jax.device_get(state.params)
+  if config.eval_every and not results:  # rerun of a finished run: re-measure
+    results = evaluate(final, config.steps)
+  meta = lm_meta(lm_config, config)
+  meta.update(command=pretrained.invocation(), steps=config.steps, results=results,
+              train_seconds_this_run=round(time.time() - t0, 1))
+  pretrained.save_bundle("arith_base", final, meta, workdir)
+  if config.export_dir:
+    pretrained.save_bundle("arith_base", final, meta, config.export_dir)
+  writer.flush()
+  return results
+
+
+def load_or_pretrain_arith(workdir: str, directory: str | None = None):
+  """(LMConfig, params, meta) of the arithmetic base LM: the shipped bundle, or pretrain one
+  with configs/pretrain_arith.py in `workdir`/base_model when it is absent."""
+  if pretrained.exists("arith_base", directory):
+    return pretrained.load_arith_base(directory)
+  base_dir = f"{workdir}/base_model"
+  logging.warning("no shipped arithmetic LM in %s; pretraining one in %s (a few minutes)",
+                  directory or pretrained.ASSETS, base_dir)
+  from rft import config as config_lib
+  checkpoint.ensure_workdir(base_dir)
+  train_and_evaluate(config_lib.load("pretrain_arith"), base_dir)
+  return pretrained.load_arith_base(base_dir)

@@ -1,0 +1,1 @@
+"""Loaders and exporters for pretrained weights in third-party formats."""
