@@ -9,14 +9,28 @@ COMMAND:
   python -m rft.main --config=configs/grpo.py:rloo       # RLOO advantages
   python -m rft.main --config=configs/grpo.py:raft       # RAFT (rejection-sampling SFT)
 
+  # A real HF model (Llama / Qwen2 / Qwen3 safetensors folder, or a hub id already in the
+  # HF cache) on a prompt file of math problems (.jsonl / .json / .parquet with
+  # "prompt"/"question"/"problem" and "answer"/"solution" fields, optional "split"):
+  python -m rft.main --config=configs/grpo.py:hf_math \\
+      --config.model_path=Qwen/Qwen2.5-0.5B-Instruct --config.prompt_file=gsm8k_train.jsonl
+  # writes <workdir>/hf_model (config.json, model.safetensors, tokenizer files).
+  # hf_math combines with the loss variants (hf_math,dapo) and with smoke.
+
 EXPECTED: filled in from the measured run (see README).
 Variants combine with commas (e.g. `dapo,smoke`); `kl` adds a k3 KL penalty (beta 0.04).
+hf_math: reward "math_answer" (the last \\boxed{} of the completion vs. the reference),
+the Qwen-math system prompt asking for a boxed answer, 512-token completions, lr 1e-6;
+add a format term with e.g. --config.reward=math_answer:1,format:0.2 and a system prompt
+asking for <think>...</think><answer>...</answer>.
 """
 from ml_collections import config_dict
 
 from rft import config as config_lib
 
-VARIANTS = ("smoke", "dapo", "dr_grpo", "gspo", "rloo", "bnpo", "raft", "kl")
+VARIANTS = ("smoke", "dapo", "dr_grpo", "gspo", "rloo", "bnpo", "raft", "kl", "hf_math")
+BOXED_SYSTEM_PROMPT = ("Please reason step by step, and put your final answer within "
+                       "\\boxed{}.")
 
 
 def get_config(arg=None):
@@ -25,14 +39,25 @@ def get_config(arg=None):
   c.trainer = "lm_rl"
   c.seed = 0
   c.base_dir = ""  # "" = the arithmetic LM shipped in rft/assets (pretrained if absent)
+  # A real model instead: a local HF folder or a hub id in the HF cache ("" = arithmetic
+  # LM), trained on the problems of prompt_file (see rft.data.lm_tasks.PromptFileTask).
+  c.model_path = ""
+  c.allow_pickle = False  # also load pytorch_model.bin / *.pt weights (unpickling)
+  c.prompt_file = ""
+  c.prompt_key = "prompt"  # aliases tried when absent: question, problem
+  c.answer_key = "answer"  # aliases: solution, ground_truth, reward_model.ground_truth
+  c.system_prompt = ""  # "" = no system message
+  c.use_chat_template = True
+  c.max_prompt_len = 256  # tokens, chat template included; longer prompts are an error
+  c.heldout_fraction = 0.1  # without a "split" field in the file
   # Reward: "name[:weight],..." (rft/rewards: exact_match, math_answer, format, ...).
   c.reward = "exact_match"
   c.sampling = config_dict.ConfigDict(
       {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
   # Step: prompts_per_step problems x group_size completions from theta_old, then
   # inner_iterations passes (mu) over `minibatches` minibatches of whole groups.
-  c.steps = 150
-  c.prompts_per_step = 32
+  c.steps = 300
+  c.prompts_per_step = 128
   c.group_size = 8
   c.inner_iterations = 1
   c.minibatches = 1
@@ -55,16 +80,27 @@ def get_config(arg=None):
       "overlong_buffer": 0,  # soft overlong punishment over the last N tokens; 0 = off
       "keep": 1,  # RAFT: completions kept per prompt
   })
-  c.lr = 2e-4
-  c.warmup = 0
+  c.lr = 1e-4
+  c.warmup = 20
   c.weight_decay = 0.0
   c.grad_clip = 1.0
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.99
   c.eval_every = 50
   c.eval_problems = 512
   c.eval_seed = 0
   c.log_every = 10
   c.ckpt_every = 25
   o = c.objective
+  if "hf_math" in variants:
+    c.model_path = config_lib.required("--config.model_path=<HF model folder or hub id>")
+    c.prompt_file = config_lib.required("--config.prompt_file=<.jsonl/.json/.parquet>")
+    c.reward = "math_answer"
+    c.system_prompt = BOXED_SYSTEM_PROMPT
+    c.sampling.max_new_tokens = 512
+    c.steps, c.prompts_per_step, c.group_size = 200, 32, 8
+    c.lr, c.warmup = 1e-6, 10
+    c.eval_every, c.eval_problems, c.log_every, c.ckpt_every = 25, 128, 5, 25
   if "dapo" in variants:
     o.loss, o.dynamic_sampling, o.overlong_filter, o.overlong_buffer = "dapo", True, True, 2
   if "dr_grpo" in variants:
@@ -82,4 +118,6 @@ def get_config(arg=None):
   if "smoke" in variants:
     c.steps, c.prompts_per_step, c.group_size = 2, 2, 4
     c.eval_every, c.eval_problems, c.log_every, c.ckpt_every = 2, 8, 1, 1
+    if "hf_math" in variants:
+      c.sampling.max_new_tokens = 8
   return config_lib.lock(c)

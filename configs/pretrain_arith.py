@@ -22,13 +22,15 @@ def get_config(arg=None):
   c.ops = "+-*"
   c.holdout_fraction = 0.2
   c.split_seed = 0
+  # Fraction of pretraining answers replaced by a near miss (true value +- 1..10).
+  c.label_noise = 0.3
   # Model (rft.models.lm.LMConfig keys; vocab and max positions come from the world).
   c.model = config_dict.ConfigDict({
       "hidden_size": 128, "intermediate_size": 384, "num_layers": 4, "num_heads": 4,
       "num_kv_heads": 2, "tie_word_embeddings": True, "rope_theta": 10000.0,
   })
   # Optimisation.
-  c.steps = 3000
+  c.steps = 1500
   c.batch_size = 256
   c.lr = 1e-3
   c.warmup = 100
@@ -36,7 +38,7 @@ def get_config(arg=None):
   c.grad_clip = 1.0
   c.log_every = 50
   c.ckpt_every = 500
-  c.eval_every = 1000
+  c.eval_every = 500
   c.eval_problems = 512
   c.export_dir = ""
   if "smoke" in variants:

@@ -37,3 +37,28 @@ def load(name: str, arg: str | None = None) -> config_dict.ConfigDict:
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config(arg)
+
+
+REQUIRED = "REQUIRED: "
+
+
+def required(hint: str) -> str:
+  """A placeholder for a value the user must pass (`check_required` rejects it), e.g.
+  `c.model_path = required("--config.model_path=<HF model folder or hub id>")`."""
+  return REQUIRED + hint
+
+
+def check_required(config: config_dict.ConfigDict, prefix: str = "config") -> None:
+  """ValueError naming every key still holding a `required(...)` placeholder."""
+  missing = []
+
+  def walk(node, path):
+    for k, v in node.items():
+      if isinstance(v, config_dict.ConfigDict):
+        walk(v, f"{path}.{k}")
+      elif isinstance(v, str) and v.startswith(REQUIRED):
+        missing.append(f"{path}.{k} (pass {v[len(REQUIRED):]})")
+
+  walk(config, prefix)
+  if missing:
+    raise ValueError("this config needs value(s) that were not given: " + "; ".join(missing))

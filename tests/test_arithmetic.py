@@ -47,7 +47,7 @@ def test_prompt_and_answer_tokens_padding():
   assert pm[0].tolist() == [False, False, True, True, True, True, True]
   assert w.tokenizer.decode(pt[1][pm[1]]) == "57+63="
   at, am = w.answer_tokens(ids)
-  assert w.tokenizer.decode(at[0]) == "8" and am[0].tolist() == [True, True, False, False]
+  assert w.tokenizer.decode(at[0]) == "8" and am[0].tolist() == [True, True, False, False, False]
   assert at[1].tolist()[:4] == w.tokenizer.encode("120", eos=True)
   with pytest.raises(ValueError, match="sequence 0 has 3 tokens"):
     left_pad([[1, 2, 3]], 2, 0)
@@ -56,3 +56,19 @@ def test_prompt_and_answer_tokens_padding():
 def test_unknown_operator():
   with pytest.raises(ValueError, match=r"unknown operator\(s\) \['/'\]"):
     ArithmeticWorld(ops="+/")
+
+
+def test_noisy_corpus_answers_are_near_misses_that_fit():
+  from rft.train.pretrain_lm import noisy_answers
+  w = ArithmeticWorld()
+  answers = [w.answers[i] for i in range(0, len(w.answers), 7)]
+  rng = np.random.default_rng(0)
+  noisy = noisy_answers(answers, 1.0, rng)
+  diffs = np.array([int(n) - int(a) for n, a in zip(noisy, answers)])
+  assert np.all((np.abs(diffs) >= 1) & (np.abs(diffs) <= 10))
+  assert 0.4 < np.mean(diffs > 0) < 0.6
+  w.answer_tokens_for(noisy)  # every near miss fits the answer length (no error)
+  some = noisy_answers(answers, 0.3, np.random.default_rng(1))
+  frac = np.mean([s != a for s, a in zip(some, answers)])
+  assert 0.25 < frac < 0.35
+  assert noisy_answers(answers, 0.0, rng) == answers

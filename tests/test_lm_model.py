@@ -171,7 +171,7 @@ def test_cached_decode_equals_full_forward(hf_models, name):
 
   step = _jit(forward)
   cache = init_cache(config, 2, max_len)
-  assert cache["k"].shape == (2, 2, max_len, 2, config.head_dim)
+  assert np.stack(cache["k"]).shape == (2, 2, 2, max_len, config.head_dim)
   logits, cache = step(config, params, jnp.asarray(tokens[:, :prompt_len]),
                        jnp.asarray(positions[:, :prompt_len]), jnp.asarray(key_mask), cache,
                        jnp.int32(0))
@@ -185,8 +185,8 @@ def test_cached_decode_equals_full_forward(hf_models, name):
         f"{[f'{e:.1e}' for e in errs]}")
   assert max(errs) <= 1e-5, errs
   # The cache holds exactly the written slots; the rest stay zero.
-  assert np.all(np.asarray(cache["k"])[:, :, total:] == 0)
-  assert np.any(np.asarray(cache["k"])[:, :, total - 1] != 0)
+  assert np.all(np.stack(cache["k"])[:, :, :, total:] == 0)
+  assert np.any(np.stack(cache["k"])[:, :, :, total - 1] != 0)
 
 
 def test_init_from_scratch_and_grads_finite():

@@ -83,7 +83,8 @@ class ArithmeticWorld:
     self.prompts = [f"{a}{'+-*'[o]}{b}=" for a, o, b in rows]
     self.answers = [str(_apply(a, o, b)) for a, o, b in rows]
     self.max_prompt_len = max(len(p) for p in self.prompts) + 1  # + BOS
-    self.max_answer_len = max(len(a) for a in self.answers) + 1  # + EOS
+    # + EOS, + 1 spare character (room for the near-miss answers of a noisy corpus).
+    self.max_answer_len = max(len(a) for a in self.answers) + 2
 
   def sample_ids(self, split: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(self._split(split), size=n, replace=True)
@@ -106,10 +107,17 @@ class ArithmeticWorld:
 
   def answer_tokens(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded [n, max_answer_len] answer+EOS ids and their bool mask."""
-    seqs = [self.tokenizer.encode(self.answers[i], eos=True) for i in ids]
+    return self.answer_tokens_for([self.answers[i] for i in ids])
+
+  def answer_tokens_for(self, answers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded [n, max_answer_len] ids of the given answer strings + EOS."""
+    seqs = [self.tokenizer.encode(a, eos=True) for a in answers]
     toks = np.full((len(seqs), self.max_answer_len), self.tokenizer.pad_id, np.int32)
     mask = np.zeros(toks.shape, bool)
     for r, s in enumerate(seqs):
+      if len(s) > self.max_answer_len:
+        raise ValueError(f"answer {answers[r]!r} has {len(s)} tokens with EOS, more than "
+                         f"max_answer_len={self.max_answer_len}")
       toks[r, :len(s)], mask[r, :len(s)] = s, True
     return toks, mask
 

@@ -94,7 +94,7 @@ def generate(config: lm.LMConfig, params: Any, prompt_tokens: jax.Array,
   N = sampling.max_new_tokens
   prompt_mask = prompt_mask.astype(bool)
   key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), bool)], axis=1)
-  cache = lm.init_cache(config, B, P + N)
+  cache = lm.init_cache(config, B, P + N, jnp.dtype(config.dtype))
   positions = positions_from_mask(prompt_mask)
   logits, cache = lm.forward(config, params, prompt_tokens, positions, key_mask, cache=cache,
                              cache_index=jnp.int32(0))

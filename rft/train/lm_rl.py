@@ -12,12 +12,20 @@ Old log-probs are recomputed by the trainer's own forward (`policy_log_probs`, b
 custom-VJP island), so the first inner iteration sees ratio == 1 bitwise; the sampler's
 log-probs (a cached decode, different matmul shapes) agree to ~1e-6 and are logged as
 `sampler_logprob_gap`. With beta == 0 no reference params are held or evaluated.
+
+Task and base model: by default the arithmetic LM shipped in rft/assets on
+`ArithmeticWorld` (evaluation accuracy = exact match). With `config.model_path`, a
+Llama / Qwen HF checkpoint (`rft.weights.hf_lm.load_lm`) with its tokenizer
+(`rft.data.lm_tasks.HFTokenizer`, chat template) on the problems of `config.prompt_file`
+(`PromptFileTask`); evaluation accuracy is then the mean of the configured reward, and the
+finetuned model is exported as an HF folder, `<workdir>/hf_model`.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -27,6 +35,8 @@ import optax
 from absl import logging
 
 from rft import checkpoint, metrics, pretrained
+from rft import config as config_lib
+from rft.data import lm_tasks
 from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
 from rft.models import lm
@@ -35,6 +45,7 @@ from rft.rewards import base as rewards_lib
 from rft.train import arith_eval
 from rft.train.pretrain_lm import load_or_pretrain_arith
 from rft.train.state import TrainState, make_optimizer
+from rft.weights import hf_lm
 
 
 # ------------------------------------------------------------------------ log-probs
@@ -119,10 +130,65 @@ def make_update(lm_config, config, tx):
   return jax.jit(update, donate_argnums=(0,))
 
 
+# ------------------------------------------------------------------------ task and model
+
+
+def load_task_and_model(config, workdir: str):
+  """(lm_config, base params, task, info): the arithmetic LM and world, or (model_path) an
+  HF checkpoint, its tokenizer and the PromptFileTask of config.prompt_file.
+
+  info is the arith bundle's metadata, or {"model_dir": the resolved HF folder}.
+  """
+  if not config.model_path:
+    if config.prompt_file:
+      raise ValueError(f"config.prompt_file={config.prompt_file!r} needs config.model_path "
+                       f"(a HF model folder or hub id); without it the run trains the "
+                       f"arithmetic LM on its own problems")
+    lm_config, params, meta = load_or_pretrain_arith(workdir, config.base_dir or None)
+    return lm_config, params, ArithmeticWorld(**meta["world"]), meta
+  if config.base_dir:
+    raise ValueError(f"config.base_dir={config.base_dir!r} (an arithmetic LM bundle) and "
+                     f"config.model_path={config.model_path!r} are both set; keep one")
+  if not config.prompt_file:
+    raise ValueError(f"config.model_path={config.model_path!r} needs config.prompt_file: pass "
+                     f"--config.prompt_file=PATH ({lm_tasks.FORMATS} of problems with "
+                     f"'prompt' and 'answer' fields)")
+  model_dir = hf_lm.resolve_model_dir(config.model_path)
+  # Tokenizer and problems first: a bad prompt file fails before the weights load.
+  tok = lm_tasks.HFTokenizer(hf_lm.load_tokenizer(model_dir),
+                             extra_eos_ids=lm_tasks.generation_eos_ids(model_dir))
+  task = lm_tasks.PromptFileTask(
+      config.prompt_file, tok, prompt_key=config.prompt_key, answer_key=config.answer_key,
+      system_prompt=config.system_prompt or None, use_chat_template=config.use_chat_template,
+      heldout_fraction=config.heldout_fraction, max_prompt_len=config.max_prompt_len,
+      max_answer_len=config.sampling.max_new_tokens)
+  lm_config, params = hf_lm.load_lm(model_dir, allow_pickle=config.allow_pickle)
+  if tok.vocab_size > lm_config.vocab_size:
+    raise ValueError(f"{model_dir}: the tokenizer has {tok.vocab_size} ids but the model's "
+                     f"vocab_size is {lm_config.vocab_size}")
+  logging.info("model %s (%s), prompt file %s", model_dir, lm_config.model_type,
+               config.prompt_file)
+  return lm_config, params, task, {"model_dir": model_dir}
+
+
+def export_hf(workdir: str, lm_config, params, model_dir: str, meta: dict) -> str:
+  """<workdir>/hf_model: config.json + model.safetensors (hf_lm.save_lm), the tokenizer
+  and generation files of `model_dir`, and rft_meta.json (command, results)."""
+  out = hf_lm.save_lm(os.path.join(workdir, "hf_model"), lm_config, params)
+  for name in lm_tasks.TOKENIZER_FILES:
+    src = os.path.join(model_dir, name)
+    if os.path.isfile(src):
+      shutil.copyfile(src, os.path.join(out, name))
+  with open(os.path.join(out, "rft_meta.json"), "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  return out
+
+
 # ------------------------------------------------------------------------ the loop
 
 
 def validate(config):
+  config_lib.check_required(config)
   o = config.objective
   if o.name not in ("grpo", "raft"):
     raise ValueError(f"config.objective.name={o.name!r}; use 'grpo' (with objective.loss "
@@ -142,9 +208,9 @@ def train_and_evaluate(config, workdir: str):
   o = config.objective
   t_start = time.time()
   # ---------------------------------------------------------------- task and base model
-  lm_config, base_params, meta = load_or_pretrain_arith(workdir, config.base_dir or None)
-  world = ArithmeticWorld(**meta["world"])
+  lm_config, base_params, world, meta = load_task_and_model(config, workdir)
   tok = world.tokenizer
+  stops = tuple(getattr(tok, "stop_sequences", ()))
   G, Q = config.group_size, config.prompts_per_step
   sc = sampling.SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
                                temperature=config.sampling.temperature,
@@ -159,7 +225,7 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- state
   tx = make_optimizer(config.lr, config.steps * config.inner_iterations * config.minibatches,
                       config.warmup, config.weight_decay, config.grad_clip,
-                      schedule="constant")
+                      config.adam_b1, config.adam_b2, schedule="constant")
   state = TrainState.create(jax.tree.map(jnp.copy, base_params), tx)
   ref_params = base_params if o.beta > 0 else None
   logging.info("LM RL %s/%s: %d params, beta=%g (%s reference)", o.name, o.loss,
@@ -183,7 +249,8 @@ def train_and_evaluate(config, workdir: str):
   def rollout(params, ids, key) -> dict:
     pt, pm = world.prompt_tokens(ids)
     out = sampling.generate(lm_config, params, jnp.asarray(pt), jnp.asarray(pm), key,
-                            sampling=sc, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                            sampling=sc, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                            stop_sequences=stops)
     texts = sampling.decode_texts(tok, out)
     r = score(texts, ids)
     lengths = np.asarray(out.lengths)
@@ -214,8 +281,12 @@ def train_and_evaluate(config, workdir: str):
   writer = metrics.create_writer(workdir)
 
   def evaluate(params, step: int) -> dict:
-    m, examples = arith_eval.evaluate(lm_config, params, world, config.eval_problems,
-                                      config.eval_seed, sc.temperature)
+    # Arithmetic: exact match (the numbers of the shipped results); a prompt file: the
+    # configured reward, with the training completion budget.
+    m, examples = arith_eval.evaluate(
+        lm_config, params, world, config.eval_problems, config.eval_seed, sc.temperature,
+        reward=reward if config.model_path else None,
+        max_new_tokens=world.max_answer_len if config.model_path else None)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
     writer.write_texts(step, {f"eval_samples/{s}": "\n".join(v) for s, v in examples.items()})
     return m
@@ -280,8 +351,9 @@ def train_and_evaluate(config, workdir: str):
     m["step_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     if done % config.log_every == 0 or done == config.steps:
+      sep = getattr(world, "completion_separator", "")
       writer.write_texts(done, {"samples/train": "\n".join(
-          f"{world.prompts[i]}{t}  (reward {r:.2f})"
+          f"{world.prompts[i]}{sep}{t}  (reward {r:.2f})"
           for i, t, r in zip(b["ids"][:G * 2], b["texts"][:G * 2], rewards[:G * 2]))})
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
     if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
@@ -301,8 +373,14 @@ def train_and_evaluate(config, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
-    bundle_meta = dict(meta, command=pretrained.invocation(), objective=o.name,
-                       finetuned_from=config.base_dir or "rft/assets/arith_base",
-                       results=results)
-    pretrained.save_bundle("arith_base", jax.device_get(state.params), bundle_meta, workdir)
+    if config.model_path:
+      export_hf(workdir, lm_config, jax.device_get(state.params), meta["model_dir"],
+                {"command": pretrained.invocation(), "objective": o.name,
+                 "finetuned_from": meta["model_dir"], "prompt_file": config.prompt_file,
+                 "reward": config.reward, "results": results})
+    else:
+      bundle_meta = dict(meta, command=pretrained.invocation(), objective=o.name,
+                         finetuned_from=config.base_dir or "rft/assets/arith_base",
+                         results=results)
+      pretrained.save_bundle("arith_base", jax.device_get(state.params), bundle_meta, workdir)
   return results

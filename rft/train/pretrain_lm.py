@@ -45,11 +45,22 @@ def sft_loss(lm_config, params, batch) -> tuple[jax.Array, dict]:
                "seq_confident": jnp.mean(seq_correct.astype(jnp.float32))}
 
 
+def noisy_answers(answers: list[str], fraction: float, rng: np.random.Generator) -> list[str]:
+  """Replace a `fraction` of the answers by a wrong one: the true value plus a nonzero
+  offset in [-10, 10] (the near misses a careless source would write)."""
+  out = list(answers)
+  for i in np.flatnonzero(rng.random(len(out)) < fraction):
+    offset = int(rng.integers(1, 11)) * (1 if rng.random() < 0.5 else -1)
+    out[i] = str(int(out[i]) + offset)
+  return out
+
+
 def lm_meta(lm_config: lm.LMConfig, config) -> dict:
   return {"model": dataclasses.asdict(lm_config),
           "world": {"max_operand": config.max_operand, "ops": config.ops,
                     "holdout_fraction": config.holdout_fraction,
-                    "split_seed": config.split_seed}}
+                    "split_seed": config.split_seed},
+          "label_noise": config.label_noise}
 
 
 def train_and_evaluate(config, workdir: str):
@@ -57,9 +68,13 @@ def train_and_evaluate(config, workdir: str):
   world = build_world(config)
 
   def host_batch(step: int) -> dict:
-    ids = world.sample_ids("train", config.batch_size, np.random.default_rng([config.seed, step]))
+    rng = np.random.default_rng([config.seed, step])
+    ids = world.sample_ids("train", config.batch_size, rng)
     pt, pm = world.prompt_tokens(ids)
-    at, am = world.answer_tokens(ids)
+    answers = [world.answers[i] for i in ids]
+    if config.label_noise > 0:  # a fraction of the corpus carries wrong answers
+      answers = noisy_answers(answers, config.label_noise, rng)
+    at, am = world.answer_tokens_for(answers)
     return {"prompt": pt, "prompt_mask": pm, "answer": at, "answer_mask": am}
 
   # ---------------------------------------------------------------- model and state

@@ -37,9 +37,10 @@ def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float =
   if schedule == "cosine":
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
                                                end_value=lr * 0.05)
-  elif schedule == "constant":
-    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
-                                  optax.constant_schedule(lr)], [max(warmup, 1)])
+  elif schedule == "constant":  # (warmup 0: the first update already uses lr)
+    sched = (optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                   optax.constant_schedule(lr)], [warmup])
+             if warmup > 0 else optax.constant_schedule(lr))
   else:
     raise ValueError(f"unknown lr schedule {schedule!r}; use 'cosine' or 'constant'")
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
