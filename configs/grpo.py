@@ -52,6 +52,9 @@ def get_config(arg=None):
   c.heldout_fraction = 0.1  # without a "split" field in the file
   # Reward: "name[:weight],..." (rft/rewards: exact_match, math_answer, format, ...).
   c.reward = "exact_match"
+  # Several rewards: "sum_then_normalize" (weighted sum, then group advantages) or
+  # "normalize_then_sum" (each reward normalised within its group, then summed; GDPO).
+  c.reward_aggregation = "sum_then_normalize"
   c.sampling = config_dict.ConfigDict(
       {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
   # Step: prompts_per_step problems x group_size completions from theta_old, then

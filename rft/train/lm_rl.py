@@ -219,8 +219,19 @@ def train_and_evaluate(config, workdir: str):
   reward = rewards_lib.build(config.reward)
   kw = loss_settings(o) if o.name == "grpo" else {}
 
+  terms = reward.terms or ((1.0, reward),)
+  term_weights = np.asarray([w for w, _ in terms], np.float32)
+
   def score(texts, ids):
-    return np.asarray(reward(texts, [world.answers[i] for i in ids]), np.float32)
+    """[N, R] per-term rewards (weights in term_weights; their weighted sum is the reward)."""
+    targets = [world.answers[i] for i in ids]
+    return np.stack([np.asarray(r(texts, targets), np.float32) for _, r in terms], axis=1)
+
+  weights_with_overlong = (np.append(term_weights, 1.0) if o.overlong_buffer > 0
+                           else term_weights)
+  if config.reward_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+    raise ValueError(f"config.reward_aggregation={config.reward_aggregation!r}; use "
+                     f"'sum_then_normalize' or 'normalize_then_sum'")
 
   # ---------------------------------------------------------------- state
   tx = make_optimizer(config.lr, config.steps * config.inner_iterations * config.minibatches,
@@ -252,14 +263,16 @@ def train_and_evaluate(config, workdir: str):
                             sampling=sc, eos_id=tok.eos_id, pad_id=tok.pad_id,
                             stop_sequences=stops)
     texts = sampling.decode_texts(tok, out)
-    r = score(texts, ids)
+    r_terms = score(texts, ids)
     lengths = np.asarray(out.lengths)
-    if o.overlong_buffer > 0:  # DAPO soft overlong punishment
-      r = r + np.asarray(grpo.soft_overlong_punishment(
-          lengths, sc.max_new_tokens, o.overlong_buffer), np.float32)
+    if o.overlong_buffer > 0:  # DAPO soft overlong punishment, one more term of weight 1
+      r_terms = np.concatenate([r_terms, np.asarray(grpo.soft_overlong_punishment(
+          lengths, sc.max_new_tokens, o.overlong_buffer), np.float32)[:, None]], axis=1)
+    r = r_terms @ weights_with_overlong
     return {"prompt": pt, "prompt_mask": pm, "completion": np.asarray(out.tokens),
             "completion_mask": np.asarray(out.mask), "sampler_log_probs": np.asarray(out.log_probs),
             "truncated": np.asarray(out.truncated), "lengths": lengths, "rewards": r,
+            "reward_terms": r_terms,
             "ids": np.asarray(ids), "texts": np.asarray(texts, dtype=object)}
 
   def sample_groups(params, rng, key) -> tuple[dict, dict]:
@@ -304,6 +317,9 @@ def train_and_evaluate(config, workdir: str):
     b, m = sample_groups(state.params, rng, key)
     rewards = b["rewards"]
     groups = rewards.reshape(-1, G)
+    if len(terms) > 1:
+      m.update({f"reward/{r.name}": float(b["reward_terms"][:, k].mean())
+                for k, (_, r) in enumerate(terms)})
     m.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
              zero_std_groups=float(np.mean(groups.std(axis=1) < 1e-6)),
              length_mean=float(b["lengths"].mean()), length_max=float(b["lengths"].max()),
@@ -324,7 +340,12 @@ def train_and_evaluate(config, workdir: str):
     m["sampler_logprob_gap"] = float(jnp.max(jnp.abs(old_lp - b["sampler_log_probs"])
                                              * batch["completion_mask"]))
     if o.name == "grpo":
-      adv, _ = grpo.advantages(jnp.asarray(rewards), G, kw["advantage"], kw["scale_rewards"])
+      if config.reward_aggregation == "normalize_then_sum":  # each term within its group
+        adv, _ = grpo.aggregate(b["reward_terms"], weights_with_overlong, G,
+                                "normalize_then_sum")
+      else:
+        adv, _ = grpo.advantages(jnp.asarray(rewards), G, kw["advantage"],
+                                 kw["scale_rewards"])
       batch["advantages"] = adv
       if ref_params is not None:
         batch["ref_log_probs"], _ = log_probs_fn(ref_params, batch)
