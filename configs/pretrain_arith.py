@@ -4,7 +4,10 @@ COMMAND:
   python -m rft.main --config=configs/pretrain_arith.py --workdir=workdirs/pretrain_arith
   (add --config.export_dir=rft/assets to refresh the base LM shipped in the repo)
 
-EXPECTED: filled in from the measured run (see README).
+EXPECTED: 1,500 steps at batch 256, 9.1 min on a 2-core CPU (shared): exact match on
+held-out problems 82.0 % greedy, 43.0 % sampled at T = 1 (train 81.8 / 46.7 %). The
+corpus is noisy on purpose (label_noise 0.3: near-miss answers), which is what GRPO
+removes (configs/grpo.py). This run is shipped as rft/assets/arith_base.
 `:smoke` runs in seconds.
 """
 from ml_collections import config_dict
