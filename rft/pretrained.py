@@ -51,6 +51,14 @@ def save_bundle(name: str, params: Any, meta: dict, directory: str | None = None
   return params_path
 
 
+def export_bundle(name: str, params: Any, meta: dict, workdir: str, export_dir: str = "") -> None:
+  """Save a trained bundle into the run's workdir, and into `export_dir` when given (e.g.
+  rft/assets to refresh the shipped one)."""
+  save_bundle(name, params, meta, workdir)
+  if export_dir:
+    save_bundle(name, params, meta, export_dir)
+
+
 def load_meta(name: str, directory: str | None = None) -> dict:
   params_path, meta_path = bundle_paths(name, directory)
   if not os.path.exists(meta_path) or not os.path.exists(params_path):

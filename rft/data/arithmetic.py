@@ -57,8 +57,30 @@ class CharTokenizer:
     return "".join(out)
 
 
+class SplitSampling:
+  """Problem ids by split, for any task with `split_ids = {"train": ..., "heldout": ...}`."""
+
+  split_ids: dict
+
+  def sample_ids(self, split: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` problem ids of a split drawn with replacement (a run's problems are a function
+    of its rng)."""
+    return rng.choice(self._split(split), size=n, replace=True)
+
+  def eval_ids(self, split: str, n: int, seed: int = 0) -> np.ndarray:
+    """A fixed subset of `n` problems of a split (the same for every run); may be empty."""
+    ids = self._split(split)
+    return np.sort(np.random.default_rng([seed, 7]).choice(ids, min(n, len(ids)),
+                                                              replace=False))
+
+  def _split(self, split: str) -> np.ndarray:
+    if split not in self.split_ids:
+      raise ValueError(f"split={split!r}; use 'train' or 'heldout'")
+    return self.split_ids[split]
+
+
 @dataclasses.dataclass
-class ArithmeticWorld:
+class ArithmeticWorld(SplitSampling):
   """All problems of the world, split into train and held-out."""
   max_operand: int = 99
   ops: str = "+-*"
@@ -85,20 +107,6 @@ class ArithmeticWorld:
     self.max_prompt_len = max(len(p) for p in self.prompts) + 1  # + BOS
     # + EOS, + 1 spare character (room for the near-miss answers of a noisy corpus).
     self.max_answer_len = max(len(a) for a in self.answers) + 2
-
-  def sample_ids(self, split: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.choice(self._split(split), size=n, replace=True)
-
-  def eval_ids(self, split: str, n: int, seed: int = 0) -> np.ndarray:
-    """A fixed subset of `n` problems of a split (the same for every run)."""
-    ids = self._split(split)
-    return np.sort(np.random.default_rng([seed, 7]).choice(ids, min(n, len(ids)),
-                                                              replace=False))
-
-  def _split(self, split: str) -> np.ndarray:
-    if split not in self.split_ids:
-      raise ValueError(f"split={split!r}; use 'train' or 'heldout'")
-    return self.split_ids[split]
 
   def prompt_tokens(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded [n, max_prompt_len] BOS+prompt ids and their bool mask."""

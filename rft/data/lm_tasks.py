@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from absl import logging
 
-from rft.data.arithmetic import left_pad
+from rft.data.arithmetic import SplitSampling, left_pad
 from rft.rewards.text import last_boxed
 
 FORMATS = ".jsonl (one JSON object a line), .json (a list of objects) or .parquet"
@@ -259,7 +259,7 @@ def _as_messages(prompt: Any) -> list[dict] | None:
   return None
 
 
-class PromptFileTask:
+class PromptFileTask(SplitSampling):
   """Problems of a prompt file, split into train / held-out, tokenized for the sampler.
 
   Args:
@@ -385,21 +385,6 @@ class PromptFileTask:
     if held.all():
       raise ValueError(f"prompt file {self.path}: no training problems (every row is held out)")
     return {"train": np.flatnonzero(~held), "heldout": np.flatnonzero(held)}
-
-  # The same sampling as ArithmeticWorld: a run's problems are a function of its rng.
-  def sample_ids(self, split: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.choice(self._split(split), size=n, replace=True)
-
-  def eval_ids(self, split: str, n: int, seed: int = 0) -> np.ndarray:
-    """A fixed subset of `n` problems of a split (the same for every run); may be empty."""
-    ids = self._split(split)
-    return np.sort(np.random.default_rng([seed, 7]).choice(ids, min(n, len(ids)),
-                                                              replace=False))
-
-  def _split(self, split: str) -> np.ndarray:
-    if split not in self.split_ids:
-      raise ValueError(f"split={split!r}; use 'train' or 'heldout'")
-    return self.split_ids[split]
 
   def prompt_tokens(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded int32 [n, max_prompt_len] prompt ids and their bool mask."""

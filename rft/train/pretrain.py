@@ -170,9 +170,7 @@ def train_and_evaluate(config, workdir: str):
   meta = model_meta(model, config)
   meta.update(command=pretrained.invocation(), steps=config.steps, results=results,
               train_seconds_this_run=round(time.time() - t0, 1))
-  pretrained.save_bundle("shapes_base", final, meta, workdir)
-  if config.export_dir:
-    pretrained.save_bundle("shapes_base", final, meta, config.export_dir)
+  pretrained.export_bundle("shapes_base", final, meta, workdir, config.export_dir)
   writer.flush()
   return results
 

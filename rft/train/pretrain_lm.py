@@ -140,12 +140,12 @@ def train_and_evaluate(config, workdir: str):
   final = jax.device_get(state.params)
   if config.eval_every and not results:  # rerun of a finished run: re-measure
     results = evaluate(final, config.steps)
+  if jax.process_index() != 0:
+    return results
   meta = lm_meta(lm_config, config)
   meta.update(command=pretrained.invocation(), steps=config.steps, results=results,
               train_seconds_this_run=round(time.time() - t0, 1))
-  pretrained.save_bundle("arith_base", final, meta, workdir)
-  if config.export_dir:
-    pretrained.save_bundle("arith_base", final, meta, config.export_dir)
+  pretrained.export_bundle("arith_base", final, meta, workdir, config.export_dir)
   writer.flush()
   return results
 
