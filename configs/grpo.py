@@ -84,6 +84,9 @@ def get_config(arg=None):
       "overlong_filter": False,  # truncated completions drop out of the loss
       "overlong_buffer": 0,  # soft overlong punishment over the last N tokens; 0 = off
       "keep": 1,  # RAFT: completions kept per prompt
+      # RAFT: a kept completion must also score above this (0: with a 0/1 reward only
+      # correct ones are trained on; -inf keeps each group's best whatever it scored).
+      "min_reward": 0.0,
   })
   c.lr = 1e-4
   c.warmup = 20

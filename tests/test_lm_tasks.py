@@ -299,9 +299,10 @@ def test_hf_math_smoke_on_a_tiny_qwen(tmp_path):
   wd = tmp_path / "run"
   args = [f"--config.model_path={model_dir}", f"--config.prompt_file={problems}"]
   # RAFT: a random model never answers right, so GRPO's advantages (and its update) would
-  # be zero; RAFT finetunes on the best of each group whatever the rewards, so the params
-  # must move. Same loop, same export.
+  # be zero; RAFT with min_reward -1e9 finetunes on the best of each group whatever the
+  # rewards, so the params must move. Same loop, same export.
   config = "configs/grpo.py:smoke,hf_math,raft"
+  args.append("--config.objective.min_reward=-1e9")
   run_main(config, wd, *args)
   with open(wd / "results.json") as f:
     r = json.load(f)

@@ -331,9 +331,11 @@ def train_and_evaluate(config, workdir: str):
       weight = np.asarray(grpo.overlong_filter_mask(b["truncated"]), np.float32)
     if o.name == "raft":
       keep = np.asarray(grpo.raft_select(rewards, G, o.keep))
+      keep = keep[rewards[keep] > o.min_reward]  # a group's best can still be wrong
       weight = np.zeros(len(rewards), np.float32)
       weight[keep] = 1.0
-      m["kept_reward_mean"] = float(rewards[keep].mean())
+      m["kept_fraction"] = len(keep) / len(rewards)
+      m["kept_reward_mean"] = float(rewards[keep].mean()) if len(keep) else 0.0
     batch["loss_weight"] = jnp.asarray(weight)
     old_lp, _ = log_probs_fn(state.params, batch)
     batch["old_log_probs"] = old_lp
