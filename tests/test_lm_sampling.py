@@ -143,3 +143,10 @@ def test_sampling_distribution_matches_softmax(params):
   assert np.max(np.abs(freq - p)) < 4 * np.sqrt(p.max() * (1 - p.max()) / n) + 1e-3
   np.testing.assert_allclose(np.asarray(out.log_probs[:, 0]),
                              np.log(p)[np.asarray(out.tokens[:, 0])], atol=1e-5)
+
+
+def test_stop_sequences_from_strings_with_the_char_tokenizer():
+  from rft.data.arithmetic import CharTokenizer
+  tok = CharTokenizer()
+  assert sampling.stop_sequences_from_strings(tok, ["==", "", "7"]) == (
+      tuple(tok.encode("==")), tuple(tok.encode("7")))

@@ -26,6 +26,7 @@ class CharTokenizer:
 
   pad_id, bos_id, eos_id = 0, 1, 2
   specials = ("<pad>", "<bos>", "<eos>")
+  stop_sequences: tuple = ()  # EOS alone ends a completion
 
   def __init__(self, alphabet: str = ALPHABET):
     if len(set(alphabet)) != len(alphabet):
@@ -86,6 +87,7 @@ class ArithmeticWorld(SplitSampling):
   ops: str = "+-*"
   holdout_fraction: float = 0.2
   split_seed: int = 0
+  completion_separator = ""  # between prompt and completion in logged samples ("7+8=15")
 
   def __post_init__(self):
     unknown = set(self.ops) - set("+-*")

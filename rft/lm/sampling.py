@@ -75,10 +75,9 @@ def _stop_hit(out: jax.Array, step: jax.Array, stops: tuple[tuple[int, ...], ...
   hit = jnp.zeros(out.shape[0], bool)
   for seq in stops:
     n = len(seq)
-    start = jnp.maximum(step - n + 1, 0)
-    window = jax.lax.dynamic_slice_in_dim(out, start, n, axis=1) if out.shape[1] >= n else None
-    if window is None:
-      continue
+    if n > out.shape[1]:
+      continue  # longer than the whole completion: can never match
+    window = jax.lax.dynamic_slice_in_dim(out, jnp.maximum(step - n + 1, 0), n, axis=1)
     hit |= (step + 1 >= n) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=1)
   return hit
 
@@ -109,7 +108,8 @@ def generate(config: lm.LMConfig, params: Any, prompt_tokens: jax.Array,
     else:
       tok = jax.random.categorical(
           k, filter_logits(logits / temperature, sampling.top_k, sampling.top_p), axis=-1)
-    return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+    tok = tok.astype(jnp.int32)
+    return tok, gather_tokens(logp, tok)
 
   out = jnp.full((B, N), pad_id, jnp.int32)
   lps = jnp.zeros((B, N), jnp.float32)
@@ -139,6 +139,23 @@ def generate(config: lm.LMConfig, params: Any, prompt_tokens: jax.Array,
   return Completions(out, mask, lps, lengths, ~done)
 
 
+def completion_log_softmax(config: lm.LMConfig, params: Any, prompt_tokens: jax.Array,
+                           prompt_mask: jax.Array, completion: jax.Array,
+                           completion_mask: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """[B, N, vocab] log softmax(logits / temperature) at each completion position (the
+  distribution each completion token was drawn from), one full forward."""
+  tokens = jnp.concatenate([prompt_tokens, completion], axis=1)
+  mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask > 0], axis=1)
+  logits, _ = lm.forward(config, params, tokens, positions_from_mask(mask), mask)
+  P = prompt_tokens.shape[1]
+  return jax.nn.log_softmax(logits[:, P - 1:-1].astype(jnp.float32) / temperature, axis=-1)
+
+
+def gather_tokens(logp: jax.Array, tokens: jax.Array) -> jax.Array:
+  """[B, N] entries of [B, N, vocab] `logp` at `tokens`."""
+  return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
 def token_log_probs(config: lm.LMConfig, params: Any, prompt_tokens: jax.Array,
                     prompt_mask: jax.Array, completion: jax.Array, completion_mask: jax.Array,
                     temperature: float = 1.0) -> jax.Array:
@@ -147,14 +164,9 @@ def token_log_probs(config: lm.LMConfig, params: Any, prompt_tokens: jax.Array,
   This is what the trainer differentiates; on the sampler's own params it equals the
   sampler's recorded log-probs up to float rounding (different matmul shapes).
   """
-  tokens = jnp.concatenate([prompt_tokens, completion], axis=1)
-  mask = jnp.concatenate([prompt_mask.astype(bool), completion_mask.astype(bool)], axis=1)
-  positions = positions_from_mask(mask)
-  logits, _ = lm.forward(config, params, tokens, positions, mask)
-  P = prompt_tokens.shape[1]
-  logits = logits[:, P - 1:-1].astype(jnp.float32) / temperature
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, completion[..., None], axis=-1)[..., 0]
+  return gather_tokens(completion_log_softmax(config, params, prompt_tokens, prompt_mask,
+                                              completion, completion_mask, temperature),
+                       completion)
 
 
 def decode_texts(tokenizer, completions: Completions) -> list[str]:

@@ -411,8 +411,8 @@ class Attention(nn.Module):
     q = _apply_rope(q, cos, sin)
     k = _apply_rope(k, cos, sin)
     if cache is not None:
-      # Write the new chunk into the full [layers, B, S, KV, D] arrays (in place under
-      # jit with donation), then attend over this layer's slots.
+      # Write the new chunk into this layer's [B, KV, S, D] arrays (in place under jit:
+      # a while-loop carry or a donated argument), then attend over all its slots.
       start = (0, 0, cache_index, 0)
       i = self.layer
       ck = jax.lax.dynamic_update_slice(
@@ -443,6 +443,8 @@ class Attention(nn.Module):
       out = out.reshape(b, 1, h * d)
     else:
       out = jnp.einsum("bgrls,bgsd->blgrd", probs, v).reshape(b, l, h * d)
+    # The barrier keeps XLA:CPU from fusing the attention output into the o_proj dot's
+    # operand (measured on W3 decode: 8.9 -> 7.8 ms per step at 128 cache slots).
     out = _dense(c.hidden_size, c.o_proj_bias, dtype, "o_proj")(jax.lax.optimization_barrier(out))
     return out, cache
 

@@ -2,9 +2,10 @@
 
 A task is `rft.data.arithmetic.ArithmeticWorld` or `rft.data.lm_tasks.PromptFileTask`
 (anything with `tokenizer`, `prompts`, `answers`, `eval_ids`, `prompt_tokens`,
-`max_answer_len`). A completion is scored by exact string equality with the answer (the
-arithmetic default) or by a reward function `reward(texts, answers) -> [n] scores` (e.g.
-the run's configured `rft.rewards` reward); accuracy is the mean score.
+`max_answer_len`, `completion_separator`). A completion is scored by exact string
+equality with the answer (the arithmetic default) or by a reward function
+`reward(texts, answers) -> [n] scores` (e.g. the run's configured `rft.rewards` reward);
+accuracy is the mean score.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def generate_texts(lm_config, params, world, ids: np.ndarray, key, *, temperatur
   tok = world.tokenizer
   sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens or world.max_answer_len + 2,
                                temperature=temperature, greedy=greedy)
-  stops = tuple(getattr(tok, "stop_sequences", ()))
+  stops = tuple(tok.stop_sequences)
   texts = []
   for start in range(0, len(ids), batch_size):
     chunk = ids[start:start + batch_size]
@@ -49,22 +50,9 @@ def generate_texts(lm_config, params, world, ids: np.ndarray, key, *, temperatur
   return texts
 
 
-def accuracy(lm_config, params, world, ids: np.ndarray, key, *, temperature: float = 1.0,
-             greedy: bool = False, batch_size: int = 512, reward: ScoreFn | None = None,
-             max_new_tokens: int | None = None) -> tuple[float, list[str]]:
-  """(mean score of the completions of problems `ids`, completions).
-
-  With `reward=None` the score is exact equality with the answer (the fraction correct).
-  """
-  texts = generate_texts(lm_config, params, world, ids, key, temperature=temperature,
-                         greedy=greedy, batch_size=batch_size, max_new_tokens=max_new_tokens)
-  scores = score_texts(texts, [world.answers[i] for i in ids], reward)
-  return float(np.mean(scores)), texts
-
-
 def example_line(world, i: int, text: str, score: float, exact: bool) -> str:
   """"prompt<sep>completion  (ok | want ANSWER)" for exact scoring, else with the score."""
-  sep = getattr(world, "completion_separator", "")
+  sep = world.completion_separator
   if exact:
     tail = "ok" if score > 0 else "want " + world.answers[i]
   else:

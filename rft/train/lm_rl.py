@@ -39,10 +39,10 @@ from rft import config as config_lib
 from rft.data import lm_tasks
 from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
-from rft.models import lm
 from rft.objectives import grpo
 from rft.rewards import base as rewards_lib
 from rft.train import arith_eval
+from rft.train.batching import group_rows, minibatches
 from rft.train.pretrain_lm import load_or_pretrain_arith
 from rft.train.state import TrainState, make_optimizer
 from rft.weights import hf_lm
@@ -52,15 +52,11 @@ from rft.weights import hf_lm
 
 
 def _log_probs_and_entropy(lm_config, temperature, params, batch):
-  tokens = jnp.concatenate([batch["prompt"], batch["completion"]], axis=1)
-  mask = jnp.concatenate([batch["prompt_mask"].astype(bool),
-                          batch["completion_mask"] > 0], axis=1)
-  logits, _ = lm.forward(lm_config, params, tokens, sampling.positions_from_mask(mask), mask)
-  P = batch["prompt"].shape[1]
-  logp = jax.nn.log_softmax(logits[:, P - 1:-1].astype(jnp.float32) / temperature, axis=-1)
-  lp = jnp.take_along_axis(logp, batch["completion"][..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-  return lp, entropy
+  logp = sampling.completion_log_softmax(lm_config, params, batch["prompt"],
+                                         batch["prompt_mask"], batch["completion"],
+                                         batch["completion_mask"], temperature)
+  return (sampling.gather_tokens(logp, batch["completion"]),
+          -jnp.sum(jnp.exp(logp) * logp, axis=-1))
 
 
 # Same reason as rft.diffusion.ddim's island: the forward is compiled behind optimization
@@ -101,12 +97,10 @@ def loss_settings(o) -> dict:
 
 
 def make_update(lm_config, config, tx):
-  """update(state, ref_params, mb) -> (state, metrics) for the policy loss or RAFT's SFT."""
+  """update(state, mb) -> (state, metrics) for the policy loss or RAFT's SFT."""
   o = config.objective
   T = config.sampling.temperature
-  kw = loss_settings(o)
-  advantage_keys = ("advantage", "scale_rewards")
-  loss_kw = {k: v for k, v in kw.items() if k not in advantage_keys}
+  loss_kw = {k: v for k, v in loss_settings(o).items() if k not in grpo.ADVANTAGE_KEYS}
 
   def loss_fn(params, mb):
     lp, ent = policy_log_probs(lm_config, T, params, mb)
@@ -210,7 +204,7 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- task and base model
   lm_config, base_params, world, meta = load_task_and_model(config, workdir)
   tok = world.tokenizer
-  stops = tuple(getattr(tok, "stop_sequences", ()))
+  stops = tuple(tok.stop_sequences)
   G, Q = config.group_size, config.prompts_per_step
   sc = sampling.SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
                                temperature=config.sampling.temperature,
@@ -284,8 +278,7 @@ def train_and_evaluate(config, workdir: str):
       return b["rewards"], b
 
     if not (o.name == "grpo" and o.dynamic_sampling):
-      rewards, b = one_round(0)
-      return b, {"sampling_rounds": 1.0}
+      return one_round(0)[1], {"sampling_rounds": 1.0}
     b, info = grpo.fill_batch(one_round, G, Q, o.max_rounds)
     return b, {"sampling_rounds": float(info["rounds"]),
                "groups_kept_fraction": float(info["kept_fraction"])}
@@ -352,15 +345,11 @@ def train_and_evaluate(config, workdir: str):
       if ref_params is not None:
         batch["ref_log_probs"], _ = log_probs_fn(ref_params, batch)
     ums = []
-    n = len(rewards) // config.minibatches
     for it in range(config.inner_iterations):
       order = np.random.default_rng([config.seed, step, it]).permutation(Q)
-      for j in range(config.minibatches):
-        g = order[j * (Q // config.minibatches):(j + 1) * (Q // config.minibatches)]
-        idx = (g[:, None] * G + np.arange(G)[None]).reshape(-1)
-        assert len(idx) == n
-        mb = jax.tree.map(lambda a: a[idx], batch)
-        state, um = update(state, mb)
+      for g in minibatches(order, Q // config.minibatches, config.minibatches):
+        idx = group_rows(g, G)
+        state, um = update(state, jax.tree.map(lambda a: a[idx], batch))
         ums.append(um)
     ums = jax.device_get(ums)
     for name in ums[0]:
@@ -374,9 +363,8 @@ def train_and_evaluate(config, workdir: str):
     m["step_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     if done % config.log_every == 0 or done == config.steps:
-      sep = getattr(world, "completion_separator", "")
       writer.write_texts(done, {"samples/train": "\n".join(
-          f"{world.prompts[i]}{sep}{t}  (reward {r:.2f})"
+          f"{world.prompts[i]}{world.completion_separator}{t}  (reward {r:.2f})"
           for i, t, r in zip(b["ids"][:G * 2], b["texts"][:G * 2], rewards[:G * 2]))})
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
     if config.eval_every and (done % config.eval_every == 0 or done == config.steps):

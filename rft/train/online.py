@@ -39,6 +39,7 @@ from rft.models import lora
 from rft.objectives import backprop, ddpo, raft, rdp, trajectory
 from rft.rewards import base as rewards_lib
 from rft.train import shapes_eval
+from rft.train.batching import group_rows, minibatches
 from rft.train.pretrain import load_judge, load_or_pretrain_base
 from rft.train.state import TrainState, make_optimizer
 
@@ -192,12 +193,6 @@ def _take(batch: dict, idx: np.ndarray, per_sample: tuple) -> dict:
           for k, v in batch.items()}
 
 
-def minibatches(order: np.ndarray, size: int, count: int):
-  """`count` consecutive slices of `size` from `order`, cycling through it."""
-  for k in range(count):
-    start = (k * size) % len(order)
-    yield order[start:start + size]
-
 
 def validate(config):
   o = config.objective
@@ -340,8 +335,7 @@ def train_and_evaluate(config, workdir: str):
     ms = []
     for k, g in enumerate(minibatches(groups, config.prompts_per_update,
                                       config.updates_per_epoch)):
-      idx = (g[:, None] * B + np.arange(B)[None]).reshape(-1)
-      mb = _take(batch, idx, per_sample)
+      mb = _take(batch, group_rows(g, B), per_sample)
       state, um = update(state, base_params, mb, jax.random.fold_in(k_epoch, 10 + k),
                          on_policy=(k == 0))
       ms.append(um)

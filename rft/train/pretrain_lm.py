@@ -20,6 +20,7 @@ from rft import checkpoint, metrics, pretrained
 from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
 from rft.models import lm
+from rft.objectives import grpo
 from rft.train import arith_eval
 from rft.train.state import TrainState, make_optimizer
 
@@ -39,7 +40,7 @@ def sft_loss(lm_config, params, batch) -> tuple[jax.Array, dict]:
   lp = sampling.token_log_probs(lm_config, params, batch["prompt"], batch["prompt_mask"],
                                 batch["answer"], batch["answer_mask"])
   m = batch["answer_mask"].astype(jnp.float32)
-  nll = -jnp.sum(lp * m) / jnp.sum(m)
+  nll = grpo.sft_loss(lp, m)
   seq_correct = jnp.all((lp > np.log(0.5)) | (m == 0), axis=1)  # argmax-correct proxy
   return nll, {"loss": nll, "token_prob_mean": jnp.sum(jnp.exp(lp) * m) / jnp.sum(m),
                "seq_confident": jnp.mean(seq_correct.astype(jnp.float32))}
