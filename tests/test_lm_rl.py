@@ -73,3 +73,15 @@ def test_pretrain_arith_smoke_writes_a_loadable_bundle(tmp_path):
   assert cfg.hidden_size == 32 and cfg.num_layers == 1
   assert set(meta["results"]) >= {"train/accuracy_greedy", "heldout/accuracy_greedy"}
   assert meta["world"]["ops"] == "+-*"
+
+
+def test_dynamic_sampling_that_runs_out_of_rounds_trains_on_what_it_kept(tmp_path):
+  """max_rounds=1 with 2 prompts x 4: some steps keep fewer than 2 groups (or none);
+  the run must finish without indexing past the batch."""
+  wd = tmp_path / "run"
+  run_main("configs/grpo.py:smoke,dapo", wd, "--config.objective.max_rounds=1",
+           "--config.steps=4", "--config.eval_every=0")
+  assert _results(wd)["steps"] == 4
+  from rft import tb_events
+  groups = [v for _, v in tb_events.read_scalars(str(wd))["train/groups_in_batch"]]
+  assert len(groups) == 4 and all(0 <= g <= 2 for g in groups)

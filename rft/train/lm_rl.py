@@ -344,13 +344,22 @@ def train_and_evaluate(config, workdir: str):
       batch["advantages"] = adv
       if ref_params is not None:
         batch["ref_log_probs"], _ = log_probs_fn(ref_params, batch)
+    # Fewer than Q groups only when dynamic sampling ran out of rounds (fill_batch then
+    # returns what it kept); slicing Q groups would silently repeat rows (JAX clamps).
+    num_groups = len(rewards) // G
+    m["groups_in_batch"] = float(num_groups)
     ums = []
-    for it in range(config.inner_iterations):
-      order = np.random.default_rng([config.seed, step, it]).permutation(Q)
-      for g in minibatches(order, Q // config.minibatches, config.minibatches):
+    for it in range(config.inner_iterations if num_groups else 0):
+      order = np.random.default_rng([config.seed, step, it]).permutation(num_groups)
+      for g in minibatches(order, max(num_groups // config.minibatches, 1),
+                           config.minibatches):
         idx = group_rows(g, G)
         state, um = update(state, jax.tree.map(lambda a: a[idx], batch))
         ums.append(um)
+    if not ums:
+      logging.warning("step %d: every sampled group's rewards agree after %d rounds; no "
+                      "update", step + 1, o.max_rounds)
+      ums = [{"loss": 0.0}]
     ums = jax.device_get(ums)
     for name in ums[0]:
       m[name] = float(np.mean([u[name] for u in ums]))
