@@ -28,8 +28,11 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3",
-                 # numerical references for rft.models.lm (torch: the CPU build)
-                 "torch==2.13.0", "transformers>=5", "safetensors>=0.4"],
+                 # numerical references for the HF / diffusers / OpenCLIP-format loaders
+                 # (torch: the CPU build). open_clip_torch is installed with --no-deps by
+                 # the test command: its torchvision dependency is a CUDA build on PyPI.
+                 "torch==2.13.0", "transformers>=5", "safetensors>=0.4",
+                 "diffusers>=0.40", "ftfy>=6"],
         "tfds": ["tensorflow-datasets"],
     },
 )

@@ -25,3 +25,41 @@ def run_python(args, *, devices: int | None = None, timeout: int = 600, check: b
 def run_main(config: str, workdir, *overrides: str, **kw) -> subprocess.CompletedProcess:
   return run_python(["-m", "rft.main", f"--config={config}", f"--workdir={workdir}", *overrides],
                     **kw)
+
+
+def import_open_clip():
+  """``open_clip`` (the OpenCLIP reference for the HPSv2 / OpenCLIP-format parity tests).
+
+  PyPI's torchvision is a CUDA build that cannot load next to the CPU torch we test
+  with (and, once installed, breaks ``transformers``' imports), so the test command
+  installs ``open_clip_torch`` with ``--no-deps`` and no torchvision. open_clip imports
+  torchvision only for image transforms and a frozen batch-norm class, neither of which
+  the model code we compare against uses: while it is imported, those modules are
+  placeholders, removed again right after so nothing else sees a fake torchvision.
+  """
+  import importlib.util
+  import types
+  if importlib.util.find_spec("open_clip") is None:
+    import pytest
+    pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
+  if "open_clip" in sys.modules:
+    return sys.modules["open_clip"]
+
+  class _Placeholder(types.ModuleType):
+    def __getattr__(self, name):
+      if name.startswith("__"):
+        raise AttributeError(name)
+      return type(name, (), {"__init__": lambda self, *a, **k: None})
+
+  names = ["torchvision", "torchvision.ops", "torchvision.ops.misc",
+           "torchvision.transforms", "torchvision.transforms.functional"]
+  have_tv = importlib.util.find_spec("torchvision") is not None
+  added = [] if have_tv else [n for n in names if n not in sys.modules]
+  for n in added:
+    sys.modules[n] = _Placeholder(n)
+  try:
+    import open_clip  # pylint: disable=import-outside-toplevel
+  finally:
+    for n in added:
+      sys.modules.pop(n, None)
+  return open_clip
