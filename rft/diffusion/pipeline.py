@@ -1,7 +1,10 @@
-"""Text-to-image sampling pipeline: tokens -> text states -> CFG DDIM with log-probs.
+"""Text-to-image sampling pipeline: tokens -> text states -> CFG DDIM with log-probs -> images.
 
 The rollout every online objective uses. For pixel-space models (ShapesWorld) the
-final latent is the image; latent-space models add a decoder on top.
+final latent is the image; latent-space models (Stable Diffusion, ``sd_pipeline``) add a
+decoder: ``pipe.images(params, latents)`` is what rewards see, in [-1, 1].
+Every function takes the full params tree as an argument (never a closure constant), so
+frozen parts (text encoder, VAE) travel into jitted code as arguments too.
 """
 from __future__ import annotations
 
@@ -31,12 +34,22 @@ class Text2ImagePipeline:
   eps_fn: Callable
   schedule: Schedule
   sample_shape: tuple[int, ...]  # per-example latent shape, e.g. (16, 16, 3)
+  # decode(params, latents) -> images in [-1, 1]; None: the latents are the images.
+  decode: Callable[[Any, jax.Array], jax.Array] | None = None
+  # Token ids [1, L] of the empty prompt (CFG's unconditional branch); None: all pad (0).
+  null_tokens: Any = None
 
   def conditions(self, params, tokens):
     """(cond for each prompt, null cond of the empty prompt with batch dim 1)."""
     cond = self.encode(params, tokens)
-    null = self.encode(params, jnp.zeros_like(tokens[:1]))
+    null_tokens = (jnp.zeros_like(tokens[:1]) if self.null_tokens is None
+                   else jnp.asarray(self.null_tokens, tokens.dtype))
+    null = self.encode(params, null_tokens)
     return cond, null
+
+  def images(self, params, latents):
+    """What rewards and evaluators see: decoded latents in [-1, 1]."""
+    return latents if self.decode is None else self.decode(params, latents)
 
   def sample(self, params, tokens, key, cfg: SamplerConfig) -> tuple[ddim.Trajectory, Any, Any]:
     """Sample one trajectory per row of `tokens`: (trajectory, cond, null_cond)."""
@@ -53,3 +66,45 @@ def shapes_pipeline(model, schedule: Schedule, image_size: int = 16) -> Text2Ima
   from rft.models.t2i import make_encode_fn, make_eps_fn
   return Text2ImagePipeline(make_encode_fn(model), make_eps_fn(model), schedule,
                             (image_size, image_size, 3))
+
+
+def v_to_eps(v, x_t, alphas_cumprod_t):
+  """eps from a v-prediction (Salimans & Ho 2022): v = sqrt(ab) eps - sqrt(1-ab) x0, so
+  eps = sqrt(ab) v + sqrt(1 - ab) x_t. ``alphas_cumprod_t`` is per example [B]."""
+  ab = alphas_cumprod_t.astype(jnp.float32).reshape((-1,) + (1,) * (x_t.ndim - 1))
+  return (jnp.sqrt(ab) * v.astype(jnp.float32)
+          + jnp.sqrt(1.0 - ab) * x_t.astype(jnp.float32)).astype(v.dtype)
+
+
+def sd_pipeline(sd) -> Text2ImagePipeline:
+  """Stable Diffusion (``rft.weights.sd.load_sd``) as a Text2ImagePipeline.
+
+  params = {"unet", "text_encoder", "vae"}. cond = the text encoder's last hidden state
+  [B, 77, D] (diffusers' StableDiffusionPipeline); the null cond encodes the empty
+  prompt ""; eps_fn converts v-predictions to eps; ``images`` decodes latents / scaling
+  factor with the VAE, clipped to [-1, 1], under ``jax.checkpoint`` (reward backprop
+  keeps only the latents, not the decoder's activations).
+  """
+  unet, vae, text = sd.unet, sd.vae, sd.text_encoder
+  schedule = sd.scheduler.schedule
+  v_pred = sd.scheduler.prediction_type == "v_prediction"
+  if sd.scheduler.steps_offset != 1:
+    raise ValueError(f"{sd.path}: scheduler steps_offset={sd.scheduler.steps_offset}; rft's "
+                     "DDIM sampler uses steps_offset=1 (Stable Diffusion's)")
+
+  def encode(params, tokens):
+    return text.apply({"params": params["text_encoder"]}, tokens)["last_hidden_state"]
+
+  def eps_fn(params, x, t, cond):
+    out = unet.apply({"params": params["unet"]}, x, t, cond)
+    if v_pred:
+      out = v_to_eps(out, x, schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)])
+    return out
+
+  @jax.checkpoint
+  def decode(params, latents):
+    images = vae.apply({"params": params["vae"]}, latents, method=vae.latents_to_images)
+    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+  return Text2ImagePipeline(encode, eps_fn, schedule, sd.latent_shape, decode=decode,
+                            null_tokens=sd.tokenize([""]))

@@ -92,22 +92,38 @@ def parse_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
   return out
 
 
-def build(weights: str | Mapping[str, float], **kwargs) -> Reward:
+def build(weights: str | Mapping[str, float], options: Mapping[str, Mapping] | None = None,
+          **kwargs) -> Reward:
   """A combined reward from "name:weight,..." or {name: weight}, e.g.
-  "shapes_alignment" or "shapes_alignment:1,jpeg_compressibility:0.1".
+  "shapes_alignment" or "pickscore:10,hpsv2:2,aesthetic:0.05".
 
-  kwargs (e.g. scorer_dir) go to each factory that accepts them. An unknown name is an
-  error listing the known ones.
+  kwargs (e.g. scorer_dir, prompt_texts) go to each factory that accepts them;
+  ``options[name]`` (config.reward_options) go to that reward's factory only, e.g.
+  {"hpsv2": {"weights_file": ".../HPS_v2.1_compressed.pt", "allow_pickle": True}}. An
+  unknown reward name or an option its factory does not take is an error naming it.
   """
   import inspect
 
   from rft.rewards import ensure_registered
   ensure_registered()
+  options = {k: dict(v) for k, v in dict(options or {}).items()}
+  spec = parse_spec(weights)
+  for name in options:
+    if name not in spec:
+      raise ValueError(f"config.reward_options has options for {name!r}, which is not a term "
+                       f"of config.reward {weights!r}")
   terms = []
-  for name, w in parse_spec(weights).items():
+  for name, w in spec.items():
     if name not in REGISTRY:
       raise ValueError(f"unknown reward {name!r} in config.reward; known: {sorted(REGISTRY)}")
     factory = REGISTRY[name]
     accepted = inspect.signature(factory).parameters
-    terms.append((w, factory(**{k: v for k, v in kwargs.items() if k in accepted})))
+    own = options.get(name, {})
+    bad = [k for k in own if k not in accepted]
+    if bad:
+      raise ValueError(f"config.reward_options.{name}: unknown option(s) {bad}; the {name!r} "
+                       f"reward takes {sorted(accepted)}")
+    args = {k: v for k, v in kwargs.items() if k in accepted}
+    args.update(own)
+    terms.append((w, factory(**args)))
   return combine(terms)

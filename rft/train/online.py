@@ -30,17 +30,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from rft import checkpoint, metrics, pretrained
-from rft.data import shapes
+from rft import checkpoint, metrics
 from rft.diffusion import ddim, training
-from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
-from rft.diffusion.schedules import make_schedule
+from rft.diffusion.pipeline import SamplerConfig
 from rft.models import lora
 from rft.objectives import backprop, ddpo, raft, rdp, trajectory
 from rft.rewards import base as rewards_lib
-from rft.train import shapes_eval
+from rft.train import diffusion_worlds
 from rft.train.batching import group_rows, minibatches
-from rft.train.pretrain import load_judge, load_or_pretrain_base
 from rft.train.state import TrainState, make_optimizer
 
 TRAJECTORY_OBJECTIVES = ("prdp", "ddpo")
@@ -128,7 +125,11 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
 
 
 def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materialize, tx):
-  """update(state, b, key) for DRaFT-K / DRaFT-LV / AlignProp: sample with gradients, -reward."""
+  """update(state, b, key) for DRaFT-K / DRaFT-LV / AlignProp: sample with gradients, -reward.
+
+  Latents are decoded with the frozen base params (e.g. the VAE): gradients reach the
+  trained params through the decoder, never the decoder's own params.
+  """
   o = config.objective
 
   def loss_fn(trainable, base, b, key):
@@ -137,10 +138,11 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
     x_T = jax.random.normal(k_init, (b["tokens"].shape[0], *pipe.sample_shape), jnp.float32)
     kw = dict(schedule=pipe.schedule, num_steps=sampler.num_steps, eta=sampler.eta,
               guidance_scale=sampler.guidance_scale, clip_x0=sampler.clip_x0)
+    decoded_reward = lambda latents, prompts: reward_fn(pipe.images(base, latents), prompts)
     if o.name == "draft_lv":
       _, renoised = backprop.lv_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
                                         k_chain, num_renoise=o.num_renoise, **kw)
-      return backprop.reward_loss(reward_fn, renoised, b["prompts"])
+      return backprop.reward_loss(decoded_reward, renoised, b["prompts"])
     kw["unroll"] = trajectory.auto_unroll(config.unroll)
     if o.name == "alignprop":
       k = jax.random.randint(k_trunc, (), o.min_grad_steps, sampler.num_steps + 1)
@@ -151,7 +153,7 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
       m_extra = {"grad_steps": jnp.float32(o.grad_steps)}
       x0 = backprop.truncated_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
                                       k_chain, grad_steps=o.grad_steps, **kw)
-    loss, m = backprop.reward_loss(reward_fn, x0, b["prompts"])
+    loss, m = backprop.reward_loss(decoded_reward, x0, b["prompts"])
     return loss, dict(m, **m_extra)
 
   def update(state, base, b, key):
@@ -178,6 +180,16 @@ def make_raft_update(config, pipe, materialize, tx):
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+def _sample_all(sample_images, ids, key, batch_size: int) -> np.ndarray:
+  """Images for every id, in chunks of batch_size (the last one padded: one compiled shape)."""
+  out = []
+  for i, start in enumerate(range(0, len(ids), batch_size)):
+    chunk = ids[start:start + batch_size]
+    padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
+    out.append(np.asarray(sample_images(padded, jax.random.fold_in(key, i)))[:len(chunk)])
+  return np.concatenate(out)
 
 
 def group_stats(rewards: np.ndarray, group_size: int) -> dict:
@@ -216,23 +228,22 @@ def train_and_evaluate(config, workdir: str):
   o = config.objective
   t_start = time.time()
   # ---------------------------------------------------------------- world and base model
-  model, base_params, meta = load_or_pretrain_base(workdir, config.base_dir or None)
-  schedule = make_schedule(**meta["schedule"])
-  pipe = shapes_pipeline(model, schedule, shapes.IMAGE_SIZE)
-  world = shapes.ShapesWorld(meta["holdout_fraction"], meta["split_seed"])
-  tokens_all = shapes.tokenizer().encode(world.texts)
+  world = diffusion_worlds.build(config, workdir)
+  pipe, base_params, tokens_all = world.pipe, world.base_params, world.tokens
+  schedule = pipe.schedule
   sampler = SamplerConfig(**dict(config.sampler))
   B = config.samples_per_prompt
-  # ---------------------------------------------------------------- reward and judge
-  reward = rewards_lib.build(config.reward, scorer_dir=config.scorer_dir or None)
+  # ---------------------------------------------------------------- reward
+  reward = rewards_lib.build(config.reward, options=config.get("reward_options"),
+                             **world.reward_kwargs)
   if o.name in BACKPROP_OBJECTIVES and not reward.differentiable:
     raise ValueError(f"{o.name} backpropagates through the reward, but config.reward "
                      f"{config.reward!r} is not differentiable")
   reward_jit = None if reward.host else jax.jit(reward.fn)
-  judge = load_judge(config.scorer_dir)
+  to_images = jax.jit(pipe.images)  # decoded with the frozen base params (e.g. the VAE)
 
   def score(images, ids):
-    prompts = {"ids": ids, "tokens": tokens_all[ids], "assignments": world.assignments(ids)}
+    prompts = world.reward_prompts(ids)
     if reward.host:
       return np.asarray(reward(np.asarray(images), prompts), np.float32)
     return np.asarray(reward_jit(images, prompts), np.float32)
@@ -243,7 +254,7 @@ def train_and_evaluate(config, workdir: str):
   state = TrainState.create(trainable, tx, ema=config.ema_decay > 0)
   tracker = None
   if o.name == "ddpo" and o.per_prompt_stats:
-    tracker = ddpo.PerPromptStatTracker(len(world.prompts), o.buffer_size, o.min_count)
+    tracker = ddpo.PerPromptStatTracker(len(world.texts), o.buffer_size, o.min_count)
   logging.info("objective %s, finetune %s: %d trainable params", o.name, config.finetune.mode,
                sum(x.size for x in jax.tree.leaves(trainable)))
 
@@ -298,11 +309,20 @@ def train_and_evaluate(config, workdir: str):
     out = {}
     for split in ("train", "heldout"):
       ids = world.eval_prompt_ids(split, config.eval_prompts)
-      fn = lambda chunk, k: rollout(trainable, base_params, jnp.asarray(tokens_all[chunk]),
-                                    k)[0].sample
-      m, images = shapes_eval.evaluate_alignment(fn, judge, world, ids,
-                                                 jax.random.key(config.eval_seed),
-                                                 batch_size=config.eval_batch_size)
+      key = jax.random.key(config.eval_seed)
+
+      def fn(chunk, k):
+        traj = rollout(trainable, base_params, jnp.asarray(tokens_all[chunk]), k)[0]
+        return to_images(base_params, traj.sample)
+
+      judged = world.evaluate(fn, ids, key, config.eval_batch_size)
+      if judged is None:  # no independent evaluator: the configured rewards only
+        m, images = {}, _sample_all(fn, ids, key, config.eval_batch_size)
+        parts = reward.parts(images if not reward.host else np.asarray(images),
+                             world.reward_prompts(ids))
+        m.update({f"reward_{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()})
+      else:
+        m, images = judged
       imgs = np.asarray(images[:32])
       m["config_reward"] = float(np.mean(score(imgs, ids[:len(imgs)])))
       out.update({f"{split}/{k}": v for k, v in m.items()})
@@ -315,7 +335,7 @@ def train_and_evaluate(config, workdir: str):
   def sample_and_score(state, ids, k_epoch):
     tokens = jnp.asarray(tokens_all[ids])
     traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0))
-    scores = score(traj.sample, ids)
+    scores = score(to_images(base_params, traj.sample), ids)
     return traj, cond, null, scores, group_stats(scores, B)
 
   def trajectory_epoch(state, epoch, ids, k_epoch):
@@ -363,8 +383,7 @@ def train_and_evaluate(config, workdir: str):
       tokens = jnp.asarray(tokens_all[sel])
       cond, null = conditions(base_params, tokens)
       b = {"tokens": tokens, "cond": cond, "null_cond": null,
-           "prompts": {"ids": jnp.asarray(sel), "tokens": tokens,
-                       "assignments": jnp.asarray(world.assignments(sel))}}
+           "prompts": jax.tree.map(jnp.asarray, world.reward_prompts(sel))}
       state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
       ms.append(um)
     # Reward of the samples each update drew (one device sync per epoch, not per update).
@@ -423,9 +442,6 @@ def train_and_evaluate(config, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
-    # The finetuned model as a bundle: load it with rft.pretrained.load_shapes_base(workdir).
     final = jax.device_get(materialize(eval_params(state), base_params))
-    bundle_meta = dict(meta, command=pretrained.invocation(), finetuned_from=config.base_dir
-                       or "rft/assets/shapes_base", objective=o.name, results=results)
-    pretrained.save_bundle("shapes_base", final, bundle_meta, workdir)
+    world.export(final, workdir, o.name, results)
   return results

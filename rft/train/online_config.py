@@ -12,11 +12,23 @@ def base() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.trainer = "diffusion_rl"
   c.seed = 0
-  c.base_dir = ""  # "" = the base model shipped in rft/assets (pretrained if absent)
-  c.scorer_dir = ""  # "" = the scorers shipped in rft/assets
+  # What is finetuned (rft/train/diffusion_worlds.py): "shapes" (ShapesWorld) or "sd"
+  # (a Stable Diffusion diffusers folder, see sd_world()).
+  c.world = "shapes"
+  c.base_dir = ""  # shapes: "" = the base model shipped in rft/assets (pretrained if absent)
+  c.scorer_dir = ""  # shapes: "" = the scorers shipped in rft/assets
+  # sd: the model folder or cached hub id, the prompt set, resolution (0 = the model's).
+  c.model_path = ""
+  c.prompt_set = "animals45"
+  c.holdout_fraction = 0.0
+  c.resolution = 0
+  c.dtype = "float32"  # computation dtype of the SD modules (params stay float32)
+  c.allow_pickle = False  # load .bin/.pt weights (unpickling can run code)
   # Reward: "name[:weight],..." (rft/rewards: shapes_alignment, shapes_alignment_log,
   # jpeg_compressibility, jpeg_incompressibility, saturation, brightness).
   c.reward = "shapes_alignment"
+  # Per-reward factory options, e.g. {"hpsv2": {"weights_file": "...", "allow_pickle": True}}.
+  c.reward_options = config_dict.ConfigDict()
   # Rollout sampler: DDIM with eta > 0 (stochastic, log-probs defined), CFG scale.
   c.sampler = config_dict.ConfigDict(
       {"num_steps": 10, "eta": 1.0, "guidance_scale": 1.0, "clip_x0": 1.0})
@@ -83,3 +95,29 @@ def smoke(c: config_dict.ConfigDict) -> None:
   c.eval_prompts = 4
   c.eval_batch_size = 4
   c.ckpt_every = 1
+
+
+def sd_world(c: config_dict.ConfigDict, model_path: str = "CompVis/stable-diffusion-v1-4",
+             prompt_set: str = "animals45") -> None:
+  """Stable Diffusion settings shared by the paper configs: 50 DDIM steps (eta 1, CFG 5,
+  no x0 clipping), LoRA on the UNet's attention projections as in DDPO / PRDP's code,
+  evaluation by the configured rewards on a few prompts."""
+  c.world = "sd"
+  c.model_path = model_path
+  c.prompt_set = prompt_set
+  c.sampler.num_steps = 50
+  c.sampler.eta = 1.0
+  c.sampler.guidance_scale = 5.0
+  c.sampler.clip_x0 = None
+  c.finetune.mode = "lora"
+  c.finetune.lora_rank = 4
+  c.finetune.lora_alpha = 4.0
+  c.finetune.lora_targets = SD_LORA_TARGETS
+  c.finetune.trainable = "^unet/"
+  c.unroll = "none"
+  c.eval_prompts = 32
+  c.eval_batch_size = 8
+
+
+# LoRA on the SD UNet's attention projections (rft.models.sd_unet names).
+SD_LORA_TARGETS = r"^unet/.*/attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"

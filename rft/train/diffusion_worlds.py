@@ -1,0 +1,159 @@
+"""What the online diffusion loop finetunes: a model + its prompts + how to judge samples.
+
+``config.world`` picks one:
+
+* ``"shapes"`` -- ShapesWorld: the shipped text-to-image base model (pretrained when
+  absent), 3,168 captions with a held-out split, the independent evaluator as judge.
+* ``"sd"`` -- a Stable Diffusion 1.x / 2.x diffusers folder (``config.model_path``,
+  a local folder or a hub id in the HF cache) with a prompt set
+  (``config.prompt_set``: "animals45", "hpdv2", "pickapic" or a prompt file), judged by
+  the configured rewards on fixed train / held-out prompts (there is no independent
+  evaluator for real images).
+
+Both give the loop the same things: ``pipe`` (a Text2ImagePipeline whose ``images``
+decodes latents), the full ``base_params`` tree, the prompt ``texts`` and their ``tokens``,
+prompt sampling per split, the per-sample ``reward_prompts`` dict, the kwargs the reward
+factories get, an ``evaluate`` hook and an ``export`` of the finetuned model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from rft import pretrained
+from rft.data import shapes
+from rft.diffusion.pipeline import Text2ImagePipeline, shapes_pipeline
+from rft.diffusion.schedules import make_schedule
+
+SPLITS = ("train", "heldout")
+
+
+class ShapesSetup:
+  """ShapesWorld with the shipped base model and evaluator."""
+
+  name = "shapes"
+
+  def __init__(self, config, workdir: str):
+    from rft.train.pretrain import load_judge, load_or_pretrain_base
+    self.model, self.base_params, self.meta = load_or_pretrain_base(workdir,
+                                                                    config.base_dir or None)
+    schedule = make_schedule(**self.meta["schedule"])
+    self.pipe: Text2ImagePipeline = shapes_pipeline(self.model, schedule, shapes.IMAGE_SIZE)
+    self.world = shapes.ShapesWorld(self.meta["holdout_fraction"], self.meta["split_seed"])
+    self.texts = self.world.texts
+    self.tokens = shapes.tokenizer().encode(self.texts)
+    self.reward_kwargs = {"scorer_dir": config.scorer_dir or None}
+    self.judge = load_judge(config.scorer_dir)
+    self.base_dir = config.base_dir
+
+  def sample_prompt_ids(self, rng, n: int, split: str = "train") -> np.ndarray:
+    return self.world.sample_prompt_ids(rng, n, split)
+
+  def eval_prompt_ids(self, split: str, n: int) -> np.ndarray:
+    return self.world.eval_prompt_ids(split, n)
+
+  def reward_prompts(self, ids) -> dict:
+    ids = np.asarray(ids)
+    return {"ids": ids, "tokens": self.tokens[ids], "assignments": self.world.assignments(ids)}
+
+  def evaluate(self, sample_images: Callable, ids, key, batch_size: int):
+    """(metrics, images): the independent evaluator's alignment (None without a judge)."""
+    from rft.train import shapes_eval
+    if self.judge is None:
+      return None
+    return shapes_eval.evaluate_alignment(sample_images, self.judge, self.world, ids, key,
+                                          batch_size=batch_size)
+
+  def export(self, final_params, workdir: str, objective: str, results: dict) -> str:
+    """The finetuned model as a bundle: rft.pretrained.load_shapes_base(workdir)."""
+    meta = dict(self.meta, command=pretrained.invocation(),
+                finetuned_from=self.base_dir or "rft/assets/shapes_base",
+                objective=objective, results=results)
+    return pretrained.save_bundle("shapes_base", final_params, meta, workdir)
+
+
+class StableDiffusionSetup:
+  """A diffusers-format Stable Diffusion model and a prompt set."""
+
+  name = "sd"
+
+  def __init__(self, config, workdir: str):
+    del workdir
+    import jax.numpy as jnp
+    from rft.data import prompt_sets
+    from rft.diffusion.pipeline import sd_pipeline
+    from rft.weights.sd import load_sd
+    if not config.model_path:
+      raise ValueError("config.world='sd' needs config.model_path: a diffusers-format "
+                       "Stable Diffusion folder or a hub id already in the HF cache")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+             "float16": jnp.float16}.get(config.dtype)
+    if dtype is None:
+      raise ValueError(f"config.dtype={config.dtype!r}; use float32, bfloat16 or float16")
+    self.sd = load_sd(config.model_path, allow_pickle=config.allow_pickle, dtype=dtype,
+                      resolution=config.resolution or None)
+    self.pipe = sd_pipeline(self.sd)
+    self.base_params = self.sd.params
+    ps = prompt_sets.get_prompt_set(config.prompt_set, holdout_fraction=config.holdout_fraction,
+                                    seed=config.seed)
+    self.texts = list(ps.train) + list(ps.holdout)
+    self.split_ids = {"train": np.arange(len(ps.train)),
+                      "heldout": np.arange(len(ps.train), len(self.texts))}
+    self.tokens = self.sd.tokenize(self.texts)
+    self.reward_kwargs = {"prompt_texts": self.texts}
+    self.model_path = config.model_path
+    logging.info("SD world: %s, %d x %d images, %d train / %d held-out prompts",
+                 self.sd.path, self.sd.resolution, self.sd.resolution, len(ps.train),
+                 len(ps.holdout))
+
+  def sample_prompt_ids(self, rng, n: int, split: str = "train") -> np.ndarray:
+    pool = self._pool(split)
+    return rng.choice(pool, size=n, replace=len(pool) < n)
+
+  def eval_prompt_ids(self, split: str, n: int) -> np.ndarray:
+    pool = self._pool(split)
+    if n >= len(pool):
+      return np.resize(pool, n)  # every prompt, cycled to n samples
+    return np.sort(np.random.default_rng(1234).choice(pool, size=n, replace=False))
+
+  def _pool(self, split: str) -> np.ndarray:
+    if split not in self.split_ids:
+      raise ValueError(f"unknown split {split!r}; use {SPLITS}")
+    pool = self.split_ids[split]
+    if not len(pool):
+      raise ValueError(f"the prompt set has no {split} prompts (config.holdout_fraction)")
+    return pool
+
+  def reward_prompts(self, ids) -> dict:
+    ids = np.asarray(ids)
+    return {"ids": ids, "tokens": self.tokens[ids]}
+
+  def evaluate(self, sample_images, ids, key, batch_size: int):
+    del sample_images, ids, key, batch_size
+    return None  # no independent evaluator: the loop logs the configured rewards
+
+  def export(self, final_params, workdir: str, objective: str, results: dict) -> str:
+    """The finetuned UNet as a diffusers folder ``<workdir>/unet`` (loads with
+    ``UNet2DConditionModel.from_pretrained`` or rft's ``load_unet``)."""
+    from rft.weights.sd_unet import save_unet
+    out = os.path.join(workdir, "unet")
+    save_unet(out, self.sd.unet_config, jax.device_get(final_params["unet"]))
+    with open(os.path.join(workdir, "unet", "rft_finetune.json"), "w") as f:
+      json.dump({"base_model": self.sd.path, "objective": objective,
+                 "command": pretrained.invocation(), "results": results}, f, indent=1)
+    return out
+
+
+WORLDS = {"shapes": ShapesSetup, "sd": StableDiffusionSetup}
+
+
+def build(config, workdir: str) -> Any:
+  name = config.get("world", "shapes")
+  if name not in WORLDS:
+    raise ValueError(f"config.world={name!r}; known: {sorted(WORLDS)}")
+  return WORLDS[name](config, workdir)
