@@ -8,6 +8,13 @@ measured sharing the CPU): alignment 48.0 -> 49.2 % (train), 36.3 -> 36.7 % (hel
 within noise of the base model. See the README's method table.
 Variants: `smoke` (seconds); `sf` (score-function DDPO_SF instead of importance sampling);
 `compressibility` (JPEG compressibility reward, as in the paper).
+
+Stable Diffusion (needs the model files locally, see README "Real models"):
+  sd14_aesthetic        SD 1.4, 45 animals, LAION aesthetic predictor
+  sd14_compressibility  SD 1.4, 45 animals, JPEG compressibility
+DDPO's settings: 50 DDIM steps, eta 1, CFG 5, 256 samples per epoch (32 prompts x 8),
+two gradient steps of 128 samples each, clip 1e-4, advantages clipped at 5, per-prompt
+statistics (buffer 16, min count 16), LoRA rank 4 at lr 3e-4.
 """
 from ml_collections import config_dict
 
@@ -16,7 +23,8 @@ from rft.train import online_config
 
 
 def get_config(arg=None):
-  variants = config_lib.parse_arg(arg, ("smoke", "sf", "compressibility"))
+  variants = config_lib.parse_arg(arg, ("smoke", "sf", "compressibility", "sd14_aesthetic",
+                                       "sd14_compressibility"))
   c = online_config.base()
   c.objective = config_dict.ConfigDict({
       "name": "ddpo",
@@ -40,6 +48,16 @@ def get_config(arg=None):
   c.ckpt_every = 5
   if "compressibility" in variants:
     c.reward = "jpeg_compressibility"
+  if variants & {"sd14_aesthetic", "sd14_compressibility"}:
+    online_config.sd_world(c)
+    c.epochs, c.lr, c.objective.skip_last_steps = 100, 3e-4, 0
+    c.prompts_per_epoch, c.samples_per_prompt = 32, 8
+    c.updates_per_epoch, c.prompts_per_update = 2, 16
+    c.objective.min_count = 16
+    if "sd14_aesthetic" in variants:
+      c.reward, c.reward_options = "aesthetic", online_config.reward_files("aesthetic")
+    else:
+      c.reward = "jpeg_compressibility"
   if "smoke" in variants:
     online_config.smoke(c)
     c.objective.min_count = 2

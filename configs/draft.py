@@ -9,6 +9,12 @@ EXPECTED: DRaFT-1, 150 updates of 32 prompts, 16 min (shared CPU): alignment 48.
 objects go. DRaFT-LV (30 epochs): 48.4 % / 37.1 %. See the README's method table.
 Variants: `smoke`; `lv` (DRaFT-LV: n re-noised copies of the last step); `full` (K = T,
 backprop through the whole chain).
+
+Stable Diffusion (needs the model files locally, see README "Real models"):
+  sd14_hpsv2   SD 1.4 with DRaFT-1 on HPSv2 over the HPDv2 train prompts; 50 DDIM steps,
+               eta 1 here (the rollout records nothing, any eta works), CFG 7.5, LoRA on
+               the UNet attention projections; rank, lr and batch are our choices (rank
+               32, lr 2e-4, 8 prompts per update), not the paper's.
 """
 from ml_collections import config_dict
 
@@ -17,7 +23,7 @@ from rft.train import online_config
 
 
 def get_config(arg=None):
-  variants = config_lib.parse_arg(arg, ("smoke", "lv", "full"))
+  variants = config_lib.parse_arg(arg, ("smoke", "lv", "full", "sd14_hpsv2"))
   c = online_config.base()
   c.objective = config_dict.ConfigDict({
       "name": "draft_lv" if "lv" in variants else "draft",
@@ -25,6 +31,12 @@ def get_config(arg=None):
       "num_renoise": 2,  # DRaFT-LV: re-noised copies of the final sample
   })
   online_config.reward_backprop(c, epochs=150)
+  if "sd14_hpsv2" in variants:
+    online_config.sd_world(c, prompt_set="hpdv2")
+    c.reward, c.reward_options = "hpsv2", online_config.reward_files("hpsv2")
+    c.sampler.guidance_scale = 7.5
+    c.finetune.lora_rank, c.finetune.lora_alpha = 32, 32.0
+    c.lr, c.epochs, c.prompts_per_epoch, c.prompts_per_update = 2e-4, 2000, 8, 8
   if "full" in variants:
     c.objective.grad_steps = c.sampler.num_steps
   if "smoke" in variants:

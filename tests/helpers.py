@@ -44,12 +44,22 @@ def import_open_clip():
     pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
   if "open_clip" in sys.modules:
     return sys.modules["open_clip"]
+  try:  # open_clip imports transformers, whose import probes torchvision's spec
+    import transformers  # noqa: F401
+  except ImportError:
+    pass
+
+  class _AnyAttr(type):  # placeholder classes: any attribute (InterpolationMode.BICUBIC)
+    def __getattr__(cls, name):
+      if name.startswith("__"):
+        raise AttributeError(name)
+      return name
 
   class _Placeholder(types.ModuleType):
     def __getattr__(self, name):
       if name.startswith("__"):
         raise AttributeError(name)
-      return type(name, (), {"__init__": lambda self, *a, **k: None})
+      return _AnyAttr(name, (), {"__init__": lambda self, *a, **k: None})
 
   names = ["torchvision", "torchvision.ops", "torchvision.ops.misc",
            "torchvision.transforms", "torchvision.transforms.functional"]
@@ -57,6 +67,10 @@ def import_open_clip():
   added = [] if have_tv else [n for n in names if n not in sys.modules]
   for n in added:
     sys.modules[n] = _Placeholder(n)
+  for n in added:  # `import a.b.c as x` reads a.b, then .c, as attributes
+    parent, _, child = n.rpartition(".")
+    if parent in added:
+      setattr(sys.modules[parent], child, sys.modules[n])
   try:
     import open_clip  # pylint: disable=import-outside-toplevel
   finally:

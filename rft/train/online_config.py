@@ -121,3 +121,21 @@ def sd_world(c: config_dict.ConfigDict, model_path: str = "CompVis/stable-diffus
 
 # LoRA on the SD UNet's attention projections (rft.models.sd_unet names).
 SD_LORA_TARGETS = r"^unet/.*/attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"
+
+
+# Where each SD reward model's files are expected by default (override with
+# --config.reward_options.<name>.<key>=...): hub ids resolve in the local HF cache.
+REWARD_FILES = {
+    "hpsv2": {"weights_file": "HPS_v2_compressed.pt", "allow_pickle": False,
+              "tokenizer_path": "CompVis/stable-diffusion-v1-4/tokenizer"},
+    "pickscore": {"model_path": "yuvalkirstain/PickScore_v1",
+                  "processor_path": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
+    "aesthetic": {"model_path": "openai/clip-vit-large-patch14",
+                  "weights_file": "sac+logos+ava1-l14-linearMSE.pth", "allow_pickle": False},
+    "clipscore": {"model_path": "openai/clip-vit-large-patch14"},
+}
+
+
+def reward_files(*names: str) -> config_dict.ConfigDict:
+  """config.reward_options for the named rewards, with the default file locations."""
+  return config_dict.ConfigDict({n: dict(REWARD_FILES[n]) for n in names})
