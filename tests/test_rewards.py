@@ -221,3 +221,22 @@ def test_shapes_alignment_high_on_own_captions_low_on_others():
   # Differentiable: finite gradients w.r.t. the images.
   g = jax.grad(lambda x: r(x, prompts(ids)).sum())(jnp.asarray(images))
   assert g.shape == images.shape and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_reward_params_enter_jit_as_arguments():
+  """A learned reward's weights ride in Reward.params: combined, called inside jit with the
+  params as an argument, they are not baked into the executable as constants."""
+  import jax
+  w = jax.random.normal(jax.random.key(0), (256, 256))
+  learned = base.Reward(
+      "learned", lambda im, pr, p: jnp.mean(im, (1, 2, 3)) * jnp.sum(p["w"]), True,
+      params={"w": w})
+  plain = base.Reward("plain", lambda im, pr: jnp.mean(im, (1, 2, 3)), True)
+  both = base.combine([(2.0, learned), (1.0, plain)])
+  images = jnp.ones((2, 4, 4, 3)) * 0.5
+  f = jax.jit(lambda im, p: both(im, {}, p))
+  expected = 2.0 * 0.5 * float(jnp.sum(w)) + 0.5
+  np.testing.assert_allclose(np.asarray(f(images, both.params)), expected, rtol=1e-5)
+  assert len(f.lower(images, both.params).as_text()) < 20_000  # w alone prints as ~500 KB
+  parts = both.parts(images, {})
+  np.testing.assert_allclose(np.asarray(parts["learned"]), 0.5 * float(jnp.sum(w)), rtol=1e-5)

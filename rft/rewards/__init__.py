@@ -2,7 +2,7 @@
 import importlib
 
 # Every module that registers reward factories (rft.rewards.base.register).
-REWARD_MODULES = ("shapes_alignment", "jpeg", "image_stats", "text")
+REWARD_MODULES = ("shapes_alignment", "jpeg", "image_stats", "text", "clip_rewards", "aesthetic")
 
 
 def ensure_registered():

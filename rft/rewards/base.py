@@ -9,6 +9,11 @@ A reward maps generated images and their prompts to one score per sample:
 declared `differentiable` (a jax function of the images: reward backprop, ReNO) or not
 (only its values are used: PRDP, DDPO, RAFT). `host` rewards run as numpy code outside
 jit (e.g. real JPEG encoding); the others are jax functions and may be jitted.
+
+Learned rewards with large frozen weights (CLIP towers) carry them in `params`, and
+their `fn` takes them as a third argument: jitted code receives them as an argument,
+`reward(images, prompts, params)`, instead of baking gigabytes of constants into the
+executable (which closing over them would do).
 """
 from __future__ import annotations
 
@@ -27,17 +32,22 @@ class Reward:
   host: bool = False
   # Combined rewards keep their weighted terms, for per-term logging.
   terms: tuple[tuple[float, "Reward"], ...] = ()
+  # Frozen weights: when not None, fn(images, prompts, params).
+  params: Any = None
 
-  def __call__(self, images, prompts):
-    return self.fn(images, prompts)
+  def __call__(self, images, prompts, params=None):
+    """Scores; ``params`` (e.g. traced inside jit) replaces ``self.params`` when given."""
+    if self.params is None:
+      return self.fn(images, prompts)
+    return self.fn(images, prompts, self.params if params is None else params)
 
-  def parts(self, images, prompts) -> dict:
+  def parts(self, images, prompts, params=None) -> dict:
     """{name: scores} of every term (just {name: scores} for a single reward)."""
     if not self.terms:
-      return {self.name: self(images, prompts)}
+      return {self.name: self(images, prompts, params)}
     out = {}
-    for _, r in self.terms:
-      out.update(r.parts(images, prompts))
+    for (_, r), p in zip(self.terms, params or (None,) * len(self.terms)):
+      out.update(r.parts(images, prompts, p))
     return out
 
 
@@ -49,15 +59,19 @@ def combine(terms: Sequence[tuple[float, Reward]], name: str = "combined") -> Re
   if len(terms) == 1 and terms[0][0] == 1.0:
     return terms[0][1]
   host = any(r.host for _, r in terms)
+  params = (tuple(r.params for _, r in terms)
+            if any(r.params is not None for _, r in terms) else None)
 
-  def fn(images, prompts):
+  def fn(images, prompts, params=None):
+    ps = params or (None,) * len(terms)
     if host:
-      return sum(np.float32(w) * np.asarray(r(np.asarray(images), prompts), np.float32)
-                 for w, r in terms)
-    return sum(w * jnp.asarray(r(images, prompts), jnp.float32) for w, r in terms)
+      return sum(np.float32(w) * np.asarray(r(np.asarray(images), prompts, p), np.float32)
+                 for (w, r), p in zip(terms, ps))
+    return sum(w * jnp.asarray(r(images, prompts, p), jnp.float32)
+               for (w, r), p in zip(terms, ps))
 
   return Reward(name, fn, differentiable=all(r.differentiable for _, r in terms), host=host,
-                terms=terms)
+                terms=terms, params=params)
 
 
 # name -> factory(**kwargs) -> Reward. Modules register themselves on import.

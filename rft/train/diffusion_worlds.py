@@ -50,6 +50,7 @@ class ShapesSetup:
     self.reward_kwargs = {"scorer_dir": config.scorer_dir or None}
     self.judge = load_judge(config.scorer_dir)
     self.base_dir = config.base_dir
+    self.eval_splits = SPLITS
 
   def sample_prompt_ids(self, rng, n: int, split: str = "train") -> np.ndarray:
     return self.world.sample_prompt_ids(rng, n, split)
@@ -105,6 +106,7 @@ class StableDiffusionSetup:
     self.split_ids = {"train": np.arange(len(ps.train)),
                       "heldout": np.arange(len(ps.train), len(self.texts))}
     self.tokens = self.sd.tokenize(self.texts)
+    self.eval_splits = tuple(k for k in SPLITS if len(self.split_ids[k]))
     self.reward_kwargs = {"prompt_texts": self.texts}
     self.model_path = config.model_path
     logging.info("SD world: %s, %d x %d images, %d train / %d held-out prompts",

@@ -124,21 +124,23 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
   return jax.jit(update, static_argnames=("on_policy",), donate_argnums=(0,))
 
 
-def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materialize, tx):
-  """update(state, b, key) for DRaFT-K / DRaFT-LV / AlignProp: sample with gradients, -reward.
+def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, materialize, tx):
+  """update(state, base, b, key, reward_params) for DRaFT-K / DRaFT-LV / AlignProp: sample
+  with gradients, -reward. The reward's frozen weights come in as an argument.
 
   Latents are decoded with the frozen base params (e.g. the VAE): gradients reach the
   trained params through the decoder, never the decoder's own params.
   """
   o = config.objective
 
-  def loss_fn(trainable, base, b, key):
+  def loss_fn(trainable, base, b, key, reward_params):
     params = materialize(trainable, base)
     k_init, k_chain, k_trunc = jax.random.split(key, 3)
     x_T = jax.random.normal(k_init, (b["tokens"].shape[0], *pipe.sample_shape), jnp.float32)
     kw = dict(schedule=pipe.schedule, num_steps=sampler.num_steps, eta=sampler.eta,
               guidance_scale=sampler.guidance_scale, clip_x0=sampler.clip_x0)
-    decoded_reward = lambda latents, prompts: reward_fn(pipe.images(base, latents), prompts)
+    decoded_reward = lambda latents, prompts: reward(pipe.images(base, latents), prompts,
+                                                     reward_params)
     if o.name == "draft_lv":
       _, renoised = backprop.lv_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
                                         k_chain, num_renoise=o.num_renoise, **kw)
@@ -156,8 +158,9 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward_fn, materi
     loss, m = backprop.reward_loss(decoded_reward, x0, b["prompts"])
     return loss, dict(m, **m_extra)
 
-  def update(state, base, b, key):
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, base, b, key)
+  def update(state, base, b, key, reward_params):
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, base, b, key,
+                                                                 reward_params)
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx, config.ema_decay), m
 
@@ -239,14 +242,15 @@ def train_and_evaluate(config, workdir: str):
   if o.name in BACKPROP_OBJECTIVES and not reward.differentiable:
     raise ValueError(f"{o.name} backpropagates through the reward, but config.reward "
                      f"{config.reward!r} is not differentiable")
-  reward_jit = None if reward.host else jax.jit(reward.fn)
+  reward_jit = None if reward.host else jax.jit(
+      lambda images, prompts, params: reward(images, prompts, params))
   to_images = jax.jit(pipe.images)  # decoded with the frozen base params (e.g. the VAE)
 
   def score(images, ids):
     prompts = world.reward_prompts(ids)
     if reward.host:
       return np.asarray(reward(np.asarray(images), prompts), np.float32)
-    return np.asarray(reward_jit(images, prompts), np.float32)
+    return np.asarray(reward_jit(images, prompts, reward.params), np.float32)
 
   # ---------------------------------------------------------------- trainable params
   key = jax.random.key(config.seed)
@@ -295,7 +299,7 @@ def train_and_evaluate(config, workdir: str):
                                    sampler.clip_x0, reduce="mean")
     update = make_trajectory_update(config, scorer, materialize, tx)
   elif o.name in BACKPROP_OBJECTIVES:
-    update = make_backprop_update(config, pipe, sampler, reward.fn, materialize, tx)
+    update = make_backprop_update(config, pipe, sampler, reward, materialize, tx)
   else:
     update = make_raft_update(config, pipe, materialize, tx)
 
@@ -307,7 +311,7 @@ def train_and_evaluate(config, workdir: str):
 
   def evaluate(trainable, epoch: int) -> dict:
     out = {}
-    for split in ("train", "heldout"):
+    for split in world.eval_splits:
       ids = world.eval_prompt_ids(split, config.eval_prompts)
       key = jax.random.key(config.eval_seed)
 
@@ -384,7 +388,8 @@ def train_and_evaluate(config, workdir: str):
       cond, null = conditions(base_params, tokens)
       b = {"tokens": tokens, "cond": cond, "null_cond": null,
            "prompts": jax.tree.map(jnp.asarray, world.reward_prompts(sel))}
-      state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
+      state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k),
+                         reward.params)
       ms.append(um)
     # Reward of the samples each update drew (one device sync per epoch, not per update).
     return state, {"reward_mean": float(np.mean([u["reward"] for u in jax.device_get(ms)]))}, ms

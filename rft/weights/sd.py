@@ -104,7 +104,7 @@ class StableDiffusion:
 
   @property
   def vae_factor(self) -> int:
-    return 2 ** (len(self.vae_config.block_out_channels) - 1)
+    return self.vae_config.downscale
 
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     return tokenize(self.tokenizer, texts)
@@ -148,8 +148,10 @@ def load_sd(path: Any, *, allow_pickle: bool = False, dtype=jnp.float32,
 
   model_dir = io.resolve_model_dir(path, marker="model_index.json", expected=EXPECTED)
   _check_index(model_dir)
-  unet_cfg, unet, unet_params = load_unet(model_dir, allow_pickle=allow_pickle, dtype=dtype)
-  vae_cfg, vae, vae_params = load_vae(model_dir, allow_pickle=allow_pickle, dtype=dtype)
+  unet_cfg, unet, unet_params = load_unet(model_dir, allow_pickle=allow_pickle)
+  if dtype != jnp.float32:
+    unet = unet.clone(dtype=dtype)
+  vae_cfg, vae, vae_params = load_vae(model_dir, allow_pickle=allow_pickle, compute_dtype=dtype)
   _, text, text_params = load_clip_text_encoder(model_dir, subfolder="text_encoder",
                                                 allow_pickle=allow_pickle, dtype=dtype)
   tok_dir = os.path.join(model_dir, "tokenizer")
@@ -160,8 +162,9 @@ def load_sd(path: Any, *, allow_pickle: bool = False, dtype=jnp.float32,
   sched_path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
   scheduler = scheduler_from_config(io.read_json(sched_path, expected=EXPECTED),
                                     source=sched_path)
-  factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-  res = resolution or int(unet_cfg.sample_size) * factor
+  factor = vae_cfg.downscale
+  unet_json = io.read_json(os.path.join(model_dir, "unet", "config.json"), expected=EXPECTED)
+  res = resolution or int(unet_json.get("sample_size", 64)) * factor
   if res % (factor * 2 ** (len(unet_cfg.block_out_channels) - 1)):
     raise ValueError(f"resolution {res} is not divisible by the VAE factor {factor} times "
                      f"the UNet's downsampling")
