@@ -127,12 +127,12 @@ SD_LORA_TARGETS = r"^unet/.*/attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"
 # --config.reward_options.<name>.<key>=...): hub ids resolve in the local HF cache.
 REWARD_FILES = {
     "hpsv2": {"weights_file": "HPS_v2_compressed.pt", "allow_pickle": False,
-              "tokenizer_path": "CompVis/stable-diffusion-v1-4/tokenizer"},
+              "tokenizer_path": "openai/clip-vit-large-patch14"},
     "pickscore": {"model_path": "yuvalkirstain/PickScore_v1",
-                  "processor_path": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
+                  "tokenizer_path": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
     "aesthetic": {"model_path": "openai/clip-vit-large-patch14",
                   "weights_file": "sac+logos+ava1-l14-linearMSE.pth", "allow_pickle": False},
-    "clipscore": {"model_path": "openai/clip-vit-large-patch14"},
+    "clipscore": {"model_path": "openai/clip-vit-base-patch32"},
 }
 
 

@@ -1,0 +1,236 @@
+"""diffusers ``UNet2DConditionModel`` checkpoints <-> :class:`rft.models.sd_unet.UNet2DCondition`.
+
+* :func:`load_unet` -- a diffusers pipeline folder (``model_index.json`` + ``unet/``), a
+  hub id in the local HF cache, or the ``unet`` folder itself: ``config.json`` +
+  ``diffusion_pytorch_model.safetensors`` (or sharded with
+  ``diffusion_pytorch_model.safetensors.index.json``); the pickle
+  ``diffusion_pytorch_model.bin`` only with ``allow_pickle=True``.
+* :func:`unet_from_diffusers` / :func:`unet_to_diffusers` -- state dict <-> params.
+* :func:`save_unet` -- writes a folder that ``UNet2DConditionModel.from_pretrained`` and
+  :func:`load_unet` read (e.g. a finetuned UNet put back into a pipeline folder).
+
+Conversion is a rename (an index joins its module name: ``down_blocks.0.resnets.1`` ->
+``down_blocks_0/resnets_1``) plus layouts: Conv2d ``[O, I, kh, kw]`` -> ``[kh, kw, I,
+O]`` (:func:`io.conv`), Linear ``[out, in]`` -> ``[in, out]`` (:func:`io.linear`),
+norm ``weight`` -> ``scale``::
+
+  conv_in.weight                                         -> conv_in/kernel (conv)
+  time_embedding.linear_1.weight                         -> time_embedding/linear_1/kernel (T)
+  down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight
+                      -> down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel (T)
+  ....transformer_blocks.0.ff.net.0.proj.weight          -> .../ff/net_0/proj/kernel (T)
+  ....attn2.to_out.0.bias                                -> .../attn2/to_out_0/bias
+  mid_block.resnets.0.norm1.weight                       -> mid_block/resnets_0/norm1/scale
+
+Every key and shape is checked against ``jax.eval_shape`` of the module's init.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rft.models.sd_unet import UNet2DCondition, UNetConfig
+from rft.weights import io
+
+__all__ = ["unet_from_diffusers", "unet_to_diffusers", "load_unet", "save_unet",
+           "expected_shapes"]
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+_EXPECTED_FILES = (f"unet/config.json and unet/{WEIGHTS_NAME}.safetensors (or "
+                   f"{WEIGHTS_NAME}.safetensors.index.json with its shards; "
+                   f"{WEIGHTS_NAME}.bin only with allow_pickle=True)")
+_INDEXED = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
+            "downsamplers", "upsamplers", "to_out", "net")
+_INDEXED_RE = re.compile(r"^(" + "|".join(_INDEXED) + r")_(\d+)$")
+
+
+def expected_shapes(config: UNetConfig) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  """Our param paths -> shapes (``jax.eval_shape`` of the init; nothing allocated)."""
+  return dict(_expected_shapes(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(config: UNetConfig):
+  module = UNet2DCondition(config)
+
+  def init():
+    hw = max(8, 2 ** (config.num_levels - 1))
+    x = jnp.zeros((1, hw, hw, config.in_channels), jnp.float32)
+    ctx = jnp.zeros((1, 4, config.cross_dims[0]), jnp.float32)
+    return module.init(jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32), ctx)
+
+  return io.eval_shapes(init)
+
+
+def _module_path(key: str) -> Optional[Tuple[str, ...]]:
+  """``a.b.0.c.weight`` -> ``("a", "b_0", "c")`` and the leaf name, or None."""
+  parts = key.split(".")
+  out = []
+  for p in parts[:-1]:
+    if p.isdigit():
+      if not out:
+        return None
+      out[-1] = f"{out[-1]}_{p}"
+    else:
+      out.append(p)
+  return tuple(out) + (parts[-1],)
+
+
+def _key_fn(expected):
+  def key_fn(key):
+    path = _module_path(key)
+    if path is None:
+      return None
+    mod, leaf = path[:-1], path[-1]
+    if leaf == "bias":
+      return mod + ("bias",), None
+    if leaf != "weight":
+      return None
+    if mod + ("scale",) in expected:
+      return mod + ("scale",), None
+    kernel = mod + ("kernel",)
+    if kernel in expected:
+      return kernel, io.conv if len(expected[kernel]) == 4 else io.linear
+    return None
+  return key_fn
+
+
+def _to_key(path: Tuple[str, ...]) -> str:
+  """Our param path -> torch key (inverse of the rename)."""
+  parts = []
+  for p in path[:-1]:
+    m = _INDEXED_RE.match(p)
+    parts += [m.group(1), m.group(2)] if m else [p]
+  parts.append("bias" if path[-1] == "bias" else "weight")
+  return ".".join(parts)
+
+
+def unet_from_diffusers(state: Mapping[str, np.ndarray], config: UNetConfig, *,
+                        source: str = "state dict", dtype=jnp.float32) -> Dict[str, Any]:
+  """diffusers ``UNet2DConditionModel`` state dict (numpy) -> our params tree.
+
+  Raises ValueError naming ``source`` and any unknown key, missing key or wrong shape.
+  """
+  expected = expected_shapes(config)
+  return io.convert_state(state, _key_fn(expected), expected, source=source, dtype=dtype,
+                          describe=_to_key)
+
+
+def unet_to_diffusers(params, config: UNetConfig) -> Dict[str, np.ndarray]:
+  """Our params tree -> diffusers state dict (float32 numpy, torch layouts).
+
+  Checks the tree against ``config`` first (ValueError naming missing / extra / wrong
+  shaped params).
+  """
+  expected = expected_shapes(config)
+  flat = io.flatten(params)
+  got = {k: tuple(np.shape(v)) for k, v in flat.items()}
+  if got != expected:
+    missing = sorted(io.path_str(k) for k in expected if k not in got)
+    extra = sorted(io.path_str(k) for k in got if k not in expected)
+    bad = sorted(f"{io.path_str(k)}: {got[k]} != {expected[k]}"
+                 for k in got if k in expected and got[k] != expected[k])
+    raise ValueError(f"unet_to_diffusers: params do not match the config: missing "
+                     f"{missing[:20]}, unexpected {extra[:20]}, wrong shapes {bad[:20]}")
+  out = {}
+  for path, v in flat.items():
+    a = np.asarray(jax.device_get(v), dtype=np.float32)
+    if path[-1] == "kernel":
+      a = np.transpose(a, (3, 2, 0, 1)) if a.ndim == 4 else a.T
+    out[_to_key(path)] = np.ascontiguousarray(a)
+  return out
+
+
+def _unet_dir(path: Any, subfolder: str) -> str:
+  """The folder holding the UNet's config.json: ``path/subfolder`` or ``path`` itself."""
+  p = os.fspath(path)
+  if os.path.isdir(p):
+    root = p
+  else:
+    root = io.resolve_model_dir(p, marker="model_index.json", expected=_EXPECTED_FILES)
+  sub = os.path.join(root, subfolder) if subfolder else root
+  if os.path.isfile(os.path.join(sub, "config.json")):
+    return sub
+  if os.path.isfile(os.path.join(root, "config.json")) and not os.path.isfile(
+      os.path.join(root, "model_index.json")):
+    return root  # the unet folder itself
+  raise FileNotFoundError(
+      f"{root}: no UNet found (looked for {os.path.join(sub, 'config.json')} and "
+      f"{os.path.join(root, 'config.json')}). Expected a diffusers pipeline folder with "
+      f"{_EXPECTED_FILES}, or the unet folder itself.")
+
+
+def _read_weights(unet_dir: str, allow_pickle: bool) -> Dict[str, np.ndarray]:
+  """The exact ``diffusion_pytorch_model.safetensors`` when present (pipelines often also
+  hold ``.fp16`` variants), else its sharded index, else the ``.bin`` pickle (only with
+  ``allow_pickle``), else whatever :func:`io.read_state_dict` finds."""
+  base = os.path.join(unet_dir, WEIGHTS_NAME)
+  if os.path.isfile(base + ".safetensors"):
+    return io.load_safetensors([base + ".safetensors"])
+  if not io.safetensors_files(unet_dir, WEIGHTS_NAME) and os.path.isfile(base + ".bin"):
+    return io.read_weight_file(base + ".bin", allow_pickle=allow_pickle)
+  return io.read_state_dict(unet_dir, allow_pickle=allow_pickle, prefix=WEIGHTS_NAME,
+                            expected=_EXPECTED_FILES)
+
+
+def load_unet(path: Any, *, subfolder: str = "unet", allow_pickle: bool = False,
+              dtype=jnp.float32) -> Tuple[UNetConfig, UNet2DCondition, Dict[str, Any]]:
+  """Loads a diffusers UNet: ``(UNetConfig, UNet2DCondition module, params)``.
+
+  Args:
+    path: a diffusers pipeline folder, a hub id in the local HF cache (found by its
+      ``model_index.json``), or the unet folder itself.
+    subfolder: the UNet's folder inside the pipeline.
+    allow_pickle: also accept ``diffusion_pytorch_model.bin`` (``torch.load(
+      weights_only=True)``) when there is no safetensors file.
+    dtype: params dtype (float32 by default); the module computes in float32 -- use
+      ``module.clone(dtype=jnp.bfloat16)`` for bf16 compute.
+  """
+  unet_dir = _unet_dir(path, subfolder)
+  config_path = os.path.join(unet_dir, "config.json")
+  d = io.read_json(config_path, expected=_EXPECTED_FILES)
+  if d.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+    raise ValueError(f"{config_path}: _class_name={d['_class_name']!r}, expected "
+                     "'UNet2DConditionModel'")
+  try:
+    config = UNetConfig.from_diffusers(d)
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from e
+  state = _read_weights(unet_dir, allow_pickle)
+  params = unet_from_diffusers(state, config, source=unet_dir, dtype=dtype)
+  return config, UNet2DCondition(config), params
+
+
+def save_unet(folder: Any, config: Union[UNetConfig, Mapping[str, Any]], params) -> str:
+  """Writes ``config.json`` + ``diffusion_pytorch_model.safetensors`` into ``folder``
+  (diffusers layout, float32). ``config`` is a :class:`UNetConfig` or a diffusers config
+  dict (written as given, so extra keys of the original survive). Returns the folder.
+
+  Refuses params that do not match the config or hold NaN / Inf.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if isinstance(config, UNetConfig):
+    cfg, d = config, config.to_diffusers()
+  else:
+    d = dict(config)
+    cfg = UNetConfig.from_diffusers(d)
+  state = unet_to_diffusers(params, cfg)
+  for k, v in state.items():
+    if not np.all(np.isfinite(v)):
+      raise ValueError(f"save_unet: {k} holds NaN or Inf; not writing {folder}")
+  out = os.fspath(folder)
+  os.makedirs(out, exist_ok=True)
+  d.setdefault("_class_name", "UNet2DConditionModel")
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(d, f, indent=2, sort_keys=True)
+  save_file(state, os.path.join(out, f"{WEIGHTS_NAME}.safetensors"),
+            metadata={"format": "pt"})
+  return out
