@@ -30,7 +30,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PRESETS = {
     "w1": dict(sample=32, blocks=(32, 64), down=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -1,7 +1,6 @@
 """Stable Diffusion in rft against diffusers: DDIM steps, the folder loader, a full CFG
 DDIM step through text encoder + UNet, decoding, and the online loop on a tiny SD folder."""
 import json
-import os
 import shutil
 
 import jax
