@@ -1,38 +1,30 @@
 """Run an rft job on this machine: python launch/local.py --config=configs/X.py[:arg] [...].
 
 Builds the exact `python -m rft.main` command (extra flags such as --config.key=value
-pass through), prints it, and runs it unless --dry_run. GPU-cluster and TPU-pod
-runners will sit beside this one.
+pass through), prints it, and runs it unless --dry_run. Beside it: launch/slurm.py (GPU
+clusters) and launch/tpu_pod.py (Cloud TPU VM pods).
 """
 from __future__ import annotations
 
-import argparse
-import os
-import shlex
-import subprocess
 import sys
+
+try:
+  from launch import common
+except ImportError:  # run as a script: launch/ is sys.path[0]
+  import common
 
 
 def build_command(config: str, workdir: str | None, extra: list[str], python: str) -> list[str]:
-  cmd = [python, "-m", "rft.main", f"--config={config}"]
-  if workdir:
-    cmd.append(f"--workdir={workdir}")
-  return cmd + list(extra)
+  return common.rft_command(config, workdir, extra, python=python)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
-  p.add_argument("--workdir", default=None)
+  p = common.parser(__doc__)
   p.add_argument("--python", default=sys.executable)
-  p.add_argument("--dry_run", action="store_true", help="print the command, run nothing")
   args, extra = p.parse_known_args(argv)
-  cmd = build_command(args.config, args.workdir, extra, args.python)
-  print(shlex.join(cmd), flush=True)
-  if args.dry_run:
-    return 0
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.call(cmd, cwd=root)
+  cmd = build_command(args.config, args.workdir, common.passthrough(p, extra, strict=False),
+                      args.python)
+  return common.execute([cmd], args.dry_run)
 
 
 if __name__ == "__main__":

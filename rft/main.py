@@ -12,12 +12,15 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rft import checkpoint
+from rft import checkpoint, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs "
                                "(default: workdirs/<config name>[_<arg>]).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                                 "Multi-process JAX (rft.distributed): on, off, or auto (from "
+                                 "RFT_COORDINATOR/..., SLURM srun or TPU pod variables).")
 
 # config.trainer -> "module:function"; each takes (config, workdir).
 TRAINERS = {
@@ -46,13 +49,15 @@ def resolve_trainer(name: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  info = distributed.initialize(_DISTRIBUTED.value)  # before anything touches jax devices
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   train = resolve_trainer(config.trainer)
   checkpoint.ensure_workdir(workdir)  # fail before any work
   logging.info("config:\n%s", config)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if info.process_index == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   train(config, workdir)
 
 

@@ -177,11 +177,13 @@ def test_paper_configs_name_missing_model(tmp_path, monkeypatch):
   assert c.reward == "pickscore:10,hpsv2:2,aesthetic:0.05"
 
 
-@pytest.mark.parametrize("config", ["configs/prdp.py:smoke", "configs/draft.py:smoke"])
+@pytest.mark.parametrize("config", ["configs/prdp.py:smoke", "configs/draft.py:smoke",
+                                    "configs/ddpo.py:smoke", "configs/raft.py:smoke"])
 def test_online_loop_on_tiny_sd(tmp_path, config):
-  """PRDP and DRaFT run on a diffusers SD folder (LoRA on the UNet attention, a
-  differentiable image reward through the VAE decoder); the finetuned UNet is exported in
-  diffusers format, loads with diffusers and differs from the base."""
+  """PRDP, DRaFT, DDPO and RAFT run unchanged on a diffusers SD folder (LoRA on the UNet
+  attention, an image reward on VAE-decoded samples, differentiated through the decoder
+  for DRaFT); the finetuned UNet is exported in diffusers format, loads with diffusers and
+  differs from the base exactly where LoRA applies."""
   from diffusers import UNet2DConditionModel
   path = tiny_sd_folder(str(tmp_path / "sd"), variant="sd1")
   work = tmp_path / "work"
