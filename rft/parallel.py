@@ -1,7 +1,9 @@
 """Meshes and shardings. Every jitted step runs under a `jax.sharding.Mesh`.
 
-The batch dimension is sharded over the `data` axis; params are replicated (sharding
-rules for FSDP/tensor parallelism build on the same helpers). Never pmap.
+The batch dimension is sharded over the `data` axis (`shard_batch`), or over whichever
+of `data` / `fsdp` the mesh has (`shard_batch_axes`); params are replicated
+(`replicate`) or placed by `rft.sharding` rules (`shard_tree`: FSDP / tensor parallelism,
+optimizer and train state following their params). Never pmap.
 """
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rft import sharding
+
 DATA = "data"
+FSDP = "fsdp"
 
 
 def make_mesh(axes: Mapping[str, int] | None = None, devices=None) -> Mesh:
@@ -57,6 +62,60 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
                        f"of mesh axis '{DATA}'")
     return jax.device_put(x, batch_sharding(mesh))
   return jax.tree.map(put, batch)
+
+
+def shard_batch_axes(batch: Any, mesh: Mesh, batch_size: int | None = None) -> Any:
+  """Place a host batch on the mesh with its leading dim split over every data-parallel
+  axis the mesh has (`data` and `fsdp`: `rft.sharding.batch_spec`); `tensor` devices
+  hold the same rows. Without `data` / `fsdp` axes the batch is replicated.
+
+  With `batch_size`, only leaves whose leading dim equals it are split; the others
+  (shared timesteps, the null condition, scalars) are replicated. Without it every leaf
+  is split, and must have a leading dim divisible by the data-parallel device count.
+  """
+  axes = tuple(a for a in (DATA, FSDP) if a in mesh.shape)
+  n = int(np.prod([mesh.shape[a] for a in axes]))
+
+  def put(x):
+    x = np.asarray(x)
+    per_row = x.ndim > 0 and (batch_size is None or x.shape[0] == batch_size)
+    if not per_row:
+      if batch_size is None:
+        raise ValueError(f"batch leaf of shape {x.shape} has no batch dimension to split "
+                         f"over mesh axes {axes}")
+      return jax.device_put(x, replicated(mesh))
+    if x.shape[0] % n:
+      raise ValueError(f"batch dimension {x.shape[:1]} is not divisible by the {n} devices "
+                       f"of mesh axes {axes}")
+    return jax.device_put(x, NamedSharding(mesh, sharding.batch_spec(mesh, x.ndim)))
+  return jax.tree.map(put, batch)
+
+
+def shard_tree(tree: Any, specs_or_rules: Any, mesh: Mesh, params: Any = None) -> Any:
+  """`jax.device_put` a params tree, a `TrainState` or an optimizer state onto `mesh`.
+
+  `specs_or_rules` is a `rft.sharding.ShardingRules` (the params' specs then come from
+  `rft.sharding.param_specs`) or a tree of `PartitionSpec`, either matching `tree` (used
+  as is) or matching the params. The params are `params`, else `tree.params` (a
+  `TrainState`), else `tree` itself. A tree that is not the params gets the params'
+  specs by `rft.sharding.follow_specs`: Adam moments and EMA copies follow their param,
+  step counts and other leaves are replicated.
+  """
+  is_spec = lambda x: isinstance(x, P)
+  if isinstance(specs_or_rules, sharding.ShardingRules):
+    ref = params if params is not None else getattr(tree, "params", tree)
+    specs = sharding.param_specs(ref, specs_or_rules, mesh)
+  elif (jax.tree.structure(specs_or_rules, is_leaf=is_spec) == jax.tree.structure(tree)
+        and params is None):
+    ref, specs = tree, specs_or_rules
+  else:
+    ref = params if params is not None else getattr(tree, "params", tree)
+    specs = specs_or_rules
+  if ref is not tree:
+    specs = sharding.follow_specs(tree, ref, specs)
+  # (mapped over `tree`: a None subtree, e.g. a TrainState without EMA, stays None)
+  shardings = jax.tree.map(lambda _, s: NamedSharding(mesh, s), tree, specs)
+  return jax.device_put(tree, shardings)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
