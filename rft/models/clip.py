@@ -260,14 +260,18 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
+  """Linear -> activation -> Linear back to the input width; ``names`` are the two
+  layers' param names (transformers: fc1 / fc2, open_clip: c_fc / c_proj)."""
+
   intermediate_size: int
   hidden_act: str
   dtype: Dtype = jnp.float32
+  names: Tuple[str, str] = ("fc1", "fc2")
 
   @nn.compact
   def __call__(self, x):
-    h = _act(self.hidden_act, _dense(self.intermediate_size, self.dtype, "fc1")(x))
-    return _dense(x.shape[-1], self.dtype, "fc2")(h)
+    h = _act(self.hidden_act, _dense(self.intermediate_size, self.dtype, self.names[0])(x))
+    return _dense(x.shape[-1], self.dtype, self.names[1])(h)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -751,19 +755,8 @@ class _ResidualAttentionBlock(nn.Module):
         LayerNorm(self.eps, self.dtype, name="ln_1")(x), mask)
     x = x + ls("ls_1", h)
     h = LayerNorm(self.eps, self.dtype, name="ln_2")(x)
-    mlp = _OpenCLIPMLP(int(d * self.mlp_ratio), self.act, self.dtype, name="mlp")
+    mlp = CLIPMLP(int(d * self.mlp_ratio), self.act, self.dtype, ("c_fc", "c_proj"), name="mlp")
     return x + ls("ls_2", mlp(h))
-
-
-class _OpenCLIPMLP(nn.Module):
-  width: int
-  act: str
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    h = _act(self.act, _dense(self.width, self.dtype, "c_fc")(x))
-    return _dense(x.shape[-1], self.dtype, "c_proj")(h)
 
 
 class _Transformer(nn.Module):

@@ -202,16 +202,7 @@ def save_lm(path: Any, config: LMConfig, params) -> str:
   Refuses params whose tree does not match ``config`` or that hold NaN / Inf.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  expected = expected_shapes(config)
-  flat = io.flatten(params)
-  got = {k: tuple(np.shape(v)) for k, v in flat.items()}
-  if got != expected:
-    missing = sorted(io.path_str(k) for k in expected if k not in got)
-    extra = sorted(io.path_str(k) for k in got if k not in expected)
-    bad = sorted(f"{io.path_str(k)}: {got[k]} != {expected[k]}"
-                 for k in got if k in expected and got[k] != expected[k])
-    raise ValueError(f"save_lm: params do not match the config: missing {missing}, "
-                     f"unexpected {extra}, wrong shapes {bad}")
+  io.check_tree(params, expected_shapes(config), "save_lm")
   state = params_to_hf(params)
   for k, v in state.items():
     if not np.all(np.isfinite(v.astype(np.float32))):

@@ -340,6 +340,21 @@ def convert_state(state: Mapping[str, np.ndarray], convert_key: KeyFn,
   return unflatten({p: jnp.asarray(a, dtype=dtype) for p, a in flat.items()})
 
 
+def check_tree(params, expected: Mapping[Path, Tuple[int, ...]], who: str) -> Dict[Path, Any]:
+  """The flat params after checking them against ``expected`` shapes: a ValueError from
+  ``who`` lists missing, unexpected and wrong-shaped params (before writing a file)."""
+  flat = flatten(params)
+  got = {k: tuple(np.shape(v)) for k, v in flat.items()}
+  if got != dict(expected):
+    missing = sorted(path_str(k) for k in expected if k not in got)
+    extra = sorted(path_str(k) for k in got if k not in expected)
+    bad = sorted(f"{path_str(k)}: {got[k]} != {expected[k]}"
+                 for k in got if k in expected and got[k] != expected[k])
+    raise ValueError(f"{who}: params do not match the config: missing {missing[:20]}, "
+                     f"unexpected {extra[:20]}, wrong shapes {bad[:20]}")
+  return flat
+
+
 def eval_shapes(init_fn: Callable[[], Any]) -> Dict[Path, Tuple[int, ...]]:
   """Flat param shapes of ``init_fn()`` (a ``module.init(...)`` call) without allocating."""
   tree = jax.eval_shape(init_fn)

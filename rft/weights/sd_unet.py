@@ -130,16 +130,7 @@ def unet_to_diffusers(params, config: UNetConfig) -> Dict[str, np.ndarray]:
   Checks the tree against ``config`` first (ValueError naming missing / extra / wrong
   shaped params).
   """
-  expected = expected_shapes(config)
-  flat = io.flatten(params)
-  got = {k: tuple(np.shape(v)) for k, v in flat.items()}
-  if got != expected:
-    missing = sorted(io.path_str(k) for k in expected if k not in got)
-    extra = sorted(io.path_str(k) for k in got if k not in expected)
-    bad = sorted(f"{io.path_str(k)}: {got[k]} != {expected[k]}"
-                 for k in got if k in expected and got[k] != expected[k])
-    raise ValueError(f"unet_to_diffusers: params do not match the config: missing "
-                     f"{missing[:20]}, unexpected {extra[:20]}, wrong shapes {bad[:20]}")
+  flat = io.check_tree(params, expected_shapes(config), "unet_to_diffusers")
   out = {}
   for path, v in flat.items():
     a = np.asarray(jax.device_get(v), dtype=np.float32)
