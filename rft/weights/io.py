@@ -171,17 +171,38 @@ def safetensors_files(model_dir: str, prefix: str = "") -> List[str]:
   if len(indexes) > 1:
     raise ValueError(f"{model_dir}: more than one safetensors index: {indexes}")
   if indexes:
-    index = indexes[0]
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f"{index}: no weight_map")
-    paths = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-      raise FileNotFoundError(f"{index} lists shard(s) that do not exist: {missing}")
-    return paths
+    return index_shards(indexes[0])
   return sorted(glob.glob(os.path.join(model_dir, f"{prefix}*.safetensors")))
+
+
+def index_shards(index: str) -> List[str]:
+  """The shard files a ``*.safetensors.index.json`` names (checked to exist)."""
+  with open(index) as f:
+    weight_map = json.load(f).get("weight_map")
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f"{index}: no weight_map")
+  folder = os.path.dirname(index)
+  paths = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"{index} lists shard(s) that do not exist: {missing}")
+  return paths
+
+
+def read_named_weights(model_dir: str, name: str, *,
+                       allow_pickle: bool = False) -> Optional[Dict[str, np.ndarray]]:
+  """Exactly ``{name}.safetensors``, else ``{name}.safetensors.index.json``'s shards, else
+  ``{name}.bin`` (only with ``allow_pickle``); None when none exists. diffusers folders
+  often hold ``.fp16`` variants beside the fp32 file: a prefix glob would take both."""
+  single = os.path.join(model_dir, name + ".safetensors")
+  if os.path.isfile(single):
+    return load_safetensors([single])
+  if os.path.isfile(single + ".index.json"):
+    return load_safetensors(index_shards(single + ".index.json"))
+  pickle = os.path.join(model_dir, name + ".bin")
+  if os.path.isfile(pickle):
+    return read_weight_file(pickle, allow_pickle=allow_pickle)
+  return None
 
 
 def load_safetensors(paths: Sequence[str]) -> Dict[str, np.ndarray]:

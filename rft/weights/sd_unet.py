@@ -163,11 +163,9 @@ def _read_weights(unet_dir: str, allow_pickle: bool) -> Dict[str, np.ndarray]:
   """The exact ``diffusion_pytorch_model.safetensors`` when present (pipelines often also
   hold ``.fp16`` variants), else its sharded index, else the ``.bin`` pickle (only with
   ``allow_pickle``), else whatever :func:`io.read_state_dict` finds."""
-  base = os.path.join(unet_dir, WEIGHTS_NAME)
-  if os.path.isfile(base + ".safetensors"):
-    return io.load_safetensors([base + ".safetensors"])
-  if not io.safetensors_files(unet_dir, WEIGHTS_NAME) and os.path.isfile(base + ".bin"):
-    return io.read_weight_file(base + ".bin", allow_pickle=allow_pickle)
+  state = io.read_named_weights(unet_dir, WEIGHTS_NAME, allow_pickle=allow_pickle)
+  if state is not None:
+    return state
   return io.read_state_dict(unet_dir, allow_pickle=allow_pickle, prefix=WEIGHTS_NAME,
                             expected=_EXPECTED_FILES)
 

@@ -27,7 +27,6 @@ ValueError naming it.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -146,23 +145,9 @@ def resolve_vae_dir(path: Any, *, subfolder: Optional[str] = "vae") -> str:
 
 def _read_weights(vae_dir: str, *, allow_pickle: bool, variant: Optional[str]):
   name = _WEIGHTS + (f".{variant}" if variant else "")
-  single = os.path.join(vae_dir, name + ".safetensors")
-  index = single + ".index.json"
-  if os.path.isfile(single):
-    return io.load_safetensors([single])
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f"{index}: no weight_map")
-    shards = [os.path.join(vae_dir, n) for n in sorted(set(weight_map.values()))]
-    missing = [p for p in shards if not os.path.isfile(p)]
-    if missing:
-      raise FileNotFoundError(f"{index} lists shard(s) that do not exist: {missing}")
-    return io.load_safetensors(shards)
-  pickle = os.path.join(vae_dir, name + ".bin")
-  if os.path.isfile(pickle):
-    return io.read_weight_file(pickle, allow_pickle=allow_pickle)
+  state = io.read_named_weights(vae_dir, name, allow_pickle=allow_pickle)
+  if state is not None:
+    return state
   raise FileNotFoundError(
       f"{vae_dir}: no {name}.safetensors (nor {name}.safetensors.index.json, nor "
       f"{name}.bin); found {sorted(os.listdir(vae_dir))}. Expected {_EXPECTED_FILES}.")
