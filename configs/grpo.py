@@ -94,11 +94,19 @@ def get_config(arg=None):
   c.grad_clip = 1.0
   c.adam_b1 = 0.9
   c.adam_b2 = 0.99
+  c.adam_eps = 1e-8
   c.eval_every = 50
   c.eval_problems = 512
   c.eval_seed = 0
   c.log_every = 10
   c.ckpt_every = 25
+  # Devices (rft.placement): mesh axes data / fsdp / tensor (-1 = the rest; rollouts and
+  # minibatches split over data x fsdp); sharding rules of the trained params (Adam state
+  # follows), the frozen reference (beta > 0) and the reward model: lm = Megatron
+  # tensor-parallel attention / MLP + FSDP by size, default = FSDP by size, replicate.
+  c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.sharding = config_dict.ConfigDict(
+      {"trained": "lm", "frozen": "lm", "reward": "replicate", "min_size": 2 ** 18})
   o = c.objective
   if "hf_math" in variants:
     c.model_path = config_lib.required("--config.model_path=<HF model folder or hub id>")

@@ -77,6 +77,38 @@ def config_stem(config: str) -> str:
   return os.path.splitext(os.path.basename(config.partition(":")[0]))[0]
 
 
+def execute_together(commands: Sequence[tuple[Sequence[tuple[str, str]], Sequence[str]]],
+                     dry_run: bool, cwd: str = ROOT) -> int:
+  """Prints each `(env, command)` as `KEY=value ... command` and, unless `dry_run`, starts
+  them all at once (the processes of one multi-process job) and waits; when one fails the
+  others are stopped (a peer would otherwise wait for it forever). Returns the first
+  non-zero exit status, else 0."""
+  import time
+  for env, cmd in commands:
+    print(shlex.join(cmd) if not env else " ".join(assignments(env)) + " " + shlex.join(cmd),
+          flush=True)
+  if dry_run:
+    return 0
+  procs = [subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **dict(env)})
+           for env, cmd in commands]
+  try:
+    while True:
+      codes = [p.poll() for p in procs]
+      bad = [c for c in codes if c not in (None, 0)]
+      if bad or all(c == 0 for c in codes):
+        return bad[0] if bad else 0
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.terminate()
+    for p in procs:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        p.kill()
+
+
 def execute(commands: Sequence[Sequence[str]], dry_run: bool, cwd: str = ROOT) -> int:
   """Prints each command (shlex.join) and, unless `dry_run`, runs them in turn, stopping
   at the first failure; returns its exit status."""

@@ -30,7 +30,8 @@ Built-in rule sets:
 * :data:`UNET_RULES` -- the same for the transformer blocks of
   ``rft.models.sd_unet.UNet2DCondition``: attention ``to_q/to_k/to_v`` (output dim) and
   ``to_out_0`` (input dim), GEGLU ``ff/net_0/proj`` (output dim) and ``ff/net_2`` (input
-  dim); everything else (convs, norms, projections) FSDP.
+  dim); everything else (convs, norms, projections) FSDP over ``fsdp`` x ``tensor``, so
+  on fsdp4 x tensor2 the convs are split 8 ways, as on fsdp8.
 * :data:`DEFAULT_RULES` -- FSDP by size for anything (t2i models, LoRA trees).
 
 Specs are only placement: under ``jit`` any sharding computes the same function (GSPMD
@@ -98,13 +99,17 @@ class ShardingRules:
   """Ordered ``(path regex, spec)`` rules; see the module docstring for the spec forms.
 
   ``min_size``: params with fewer elements are never FSDP-sharded (explicit tuple
-  entries still apply). ``on_indivisible``: "raise" or "replicate".
+  entries still apply). ``fsdp_axis``: the FSDP axis, or a tuple of axes FSDP spans
+  (e.g. ``("fsdp", "tensor")``: a param no tensor rule splits is spread over all
+  fsdp x tensor devices; the axes a tensor rule already uses are skipped, and when no
+  dim divides the whole product, fewer axes are tried). ``on_indivisible``: "raise" or
+  "replicate".
   """
 
   rules: Sequence[tuple[str, Spec]] = ()
   default: Spec = "fsdp"
   min_size: int = 2 ** 18
-  fsdp_axis: str = FSDP
+  fsdp_axis: Union[str, tuple[str, ...]] = FSDP
   combine_fsdp: bool = True
   on_indivisible: str = "raise"
 
@@ -178,15 +183,24 @@ class ShardingRules:
           log.warning("%s; replicating that dim", msg)
           axes = ()
         entries[i] = axes
-      fsdp = self.combine_fsdp and self.fsdp_axis not in {a for e in spec
-                                                            for a in _entry_axes(e)}
-    n = sizes.get(self.fsdp_axis, 1)
-    if fsdp and n > 1 and math.prod(shape) >= self.min_size:
-      free = [i for i in range(len(shape)) if not entries[i] and shape[i] % n == 0]
-      if free:
-        i = max(free, key=lambda j: (shape[j], -j))  # the largest; the first on ties
-        entries[i] = (self.fsdp_axis,)
+      fsdp = self.combine_fsdp and self.fsdp_axes[0] not in {a for e in spec
+                                                             for a in _entry_axes(e)}
+    if fsdp and math.prod(shape) >= self.min_size:
+      used = {a for e in entries for a in e}
+      axes = tuple(a for a in self.fsdp_axes if a not in used and sizes.get(a, 1) > 1)
+      for k in range(len(axes), 0, -1):  # all FSDP axes, else fewer (dropped from the end)
+        n = math.prod(sizes[a] for a in axes[:k])
+        free = [i for i in range(len(shape)) if not entries[i] and shape[i] % n == 0]
+        if free:
+          i = max(free, key=lambda j: (shape[j], -j))  # the largest; the first on ties
+          entries[i] = axes[:k]
+          break
     return _canonical(entries)
+
+  @property
+  def fsdp_axes(self) -> tuple[str, ...]:
+    """The axes FSDP splits over, in order (``fsdp_axis`` as a tuple)."""
+    return (self.fsdp_axis,) if isinstance(self.fsdp_axis, str) else tuple(self.fsdp_axis)
 
   def _named_axes(self) -> set[str]:
     specs = [s for _, s in self.rules] + [self.default]
@@ -214,7 +228,7 @@ UNET_RULES = ShardingRules(rules=(
     (_BLOCK + r"ff/net_0/proj/kernel$", (None, _T)),
     (_BLOCK + r"ff/net_0/proj/bias$", (_T,)),
     (_BLOCK + r"ff/net_2/kernel$", (_T, None)),
-))
+), fsdp_axis=(FSDP, _T))  # convs and the rest FSDP over fsdp x tensor: all 8 devices of 4x2
 
 DEFAULT_RULES = ShardingRules()
 

@@ -27,6 +27,48 @@ def run_main(config: str, workdir, *overrides: str, **kw) -> subprocess.Complete
                     **kw)
 
 
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+  """This environment without multi-process variables (RFT_*, SLURM_*, TPU_*, ...), on
+  CPU, with `extra` added."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("RFT_", "SLURM_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR"))}
+  env.update({"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **extra})
+  return env
+
+
+def run_processes(args, num_processes: int = 2, devices_each: int = 4, timeout: int = 600,
+                  env: dict | None = None) -> list[str]:
+  """`python args...` as `num_processes` jax processes joined through RFT_COORDINATOR on
+  127.0.0.1 (each with `devices_each` fake CPU devices); their outputs. Raises
+  AssertionError with the log of any process that failed."""
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, env=clean_env(
+          XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+          RFT_COORDINATOR=f"127.0.0.1:{port}", RFT_NUM_PROCESSES=str(num_processes),
+          RFT_PROCESS_ID=str(i), **(env or {})))
+      for i in range(num_processes)]
+  try:
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, p in enumerate(procs):
+    if p.returncode != 0:
+      raise AssertionError(f"process {i} of {args} failed ({p.returncode}):\n"
+                           f"{logs[i][-4000:]}")
+  return logs
+
+
 def import_open_clip():
   """``open_clip`` (the OpenCLIP reference for the HPSv2 / OpenCLIP-format parity tests).
 

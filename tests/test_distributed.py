@@ -11,7 +11,6 @@ Run a role by hand: python -m tests.test_distributed dist|single OUTDIR
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, clean_env, run_processes
 
 GLOBAL_BATCH = 16
 STEPS = 3
@@ -115,41 +114,13 @@ def _worker(role: str, outdir: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("RFT_", "SLURM_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR"))}
-  env.update({"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-              "XLA_FLAGS": "--xla_force_host_platform_device_count=4", **extra})
-  return env
-
-
 def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path):
   t0 = time.time()
-  port = _free_port()
-  cmd = [sys.executable, "-m", "tests.test_distributed", "dist", str(tmp_path)]
-  procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True,
-                            env=_env(RFT_COORDINATOR=f"127.0.0.1:{port}", RFT_NUM_PROCESSES="2",
-                                     RFT_PROCESS_ID=str(i)))
-           for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} failed:\n{logs[i][-4000:]}"
+  run_processes(["-m", "tests.test_distributed", "dist", str(tmp_path)], timeout=240)
   t_dist = time.time() - t0
   single = subprocess.run([sys.executable, "-m", "tests.test_distributed", "single",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                          env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert single.returncode == 0, single.stderr[-4000:]
   print(f"two processes {t_dist:.1f}s, single process {time.time() - t0 - t_dist:.1f}s")
 
@@ -268,7 +239,7 @@ def test_global_batch_in_one_process_is_the_whole_batch():
 def test_main_distributed_on_without_a_cluster_names_the_variables(tmp_path):
   """rft.main --distributed=on initialises before anything else; with no cluster it stops
   with an error naming what to set (and writes nothing)."""
-  env = _env()
+  env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
   env = {k: v for k, v in env.items() if not k.startswith(("KUBERNETES_", "OMPI_", "PMI_"))}
   p = subprocess.run([sys.executable, "-m", "rft.main", "--config=configs/pretrain_shapes.py:smoke",
                       f"--workdir={tmp_path / 'w'}", "--distributed=on"], cwd=ROOT, env=env,

@@ -64,6 +64,53 @@ def test_local_passes_a_nasty_override_through():
                               "--alsologtostderr"]
 
 
+def test_local_processes_dry_run_prints_one_command_per_process():
+  out = _launch("local.py", "--config=configs/prdp.py:smoke", "--processes=2", "--port=4321",
+                "--cpu_devices=4", "--python=py", "--dry_run", "--config.mesh.fsdp=8",
+                "--config.mesh.data=1").stdout.strip().splitlines()
+  flags = ["py", "-m", "rft.main", "--config=configs/prdp.py:smoke", "--config.mesh.fsdp=8",
+           "--config.mesh.data=1"]
+  assert [shlex.split(line) for line in out] == [
+      ["RFT_COORDINATOR=127.0.0.1:4321", "RFT_NUM_PROCESSES=2", f"RFT_PROCESS_ID={i}",
+       "JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=4", *flags]
+      for i in range(2)]
+  out = _launch("local.py", "--config=c.py", "--processes=2", "--port=9", "--gpus_per_process=2",
+                "--python=py", "--dry_run").stdout.strip().splitlines()
+  assert [shlex.split(line)[:4] for line in out] == [
+      ["RFT_COORDINATOR=127.0.0.1:9", "RFT_NUM_PROCESSES=2", "RFT_PROCESS_ID=0",
+       "RFT_LOCAL_DEVICE_IDS=0,1"],
+      ["RFT_COORDINATOR=127.0.0.1:9", "RFT_NUM_PROCESSES=2", "RFT_PROCESS_ID=1",
+       "RFT_LOCAL_DEVICE_IDS=2,3"]]
+  p = _launch("local.py", "--config=c.py", "--processes=0", "--dry_run", check=False)
+  assert p.returncode != 0 and "--processes=0 must be >= 1" in p.stderr
+
+
+def test_local_processes_start_together_with_their_environment(tmp_path):
+  """The processes really run (a fake python reports argv and the RFT_* variables), and a
+  failing process stops its peer instead of leaving it waiting."""
+  bin_ = tmp_path / "bin"
+  bin_.mkdir()
+  _exe(bin_ / "python", f"#!{sys.executable}\nimport json, os, sys, time\n"
+       f"out = {str(tmp_path)!r} + '/p' + os.environ['RFT_PROCESS_ID']\n"
+       "open(out, 'w').write(json.dumps({'argv': sys.argv[1:], 'env': {k: v for k, v in "
+       "os.environ.items() if k.startswith('RFT_')}}))\n"
+       "if os.environ.get('FAIL') == os.environ['RFT_PROCESS_ID']: sys.exit(3)\n"
+       "time.sleep(60 if os.environ.get('FAIL') else 0)\n")
+  py = str(bin_ / "python")
+  p = _launch("local.py", "--config=c.py", "--processes=2", "--port=5555", f"--python={py}",
+              NASTY)
+  for i in range(2):
+    got = json.loads((tmp_path / f"p{i}").read_text())
+    assert got["argv"] == ["-m", "rft.main", "--config=c.py", NASTY]
+    assert got["env"] == {"RFT_COORDINATOR": "127.0.0.1:5555", "RFT_NUM_PROCESSES": "2",
+                          "RFT_PROCESS_ID": str(i)}
+  import time
+  t0 = time.time()
+  p = _launch("local.py", "--config=c.py", "--processes=2", f"--python={py}", check=False,
+              env={"FAIL": "1"})
+  assert p.returncode == 3 and time.time() - t0 < 30  # process 0 was stopped, not awaited
+
+
 def test_slurm_dry_run_prints_exact_script_and_sbatch_command():
   out = _launch("slurm.py", "--config=configs/prdp.py:sd", "--workdir=/shared/run", "--nodes=2",
                 "--gpus_per_node=4", "--partition=gpu", "--account=proj", "--time=1-00:00:00",

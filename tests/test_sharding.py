@@ -85,11 +85,16 @@ def test_unet_rules_specs(unet_shapes):
   m = "mid_block/attentions_0/transformer_blocks_0/"
   assert ft[m + "attn1/to_q/kernel"] == P("fsdp", "tensor")  # [1280, 1280]
   assert ft[m + "attn2/to_out_0/kernel"] == P("tensor", "fsdp")
-  assert ft["down_blocks_0/resnets_0/conv1/kernel"] == P(None, None, "fsdp")  # [3,3,320,320]
-  assert ft["up_blocks_0/resnets_0/conv1/kernel"] == P(None, None, "fsdp")  # [3,3,2560,1280]
-  assert ft["mid_block/attentions_0/proj_in/kernel"] == P(None, None, "fsdp")
+  # Params no tensor rule splits: FSDP over fsdp x tensor (all 8 devices).
+  ft8 = ("fsdp", "tensor")
+  assert ft["down_blocks_0/resnets_0/conv1/kernel"] == P(None, None, ft8)  # [3,3,320,320]
+  assert ft["up_blocks_0/resnets_0/conv1/kernel"] == P(None, None, ft8)  # [3,3,2560,1280]
+  assert ft["mid_block/attentions_0/proj_in/kernel"] == P(None, None, ft8)
   assert ft["conv_in/kernel"] == P()  # [3,3,4,320]: small
-  assert ft["time_embedding/linear_2/kernel"] == P("fsdp")  # [1280, 1280]
+  assert ft["time_embedding/linear_2/kernel"] == P(ft8)  # [1280, 1280]
+  # No dim divisible by fsdp x tensor = 8 but one by fsdp = 4: FSDP over fsdp alone.
+  odd = S.UNET_RULES.replace(min_size=1).spec_for("conv/kernel", (3, 3, 12, 20), FT)
+  assert odd == P(None, None, None, "fsdp")
   f8 = _flat_specs(unet_shapes, S.param_specs(unet_shapes, S.UNET_RULES, FSDP8))
   assert f8[b + "attn1/to_q/kernel"] == P()  # small
   assert f8[m + "attn1/to_q/kernel"] == P("fsdp")

@@ -33,8 +33,12 @@ def score_texts(texts: Sequence[str], answers: Sequence[str], reward: ScoreFn | 
 
 def generate_texts(lm_config, params, world, ids: np.ndarray, key, *, temperature: float = 1.0,
                    greedy: bool = False, batch_size: int = 512,
-                   max_new_tokens: int | None = None) -> list[str]:
-  """Completions of problems `ids` (budget: `max_new_tokens`, else max_answer_len + 2)."""
+                   max_new_tokens: int | None = None, placement=None) -> list[str]:
+  """Completions of problems `ids` (budget: `max_new_tokens`, else max_answer_len + 2).
+
+  With a `rft.placement.Placement` the prompt rows are split over its data-parallel
+  devices (replicated when they do not divide) and the completions gathered to every
+  process."""
   tok = world.tokenizer
   sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens or world.max_answer_len + 2,
                                temperature=temperature, greedy=greedy)
@@ -43,9 +47,13 @@ def generate_texts(lm_config, params, world, ids: np.ndarray, key, *, temperatur
   for start in range(0, len(ids), batch_size):
     chunk = ids[start:start + batch_size]
     pt, pm = world.prompt_tokens(chunk)
-    out = sampling.generate(lm_config, params, jnp.asarray(pt), jnp.asarray(pm),
-                            jax.random.fold_in(key, start), sampling=sc, eos_id=tok.eos_id,
-                            pad_id=tok.pad_id, stop_sequences=stops)
+    pt, pm = ((jnp.asarray(pt), jnp.asarray(pm)) if placement is None
+              else placement.batch((pt, pm), size=len(pt), strict=False))
+    out = sampling.generate(lm_config, params, pt, pm, jax.random.fold_in(key, start),
+                            sampling=sc, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                            stop_sequences=stops)
+    if placement is not None:
+      out = placement.gather(out)
     texts += sampling.decode_texts(tok, out)
   return texts
 
@@ -62,7 +70,7 @@ def example_line(world, i: int, text: str, score: float, exact: bool) -> str:
 
 def evaluate(lm_config, params, world, num_problems: int, seed: int = 0,
              temperature: float = 1.0, *, reward: ScoreFn | None = None,
-             max_new_tokens: int | None = None, batch_size: int = 512
+             max_new_tokens: int | None = None, batch_size: int = 512, placement=None
              ) -> tuple[dict, dict]:
   """Greedy and sampled accuracy on fixed train / held-out problem sets.
 
@@ -78,7 +86,7 @@ def evaluate(lm_config, params, world, num_problems: int, seed: int = 0,
     if not len(ids):
       continue
     answers = [world.answers[i] for i in ids]
-    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, placement=placement)
     greedy_texts = generate_texts(lm_config, params, world, ids, jax.random.key(seed),
                                   greedy=True, **kw)
     sampled_texts = generate_texts(lm_config, params, world, ids, jax.random.key(seed + 1),

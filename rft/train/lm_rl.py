@@ -35,6 +35,7 @@ import optax
 from absl import logging
 
 from rft import checkpoint, metrics, pretrained
+from rft.placement import Placement
 from rft import config as config_lib
 from rft.data import lm_tasks
 from rft.data.arithmetic import ArithmeticWorld
@@ -96,8 +97,12 @@ def loss_settings(o) -> dict:
   return kw
 
 
-def make_update(lm_config, config, tx):
-  """update(state, mb) -> (state, metrics) for the policy loss or RAFT's SFT."""
+def make_update(lm_config, config, tx, placement: Placement | None = None, state=None):
+  """update(state, mb) -> (state, metrics) for the policy loss or RAFT's SFT.
+
+  With `placement` (and the placed `state` whose layout it fixes) the jit has explicit
+  in / out shardings and donates the state; without, shardings follow the arguments.
+  """
   o = config.objective
   T = config.sampling.temperature
   loss_kw = {k: v for k, v in loss_settings(o).items() if k not in grpo.ADVANTAGE_KEYS}
@@ -121,7 +126,9 @@ def make_update(lm_config, config, tx):
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx), m
 
-  return jax.jit(update, donate_argnums=(0,))
+  if placement is None:
+    return jax.jit(update, donate_argnums=(0,))
+  return placement.jit_update(update, state, num_args=2)
 
 
 # ------------------------------------------------------------------------ task and model
@@ -202,6 +209,11 @@ def train_and_evaluate(config, workdir: str):
   o = config.objective
   t_start = time.time()
   # ---------------------------------------------------------------- task and base model
+  placement = Placement.from_config(config)  # config.mesh, config.sharding
+  Q = config.prompts_per_step
+  placement.check_rows(Q * config.group_size, "config.prompts_per_step * config.group_size")
+  placement.check_rows(Q // config.minibatches * config.group_size,
+                       "config.prompts_per_step / config.minibatches * config.group_size")
   lm_config, base_params, world, meta = load_task_and_model(config, workdir)
   tok = world.tokenizer
   stops = tuple(tok.stop_sequences)
@@ -230,9 +242,11 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- state
   tx = make_optimizer(config.lr, config.steps * config.inner_iterations * config.minibatches,
                       config.warmup, config.weight_decay, config.grad_clip,
-                      config.adam_b1, config.adam_b2, schedule="constant")
-  state = TrainState.create(jax.tree.map(jnp.copy, base_params), tx)
-  ref_params = base_params if o.beta > 0 else None
+                      config.adam_b1, config.adam_b2, schedule="constant",
+                      eps=config.get("adam_eps", 1e-8))
+  # Created already sharded (config.sharding.trained; Adam moments follow the params).
+  state = placement.create_state(lambda p: TrainState.create(p, tx), base_params)
+  ref_params = placement.put_frozen(base_params) if o.beta > 0 else None
   logging.info("LM RL %s/%s: %d params, beta=%g (%s reference)", o.name, o.loss,
                sum(x.size for x in jax.tree.leaves(base_params)), o.beta,
                "with" if ref_params is not None else "no")
@@ -247,15 +261,17 @@ def train_and_evaluate(config, workdir: str):
     logging.info("resumed %s at step %d", workdir, start)
 
   # ---------------------------------------------------------------- log-probs and updates
-  update = make_update(lm_config, config, tx)
+  update = make_update(lm_config, config, tx, placement, state)
   log_probs_fn = jax.jit(lambda p, b: policy_log_probs(lm_config, sc.temperature, p, b))
 
   # ---------------------------------------------------------------- rollout
   def rollout(params, ids, key) -> dict:
     pt, pm = world.prompt_tokens(ids)
-    out = sampling.generate(lm_config, params, jnp.asarray(pt), jnp.asarray(pm), key,
+    prompts = placement.batch({"t": pt, "m": pm})  # each process supplies its rows
+    out = sampling.generate(lm_config, params, prompts["t"], prompts["m"], key,
                             sampling=sc, eos_id=tok.eos_id, pad_id=tok.pad_id,
                             stop_sequences=stops)
+    out = placement.gather(out)  # every process decodes and scores every completion
     texts = sampling.decode_texts(tok, out)
     r_terms = score(texts, ids)
     lengths = np.asarray(out.lengths)
@@ -292,7 +308,8 @@ def train_and_evaluate(config, workdir: str):
     m, examples = arith_eval.evaluate(
         lm_config, params, world, config.eval_problems, config.eval_seed, sc.temperature,
         reward=reward if config.model_path else None,
-        max_new_tokens=world.max_answer_len if config.model_path else None)
+        max_new_tokens=world.max_answer_len if config.model_path else None,
+        placement=placement)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
     writer.write_texts(step, {f"eval_samples/{s}": "\n".join(v) for s, v in examples.items()})
     return m
@@ -317,8 +334,8 @@ def train_and_evaluate(config, workdir: str):
              zero_std_groups=float(np.mean(groups.std(axis=1) < 1e-6)),
              length_mean=float(b["lengths"].mean()), length_max=float(b["lengths"].max()),
              truncated_fraction=float(b["truncated"].mean()))
-    batch = {k: jnp.asarray(b[k]) for k in ("prompt", "prompt_mask", "completion",
-                                            "completion_mask")}
+    # (fewer rows than planned only with dynamic sampling: replicated if indivisible)
+    host = {k: b[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask")}
     weight = np.ones(len(rewards), np.float32)
     if o.name == "grpo" and o.overlong_filter:
       weight = np.asarray(grpo.overlong_filter_mask(b["truncated"]), np.float32)
@@ -329,11 +346,7 @@ def train_and_evaluate(config, workdir: str):
       weight[keep] = 1.0
       m["kept_fraction"] = len(keep) / len(rewards)
       m["kept_reward_mean"] = float(rewards[keep].mean()) if len(keep) else 0.0
-    batch["loss_weight"] = jnp.asarray(weight)
-    old_lp, _ = log_probs_fn(state.params, batch)
-    batch["old_log_probs"] = old_lp
-    m["sampler_logprob_gap"] = float(jnp.max(jnp.abs(old_lp - b["sampler_log_probs"])
-                                             * batch["completion_mask"]))
+    host["loss_weight"] = weight
     if o.name == "grpo":
       if config.reward_aggregation == "normalize_then_sum":  # each term within its group
         adv, _ = grpo.aggregate(b["reward_terms"], weights_with_overlong, G,
@@ -341,7 +354,14 @@ def train_and_evaluate(config, workdir: str):
       else:
         adv, _ = grpo.advantages(jnp.asarray(rewards), G, kw["advantage"],
                                  kw["scale_rewards"])
-      batch["advantages"] = adv
+      host["advantages"] = np.asarray(adv, np.float32)
+    batch = placement.batch(host, strict=False)
+    old_lp, _ = log_probs_fn(state.params, batch)
+    batch["old_log_probs"] = old_lp
+    m["sampler_logprob_gap"] = float(np.max(np.abs(placement.gather(old_lp)
+                                                   - b["sampler_log_probs"])
+                                            * b["completion_mask"]))
+    if o.name == "grpo":
       if ref_params is not None:
         batch["ref_log_probs"], _ = log_probs_fn(ref_params, batch)
     # Fewer than Q groups only when dynamic sampling ran out of rounds (fill_batch then
@@ -354,7 +374,7 @@ def train_and_evaluate(config, workdir: str):
       for g in minibatches(order, max(num_groups // config.minibatches, 1),
                            config.minibatches):
         idx = group_rows(g, G)
-        state, um = update(state, jax.tree.map(lambda a: a[idx], batch))
+        state, um = update(state, placement.take_rows(batch, idx, strict=False))
         ums.append(um)
     if not ums:
       logging.warning("step %d: every sampled group's rewards agree after %d rounds; no "
@@ -390,11 +410,12 @@ def train_and_evaluate(config, workdir: str):
              "steps": config.steps, "completions_per_step": Q * G,
              "train_seconds_this_run": round(time.time() - t_loop, 1),
              "total_seconds_this_run": round(time.time() - t_start, 1), "history": history}
+  final = placement.gather(state.params)  # on every process (a collective)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
     if config.model_path:
-      export_hf(workdir, lm_config, jax.device_get(state.params), meta["model_dir"],
+      export_hf(workdir, lm_config, final, meta["model_dir"],
                 {"command": pretrained.invocation(), "objective": o.name,
                  "finetuned_from": meta["model_dir"], "prompt_file": config.prompt_file,
                  "reward": config.reward, "results": results})
@@ -402,5 +423,5 @@ def train_and_evaluate(config, workdir: str):
       bundle_meta = dict(meta, command=pretrained.invocation(), objective=o.name,
                          finetuned_from=config.base_dir or "rft/assets/arith_base",
                          results=results)
-      pretrained.save_bundle("arith_base", jax.device_get(state.params), bundle_meta, workdir)
+      pretrained.save_bundle("arith_base", final, bundle_meta, workdir)
   return results

@@ -31,6 +31,7 @@ import optax
 from absl import logging
 
 from rft import checkpoint, metrics
+from rft.placement import Placement
 from rft.diffusion import ddim, training
 from rft.diffusion.pipeline import SamplerConfig
 from rft.models import lora
@@ -67,7 +68,8 @@ def setup_finetuning(config, base_params, key):
   ft = config.finetune
   total = config.epochs * max(config.updates_per_epoch, 1)
   tx = make_optimizer(config.lr, total, config.warmup, config.weight_decay, config.grad_clip,
-                      config.adam_b1, config.adam_b2, schedule="constant")
+                      config.adam_b1, config.adam_b2, schedule="constant",
+                      eps=config.get("adam_eps", 1e-8))
   if ft.mode == "lora":
     trainable = lora.init(base_params, key, ft.lora_rank, ft.lora_targets)
 
@@ -86,8 +88,21 @@ def setup_finetuning(config, base_params, key):
 # ------------------------------------------------------------------------ updates
 
 
-def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, tx):
-  """update(state, batch, key, on_policy) for PRDP / DDPO on stored trajectories."""
+def _jit(update, placement, state, base, num_args, **kw):
+  """The update jitted: as is (shardings inferred from the arguments), or with the state's
+  and the frozen base params' shardings fixed in and out (`Placement.jit_update`)."""
+  if placement is None:
+    return jax.jit(update, donate_argnums=(0,), **kw)
+  return placement.jit_update(update, state, frozen=((1, base),), num_args=num_args, **kw)
+
+
+def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, tx,
+                           placement: Placement | None = None, state=None, base=None):
+  """update(state, base, batch, key, on_policy) for PRDP / DDPO on stored trajectories.
+
+  With `placement` (and the placed `state` and `base` whose layout it fixes) the jit has
+  explicit in / out shardings; without, they are inferred from the arguments.
+  """
   o = config.objective
   B = config.samples_per_prompt
   unroll = trajectory.auto_unroll(config.unroll)
@@ -121,10 +136,11 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx, config.ema_decay), m
 
-  return jax.jit(update, static_argnames=("on_policy",), donate_argnums=(0,))
+  return _jit(update, placement, state, base, 4, static_argnames=("on_policy",))
 
 
-def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, materialize, tx):
+def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, materialize, tx,
+                         placement: Placement | None = None, state=None, base=None):
   """update(state, base, b, key, reward_params) for DRaFT-K / DRaFT-LV / AlignProp: sample
   with gradients, -reward. The reward's frozen weights come in as an argument.
 
@@ -164,10 +180,11 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, materiali
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx, config.ema_decay), m
 
-  return jax.jit(update, donate_argnums=(0,))
+  return _jit(update, placement, state, base, 5)
 
 
-def make_raft_update(config, pipe, materialize, tx):
+def make_raft_update(config, pipe, materialize, tx, placement: Placement | None = None,
+                     state=None, base=None):
   o = config.objective
 
   def update(state, base, b, key):
@@ -179,7 +196,7 @@ def make_raft_update(config, pipe, materialize, tx):
     m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx, config.ema_decay), m
 
-  return jax.jit(update, donate_argnums=(0,))
+  return _jit(update, placement, state, base, 4)
 
 
 # ------------------------------------------------------------------------ helpers
@@ -203,10 +220,27 @@ def group_stats(rewards: np.ndarray, group_size: int) -> dict:
           "zero_std_groups": float(np.mean(std < 1e-6))}
 
 
-def _take(batch: dict, idx: np.ndarray, per_sample: tuple) -> dict:
-  return {k: (jax.tree.map(lambda a: a[idx], v) if k in per_sample else v)
-          for k, v in batch.items()}
+def _take(placement: Placement, batch: dict, idx: np.ndarray, per_sample: tuple) -> dict:
+  """Rows `idx` of the per-sample entries of `batch` (split over the mesh's data axes);
+  the other entries (shared timesteps, the null condition) as they are."""
+  taken = placement.take_rows({k: v for k, v in batch.items() if k in per_sample}, idx)
+  return {k: taken.get(k, v) for k, v in batch.items()}
 
+
+def check_rows(config, placement: Placement) -> None:
+  """Every batch the loop builds splits evenly over the mesh's data-parallel devices."""
+  o, B = config.objective, config.samples_per_prompt
+  if o.name in BACKPROP_OBJECTIVES:
+    placement.check_rows(config.prompts_per_update, "config.prompts_per_update")
+  elif o.name == "raft":
+    placement.check_rows(config.prompts_per_update * o.keep,
+                         "config.prompts_per_update * config.objective.keep")
+  else:
+    placement.check_rows(config.prompts_per_update * B,
+                         "config.prompts_per_update * config.samples_per_prompt")
+  if o.name not in BACKPROP_OBJECTIVES:
+    placement.check_rows(config.prompts_per_epoch * B,
+                         "config.prompts_per_epoch * config.samples_per_prompt")
 
 
 def validate(config):
@@ -231,8 +265,11 @@ def train_and_evaluate(config, workdir: str):
   o = config.objective
   t_start = time.time()
   # ---------------------------------------------------------------- world and base model
+  placement = Placement.from_config(config)  # config.mesh, config.sharding
+  check_rows(config, placement)
   world = diffusion_worlds.build(config, workdir)
-  pipe, base_params, tokens_all = world.pipe, world.base_params, world.tokens
+  pipe, tokens_all = world.pipe, world.tokens
+  base_params = placement.put_frozen(world.base_params)
   schedule = pipe.schedule
   sampler = SamplerConfig(**dict(config.sampler))
   B = config.samples_per_prompt
@@ -242,25 +279,38 @@ def train_and_evaluate(config, workdir: str):
   if o.name in BACKPROP_OBJECTIVES and not reward.differentiable:
     raise ValueError(f"{o.name} backpropagates through the reward, but config.reward "
                      f"{config.reward!r} is not differentiable")
+  reward_params = placement.put_reward(reward.params)
   reward_jit = None if reward.host else jax.jit(
       lambda images, prompts, params: reward(images, prompts, params))
   to_images = jax.jit(pipe.images)  # decoded with the frozen base params (e.g. the VAE)
 
-  def score(images, ids):
+  def score(images, ids) -> np.ndarray:
+    """Rewards of every sample, as numpy on every process."""
     prompts = world.reward_prompts(ids)
-    if reward.host:
-      return np.asarray(reward(np.asarray(images), prompts), np.float32)
-    return np.asarray(reward_jit(images, prompts, reward.params), np.float32)
+    if reward.host:  # each process scores the rows it holds
+      local = placement.local_rows(images)
+      if len(local) == len(ids):
+        return np.asarray(reward(local, prompts), np.float32)
+      rows = placement.rows(len(ids))
+      mine = np.asarray(reward(local, jax.tree.map(lambda a: np.asarray(a)[rows], prompts)),
+                        np.float32)
+      return placement.gather_rows(mine)
+    images = placement.batch(images, strict=False)
+    prompts = placement.batch(prompts, size=len(ids), strict=False)
+    return placement.gather(reward_jit(images, prompts, reward_params)).astype(np.float32)
 
   # ---------------------------------------------------------------- trainable params
   key = jax.random.key(config.seed)
   trainable, materialize, tx = setup_finetuning(config, base_params, jax.random.fold_in(key, 2**31 - 1))
-  state = TrainState.create(trainable, tx, ema=config.ema_decay > 0)
+  # Created already sharded (config.sharding.trained; Adam moments and EMA follow).
+  state = placement.create_state(
+      lambda p: TrainState.create(p, tx, ema=config.ema_decay > 0), trainable)
+  del trainable
   tracker = None
   if o.name == "ddpo" and o.per_prompt_stats:
     tracker = ddpo.PerPromptStatTracker(len(world.texts), o.buffer_size, o.min_count)
   logging.info("objective %s, finetune %s: %d trainable params", o.name, config.finetune.mode,
-               sum(x.size for x in jax.tree.leaves(trainable)))
+               sum(x.size for x in jax.tree.leaves(state.params)))
 
   # ---------------------------------------------------------------- checkpoint / resume
   def ckpt_tree(st):
@@ -297,11 +347,13 @@ def train_and_evaluate(config, workdir: str):
   if o.name in TRAJECTORY_OBJECTIVES:
     scorer = trajectory.StepScorer(pipe.eps_fn, schedule, sampler.eta, sampler.guidance_scale,
                                    sampler.clip_x0, reduce="mean")
-    update = make_trajectory_update(config, scorer, materialize, tx)
+    update = make_trajectory_update(config, scorer, materialize, tx, placement, state,
+                                    base_params)
   elif o.name in BACKPROP_OBJECTIVES:
-    update = make_backprop_update(config, pipe, sampler, reward, materialize, tx)
+    update = make_backprop_update(config, pipe, sampler, reward, materialize, tx, placement,
+                                  state, base_params)
   else:
-    update = make_raft_update(config, pipe, materialize, tx)
+    update = make_raft_update(config, pipe, materialize, tx, placement, state, base_params)
 
   # ---------------------------------------------------------------- evaluation
   writer = metrics.create_writer(workdir)
@@ -316,8 +368,9 @@ def train_and_evaluate(config, workdir: str):
       key = jax.random.key(config.eval_seed)
 
       def fn(chunk, k):
-        traj = rollout(trainable, base_params, jnp.asarray(tokens_all[chunk]), k)[0]
-        return to_images(base_params, traj.sample)
+        tokens = placement.batch(tokens_all[chunk], strict=False)
+        traj = rollout(trainable, base_params, tokens, k)[0]
+        return placement.gather(to_images(base_params, traj.sample))
 
       judged = world.evaluate(fn, ids, key, config.eval_batch_size)
       if judged is None:  # no independent evaluator: the configured rewards only
@@ -337,7 +390,7 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- one epoch
   def sample_and_score(state, ids, k_epoch):
-    tokens = jnp.asarray(tokens_all[ids])
+    tokens = placement.batch(tokens_all[ids])  # each process supplies its rows
     traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0))
     scores = score(to_images(base_params, traj.sample), ids)
     return traj, cond, null, scores, group_stats(scores, B)
@@ -346,20 +399,20 @@ def train_and_evaluate(config, workdir: str):
     traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch)
     batch = {"latents": traj.latents, "timesteps": traj.timesteps,
              "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
-             "cond": cond, "null_cond": null, "rewards": jnp.asarray(scores)}
+             "cond": cond, "null_cond": null, "rewards": placement.batch(scores)}
     if o.name == "prdp" or config.kl_metric:
       ref = ref_log_probs(base_params, traj, cond, null)
       batch["ref_log_probs"] = ref
       m["kl_to_ref"] = float(jnp.mean(jnp.sum(traj.log_probs - ref, axis=1)))
     if o.name == "ddpo":
       adv = tracker.update(ids, scores) if tracker else ddpo.batch_advantages(scores)
-      batch["advantages"] = jnp.asarray(adv)
+      batch["advantages"] = placement.batch(np.asarray(adv, np.float32))
     per_sample = ("latents", "log_probs", "rewards", "ref_log_probs", "advantages", "cond")
     groups = np.random.default_rng([config.seed, epoch, 1]).permutation(config.prompts_per_epoch)
     ms = []
     for k, g in enumerate(minibatches(groups, config.prompts_per_update,
                                       config.updates_per_epoch)):
-      mb = _take(batch, group_rows(g, B), per_sample)
+      mb = _take(placement, batch, group_rows(g, B), per_sample)
       state, um = update(state, base_params, mb, jax.random.fold_in(k_epoch, 10 + k),
                          on_policy=(k == 0))
       ms.append(um)
@@ -369,13 +422,13 @@ def train_and_evaluate(config, workdir: str):
     traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch)
     keep = raft.select_top(scores, B, o.keep)
     m["kept_reward_mean"] = float(scores[keep].mean())
-    kept = {"images": traj.sample[keep], "cond": jax.tree.map(lambda a: a[keep], cond),
-            "null_cond": null}
+    kept = dict(placement.take_rows({"images": traj.sample, "cond": cond}, keep),
+                null_cond=null)
     order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(keep))
     ms = []
     for k, sel in enumerate(minibatches(order, config.prompts_per_update * o.keep,
                                         config.updates_per_epoch)):
-      b = _take(kept, sel, ("images", "cond"))
+      b = _take(placement, kept, sel, ("images", "cond"))
       state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
       ms.append(um)
     return state, m, ms
@@ -384,12 +437,12 @@ def train_and_evaluate(config, workdir: str):
     ms = []
     for k, sel in enumerate(minibatches(ids, config.prompts_per_update,
                                         config.updates_per_epoch)):
-      tokens = jnp.asarray(tokens_all[sel])
+      tokens = placement.batch(tokens_all[sel])
       cond, null = conditions(base_params, tokens)
       b = {"tokens": tokens, "cond": cond, "null_cond": null,
-           "prompts": jax.tree.map(jnp.asarray, world.reward_prompts(sel))}
+           "prompts": placement.batch(world.reward_prompts(sel), size=len(sel))}
       state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k),
-                         reward.params)
+                         reward_params)
       ms.append(um)
     # Reward of the samples each update drew (one device sync per epoch, not per update).
     return state, {"reward_mean": float(np.mean([u["reward"] for u in jax.device_get(ms)]))}, ms
@@ -444,9 +497,9 @@ def train_and_evaluate(config, workdir: str):
              "train_seconds_this_run": round(time.time() - t_loop, 1),
              "total_seconds_this_run": round(time.time() - t_start, 1),
              "history": history}
+  final = placement.gather(materialize(eval_params(state), base_params))  # all processes
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
-    final = jax.device_get(materialize(eval_params(state), base_params))
     world.export(final, workdir, o.name, results)
   return results

@@ -46,6 +46,7 @@ def base() -> config_dict.ConfigDict:
   c.grad_clip = 1.0
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
   # EMA of the trained params (0 = off). When on, evaluation and the exported model use
   # the EMA; rollouts stay on-policy with the raw params.
   c.ema_decay = 0.0
@@ -67,6 +68,13 @@ def base() -> config_dict.ConfigDict:
   c.eval_batch_size = 256
   c.eval_seed = 0
   c.ckpt_every = 10
+  # Devices (rft.placement): mesh axes data / fsdp / tensor (-1 = the rest; batches split
+  # over data x fsdp), and the sharding rules of the trained params (Adam state follows),
+  # the frozen base params and the reward model: default (FSDP by size), unet / lm
+  # (tensor-parallel blocks + FSDP) or replicate.
+  c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.sharding = config_dict.ConfigDict(
+      {"trained": "unet", "frozen": "unet", "reward": "replicate", "min_size": 2 ** 18})
   return c
 
 

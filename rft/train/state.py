@@ -32,7 +32,7 @@ class TrainState:
 
 def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float = 0.0,
                    grad_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   schedule: str = "cosine") -> optax.GradientTransformation:
+                   schedule: str = "cosine", eps: float = 1e-8) -> optax.GradientTransformation:
   """AdamW with linear warmup then cosine decay (or constant), optional global-norm clip."""
   if schedule == "cosine":
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
@@ -44,5 +44,5 @@ def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float =
   else:
     raise ValueError(f"unknown lr schedule {schedule!r}; use 'cosine' or 'constant'")
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-  parts.append(optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay))
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts)
