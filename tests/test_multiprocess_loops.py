@@ -53,15 +53,19 @@ def _params(workdir, name):
 
 
 def _assert_close_metrics(a, b, what):
+  """Train metrics to 2e-4 relative: the collectives sum in another order across processes
+  (gloo) than inside one, rewards differ by ~2e-5 relative, and PRDP's loss squares
+  (r(a) - r(b)) / beta with beta 1e-3 (measured up to 4e-5 relative apart). A wrong row
+  split or a process working on half the batch moves these by percents."""
   print(what, a, b)
   for k in TRAIN_KEYS:
-    np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=f"{what}: {k}")
+    np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=f"{what}: {k}")
 
 
 def _assert_close_params(a, b, base, atol):
   assert a.keys() == b.keys()
   moved = max(float(np.max(np.abs(a[k] - base[k]))) for k in a)
-  assert moved > 20 * atol, moved  # training moved the params well beyond the tolerance
+  assert moved > 10 * atol, moved  # training moved the params well beyond the tolerance
   diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
   print(f"params moved {moved:.3g}, max difference {diff:.3g}")
   for k in a:
@@ -82,7 +86,7 @@ def test_prdp_epoch_two_processes_equal_one_and_resume_in_one(tmp_path):
   assert "resumed" in p.stderr
   _assert_close_metrics(_train_metrics(resumed, 2), _train_metrics(one, 2), "epoch 2")
   _assert_close_params(_params(resumed, "shapes_base"), _params(one, "shapes_base"),
-                       _params(two, "shapes_base"), atol=2e-6)
+                       _params(two, "shapes_base"), atol=1e-5)
   assert json.loads((resumed / "results.json").read_text())["epochs"] == 2
 
 
