@@ -50,6 +50,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   info = distributed.initialize(_DISTRIBUTED.value)  # before anything touches jax devices
+  if info.process_index != 0:  # one log per job: the others report warnings and errors only
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   train = resolve_trainer(config.trainer)

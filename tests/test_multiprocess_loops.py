@@ -95,7 +95,8 @@ def test_grpo_step_two_processes_equal_one(tmp_path):
   common = ("--config.steps=1", "--config.prompts_per_step=8", "--config.warmup=0",
             "--config.eval_every=1", "--config.eval_problems=8", *OPTIMIZER)
   two, one = tmp_path / "two", tmp_path / "one"
-  _two_processes(cfg, two, *common)
+  logs = _two_processes(cfg, two, *common)
+  assert "step 1 eval" in logs[0] and "step 1 eval" not in logs[1]
   run_main(cfg, one, *common, *MESH, devices=8)
   _assert_close_metrics(_train_metrics(two, 1), _train_metrics(one, 1), "step 1")
   h2 = json.loads((two / "results.json").read_text())["history"]
