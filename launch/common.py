@@ -12,8 +12,10 @@ import argparse
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,13 +79,19 @@ def config_stem(config: str) -> str:
   return os.path.splitext(os.path.basename(config.partition(":")[0]))[0]
 
 
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for a local jax coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def execute_together(commands: Sequence[tuple[Sequence[tuple[str, str]], Sequence[str]]],
                      dry_run: bool, cwd: str = ROOT) -> int:
   """Prints each `(env, command)` as `KEY=value ... command` and, unless `dry_run`, starts
   them all at once (the processes of one multi-process job) and waits; when one fails the
   others are stopped (a peer would otherwise wait for it forever). Returns the first
   non-zero exit status, else 0."""
-  import time
   for env, cmd in commands:
     print(shlex.join(cmd) if not env else " ".join(assignments(env)) + " " + shlex.join(cmd),
           flush=True)

@@ -14,7 +14,6 @@ CPU with --cpu_devices K fake devices each (gloo collectives):
 """
 from __future__ import annotations
 
-import socket
 import sys
 
 try:
@@ -46,12 +45,6 @@ def process_envs(processes: int, port: int, cpu_devices: int = 0,
   return envs
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
   p = common.parser(__doc__)
   p.add_argument("--python", default=sys.executable)
@@ -68,7 +61,7 @@ def main(argv=None) -> int:
     p.error("--cpu_devices and --gpus_per_process exclude each other")
   cmd = build_command(args.config, args.workdir, common.passthrough(p, extra, strict=False),
                       args.python)
-  envs = process_envs(args.processes, args.port or _free_port(), args.cpu_devices,
+  envs = process_envs(args.processes, args.port or common.free_port(), args.cpu_devices,
                       args.gpus_per_process)
   if args.processes == 1 and not envs[0]:
     return common.execute([cmd], args.dry_run)

@@ -91,15 +91,16 @@ def shard_batch_axes(batch: Any, mesh: Mesh, batch_size: int | None = None) -> A
   return jax.tree.map(put, batch)
 
 
-def shard_tree(tree: Any, specs_or_rules: Any, mesh: Mesh, params: Any = None) -> Any:
-  """`jax.device_put` a params tree, a `TrainState` or an optimizer state onto `mesh`.
+def tree_shardings(tree: Any, specs_or_rules: Any, mesh: Mesh, params: Any = None) -> Any:
+  """`NamedSharding` tree for a params tree, a `TrainState` or an optimizer state on `mesh`.
 
   `specs_or_rules` is a `rft.sharding.ShardingRules` (the params' specs then come from
   `rft.sharding.param_specs`) or a tree of `PartitionSpec`, either matching `tree` (used
   as is) or matching the params. The params are `params`, else `tree.params` (a
   `TrainState`), else `tree` itself. A tree that is not the params gets the params'
   specs by `rft.sharding.follow_specs`: Adam moments and EMA copies follow their param,
-  step counts and other leaves are replicated.
+  step counts and other leaves are replicated. Leaves may be arrays or
+  `jax.ShapeDtypeStruct`s.
   """
   is_spec = lambda x: isinstance(x, P)
   if isinstance(specs_or_rules, sharding.ShardingRules):
@@ -114,8 +115,12 @@ def shard_tree(tree: Any, specs_or_rules: Any, mesh: Mesh, params: Any = None) -
   if ref is not tree:
     specs = sharding.follow_specs(tree, ref, specs)
   # (mapped over `tree`: a None subtree, e.g. a TrainState without EMA, stays None)
-  shardings = jax.tree.map(lambda _, s: NamedSharding(mesh, s), tree, specs)
-  return jax.device_put(tree, shardings)
+  return jax.tree.map(lambda _, s: NamedSharding(mesh, s), tree, specs)
+
+
+def shard_tree(tree: Any, specs_or_rules: Any, mesh: Mesh, params: Any = None) -> Any:
+  """`jax.device_put` `tree` onto `mesh` with :func:`tree_shardings`."""
+  return jax.device_put(tree, tree_shardings(tree, specs_or_rules, mesh, params))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -116,17 +116,10 @@ class Placement:
 
   # ------------------------------------------------------------------ params and state
 
-  def specs(self, tree: Any, rules: S.ShardingRules) -> Any:
-    return S.param_specs(tree, rules, self.mesh)
-
   def shardings(self, tree: Any, rules: S.ShardingRules, params: Any = None) -> Any:
-    """NamedSharding tree for `tree` by `rules` (for a state or optimizer state: following
-    `params`, see `rft.sharding.follow_specs`)."""
-    ref = tree if params is None else params
-    specs = S.param_specs(ref, rules, self.mesh)
-    if params is not None:
-      specs = S.follow_specs(tree, ref, specs)
-    return jax.tree.map(lambda _, s: NamedSharding(self.mesh, s), tree, specs)
+    """NamedSharding tree for `tree` by `rules` (`rft.parallel.tree_shardings`: a state
+    or optimizer state follows `params`)."""
+    return parallel.tree_shardings(tree, rules, self.mesh, params)
 
   def state_shardings(self, state: Any) -> Any:
     """Shardings of a `TrainState` (or its abstract shapes): trained rules on the params,
@@ -145,9 +138,6 @@ class Placement:
           else np.asarray(x), params)
     params = jax.device_put(params, self.shardings(params, self.trained))
     return jax.jit(create, out_shardings=out)(params)
-
-  def put_state(self, state: Any) -> Any:
-    return jax.device_put(state, self.state_shardings(state))
 
   def put_frozen(self, params: Any) -> Any:
     return jax.device_put(params, self.shardings(params, self.frozen))
@@ -204,7 +194,8 @@ class Placement:
     """Global arrays from a host batch that every process computed alike: leaves with
     `size` leading rows (all leaves when `size` is None) are split over the data-parallel
     axes, each process supplying its own rows; other leaves are replicated. An
-    indivisible row count is a ValueError, or (strict=False) replicated."""
+    indivisible row count is a ValueError, or (strict=False) replicated. Arrays already
+    on this mesh (e.g. rollout outputs) pass through unchanged."""
     leaves = jax.tree.leaves(tree)
     if size is None:
       size = np.shape(leaves[0])[0] if leaves else 0
@@ -213,9 +204,12 @@ class Placement:
       self.check_rows(size, "batch")
     rows = self.rows(size) if split else None
 
+    devices = set(self.mesh.devices.flat)
+
     def put(x):
-      if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return x  # already global
+      if isinstance(x, jax.Array) and (not x.is_fully_addressable
+                                       or x.sharding.device_set == devices):
+        return x  # already a global array on this mesh: no host round trip
       x = np.asarray(x)
       if split and x.ndim and x.shape[0] == size:
         return jax.make_array_from_process_local_data(self.row_sharding(x.ndim), x[rows],
@@ -271,10 +265,4 @@ def _take_rows_impl(tree, idx, placement, split):
 _take_rows = jax.jit(_take_rows_impl, static_argnums=(2, 3))
 
 
-def single(devices=None) -> Placement:
-  """Data-parallel over `devices` (default all), default rules: what a config without
-  `mesh` / `sharding` gets."""
-  return Placement(parallel.make_mesh({parallel.DATA: -1}, devices))
-
-
-__all__ = ["Placement", "RULE_SETS", "ROLES", "rules_named", "to_host", "single"]
+__all__ = ["Placement", "RULE_SETS", "ROLES", "rules_named", "to_host"]

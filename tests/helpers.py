@@ -27,13 +27,6 @@ def run_main(config: str, workdir, *overrides: str, **kw) -> subprocess.Complete
                     **kw)
 
 
-def free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def clean_env(**extra) -> dict:
   """This environment without multi-process variables (RFT_*, SLURM_*, TPU_*, ...), on
   CPU, with `extra` added."""
@@ -48,6 +41,7 @@ def run_processes(args, num_processes: int = 2, devices_each: int = 4, timeout: 
   """`python args...` as `num_processes` jax processes joined through RFT_COORDINATOR on
   127.0.0.1 (each with `devices_each` fake CPU devices); their outputs. Raises
   AssertionError with the log of any process that failed."""
+  from launch.common import free_port
   port = free_port()
   procs = [subprocess.Popen(
       [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
