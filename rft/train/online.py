@@ -69,7 +69,7 @@ def setup_finetuning(config, base_params, key):
   total = config.epochs * max(config.updates_per_epoch, 1)
   tx = make_optimizer(config.lr, total, config.warmup, config.weight_decay, config.grad_clip,
                       config.adam_b1, config.adam_b2, schedule="constant",
-                      eps=config.get("adam_eps", 1e-8))
+                      eps=config.get("adam_eps", 1e-8), name=config.get("optimizer", "adamw"))
   if ft.mode == "lora":
     trainable = lora.init(base_params, key, ft.lora_rank, ft.lora_targets)
 

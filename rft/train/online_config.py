@@ -39,7 +39,9 @@ def base() -> config_dict.ConfigDict:
   c.samples_per_prompt = 8
   c.updates_per_epoch = 1
   c.prompts_per_update = 32
-  # Optimiser: AdamW, constant lr after warmup.
+  # Optimiser: "adamw" or "sgd" (momentum adam_b1; rft.train.state.make_optimizer),
+  # constant lr after warmup.
+  c.optimizer = "adamw"
   c.lr = 1e-4
   c.warmup = 0
   c.weight_decay = 1e-4

@@ -32,8 +32,16 @@ class TrainState:
 
 def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float = 0.0,
                    grad_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   schedule: str = "cosine", eps: float = 1e-8) -> optax.GradientTransformation:
-  """AdamW with linear warmup then cosine decay (or constant), optional global-norm clip."""
+                   schedule: str = "cosine", eps: float = 1e-8, name: str = "adamw"
+                   ) -> optax.GradientTransformation:
+  """AdamW (or SGD) with linear warmup then cosine decay (or constant), optional global-norm
+  clip.
+
+  name "sgd": decoupled weight decay, then SGD with momentum b1 (0: none). Unlike Adam,
+  which moves every coordinate by about lr, SGD moves each coordinate in proportion to
+  its gradient, so params whose gradients are mostly noise barely move (the PRDP default
+  on ShapesWorld; see configs/prdp.py).
+  """
   if schedule == "cosine":
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
                                                end_value=lr * 0.05)
@@ -44,5 +52,12 @@ def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float =
   else:
     raise ValueError(f"unknown lr schedule {schedule!r}; use 'cosine' or 'constant'")
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  if name == "adamw":
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  elif name == "sgd":
+    if weight_decay:
+      parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.sgd(sched, momentum=b1 or None))
+  else:
+    raise ValueError(f"unknown optimizer {name!r} (config.optimizer); use 'adamw' or 'sgd'")
   return optax.chain(*parts)
