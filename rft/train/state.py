@@ -39,8 +39,9 @@ def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float =
 
   name "sgd": decoupled weight decay, then SGD with momentum b1 (0: none). Unlike Adam,
   which moves every coordinate by about lr, SGD moves each coordinate in proportion to
-  its gradient, so params whose gradients are mostly noise barely move (the PRDP default
-  on ShapesWorld; see configs/prdp.py).
+  its gradient. On ShapesWorld PRDP that concentrates the update on a few layers
+  (conv_out) and broke the model at lr 3e-3 and 1e-2 (README method-table notes), so
+  the online configs keep "adamw".
   """
   if schedule == "cosine":
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
