@@ -32,6 +32,11 @@ def get_config(arg=None):
       "clip_range": 1e-4,  # paper / reference code
       "adv_clip_max": 5.0,
       "timestep_fraction": 1.0,
+      # Per-step baseline (rft.objectives.step_baselines): "none" or "x0_reward" (the reward
+      # of the sampler's x0 prediction at each step; same expected gradient, less noise).
+      "step_baseline": "none",
+      # GAE lambda over the step baselines: 1 = unbiased (r - b_t); 0 = b_{t+1} - b_t.
+      "baseline_lambda": 1.0,
       # Final steps left out of the gradient (see rft.objectives.trajectory.select_steps).
       "skip_last_steps": 2,
       "per_prompt_stats": True,  # per-prompt reward mean/std (fallback: batch stats)

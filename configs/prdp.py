@@ -48,6 +48,11 @@ def get_config(arg=None):
       "reduce": "mean",  # aggregate per-step log ratios over steps: "mean" (ref code) | "sum" (paper Eq.)
       "drop_ties": False,
       "timestep_fraction": 1.0,
+      # Per-step baseline (rft.objectives.step_baselines): "none" or "x0_reward" (the reward
+      # of the sampler's x0 prediction at each step; same expected gradient, less noise).
+      "step_baseline": "none",
+      # GAE lambda over the step baselines: 1 = unbiased (r - b_t); 0 = b_{t+1} - b_t.
+      "baseline_lambda": 1.0,
       # Final steps left out of the gradient (see rft.objectives.trajectory.select_steps).
       # Measured (rft.train.noise_scale): the Adam-like noise scale of steps 0-5 is half
       # that of steps 0-7, and steps 8-9 alone are almost pure noise.

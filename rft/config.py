@@ -62,3 +62,36 @@ def check_required(config: config_dict.ConfigDict, prefix: str = "config") -> No
   walk(config, prefix)
   if missing:
     raise ValueError("this config needs value(s) that were not given: " + "; ".join(missing))
+
+
+def apply_overrides(config: config_dict.ConfigDict, overrides) -> config_dict.ConfigDict:
+  """Set "a.b=value" strings on a config like --config.a.b=value does: the value is parsed
+  as the existing key's type (bool: true/false/1/0). An unknown key is an error naming it."""
+  for item in overrides or ():
+    path, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} is not key=value")
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      if p not in node or not isinstance(node[p], config_dict.ConfigDict):
+        raise KeyError(f"override {item!r}: config has no section {p!r}")
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"override {item!r}: config has no key {path!r}")
+    old = node[leaf]
+    if isinstance(old, bool):
+      if raw.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"override {item!r}: {path} is a bool (true/false)")
+      value = raw.lower() in ("true", "1")
+    elif isinstance(old, int):
+      value = int(raw)
+    elif isinstance(old, float):
+      value = float(raw)
+    elif old is None or isinstance(old, str):
+      value = raw
+    else:
+      raise ValueError(f"override {item!r}: cannot set a {type(old).__name__} from text")
+    with node.ignore_type():
+      node[leaf] = value
+  return config

@@ -12,7 +12,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rft import checkpoint, distributed
+from rft import checkpoint, distributed, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).",
                                           lock_config=True)
@@ -49,10 +49,11 @@ def resolve_trainer(name: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  parallel.split_cpu(config.get("cpu_devices", 0))  # before JAX starts its CPU backend
   info = distributed.initialize(_DISTRIBUTED.value)  # before anything touches jax devices
   if info.process_index != 0:  # one log per job: the others report warnings and errors only
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   train = resolve_trainer(config.trainer)
   checkpoint.ensure_workdir(workdir)  # fail before any work

@@ -106,6 +106,19 @@ def _ddim_variance(ab_t, ab_prev):
 # --------------------------------------------------------------------------- one step
 
 
+def predicted_x0(schedule: Schedule, eps: jax.Array, t, x_t: jax.Array,
+                 clip_x0: Optional[float] = None) -> jax.Array:
+  """x0_pred = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t), optionally clipped (float32).
+
+  The denoiser's estimate of E[x0 | x_t]: a function of x_t alone, which is what makes a
+  reward of it a valid per-step baseline (rft.objectives.step_baselines).
+  """
+  x = x_t.astype(jnp.float32)
+  ab_t = _per_example(schedule.alphas_cumprod[timesteps_vector(t, x.shape[0])], x.ndim)
+  x0 = (x - jnp.sqrt(1.0 - ab_t) * eps.astype(jnp.float32)) / jnp.sqrt(ab_t)
+  return x0 if clip_x0 is None else jnp.clip(x0, -clip_x0, clip_x0)
+
+
 def _mean_and_sigma(x, e, ab_t, ab_prev, eta, clip_x0):
   """DDIM Eq. 12 mean and sigma_t (Eq. 16) in float32 from x_t, eps and the alpha_bars."""
   sigma = eta * jnp.sqrt(_ddim_variance(ab_t, ab_prev))
@@ -208,11 +221,14 @@ def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta
 
 
 def _denoise_step(eps_fn, params, x_t, t, prev_t, cond, null_cond, schedule, eta,
-                  guidance_scale, clip_x0, key=None, prev_sample=None, log_prob=True):
-  """The one per-step function shared by the sampler and every log-prob recompute."""
+                  guidance_scale, clip_x0, key=None, prev_sample=None, log_prob=True,
+                  return_eps=False):
+  """The one per-step function shared by the sampler and every log-prob recompute:
+  (prev_sample, lp_mean, lp_sum), plus the guided eps with return_eps."""
   eps = guided_eps(eps_fn, params, x_t, t, cond, null_cond, guidance_scale)
-  return ddim_step(schedule, eps, t, prev_t, x_t, eta, key=key, prev_sample=prev_sample,
-                   clip_x0=clip_x0, log_prob=log_prob)
+  out = ddim_step(schedule, eps, t, prev_t, x_t, eta, key=key, prev_sample=prev_sample,
+                  clip_x0=clip_x0, log_prob=log_prob)
+  return out + (eps,) if return_eps else out
 
 
 # --------------------------------------------------------------------------- sampler
@@ -224,7 +240,8 @@ class Trajectory:
 
   latents: [B, S+1, ...] (x_T first, final sample last); timesteps / prev_timesteps:
   [S] int32 (the t and prev_t of each transition); log_probs / log_probs_sum: [B, S]
-  float32 log p(latents[:, i+1] | latents[:, i]) averaged / summed over latent dims.
+  float32 log p(latents[:, i+1] | latents[:, i]) averaged / summed over latent dims;
+  x0_preds: None, or [B, S, ...] the sampler's x0 prediction at latents[:, i].
   """
 
   latents: jax.Array
@@ -232,6 +249,9 @@ class Trajectory:
   prev_timesteps: jax.Array
   log_probs: jax.Array
   log_probs_sum: jax.Array
+  # [B, S, ...]: the (clipped) x0 prediction at each transition's input x_t, recorded
+  # with ``record_x0=True`` (per-step value baselines, rft.objectives.step_baselines).
+  x0_preds: Optional[jax.Array] = None
 
   @property
   def sample(self) -> jax.Array:
@@ -245,13 +265,15 @@ class Trajectory:
 def ddim_sample(eps_fn: EpsFn, params: Any, x_T: jax.Array, cond: Any, null_cond: Any, *,
                 schedule: Schedule, num_steps: int, eta=1.0, guidance_scale=1.0,
                 key: Optional[jax.Array] = None, clip_x0: Optional[float] = None,
-                steps_offset: int = 1) -> Trajectory:
+                steps_offset: int = 1, record_x0: bool = False) -> Trajectory:
   """Runs num_steps DDIM transitions from x_T with CFG, recording latents and log-probs.
 
   One ``jax.lax.scan`` over steps; step i uses ``jax.random.split(key, num_steps)[i]``.
-  Static: eps_fn, num_steps, steps_offset, clip_x0. eta and guidance_scale may be traced
-  (a Python 1.0 guidance scale skips the unconditional pass). key may be None only when
-  eta is the Python number 0 (deterministic DDIM; log_probs are then NaN).
+  Static: eps_fn, num_steps, steps_offset, clip_x0, record_x0. eta and guidance_scale may
+  be traced (a Python 1.0 guidance scale skips the unconditional pass). key may be None
+  only when eta is the Python number 0 (deterministic DDIM; log_probs are then NaN).
+  record_x0 also keeps each step's x0 prediction (``Trajectory.x0_preds``); it costs no
+  extra denoiser call and leaves the latents and log-probs unchanged.
   """
   timesteps, prev_timesteps = ddim_timesteps(schedule.num_train_timesteps, num_steps,
                                              steps_offset)
@@ -264,17 +286,20 @@ def ddim_sample(eps_fn: EpsFn, params: Any, x_T: jax.Array, cond: Any, null_cond
 
   def body(x, step):
     t, prev_t, k = step
-    x_prev, lp_mean, lp_sum = _denoise_step(eps_fn, params, x, t, prev_t, cond, null_cond,
-                                            schedule, eta, guidance_scale, clip_x0, key=k)
-    return x_prev, (x_prev, lp_mean, lp_sum)
+    x_prev, lp_mean, lp_sum, eps = _denoise_step(eps_fn, params, x, t, prev_t, cond,
+                                                 null_cond, schedule, eta, guidance_scale,
+                                                 clip_x0, key=k, return_eps=True)
+    x0 = predicted_x0(schedule, eps, t, x, clip_x0) if record_x0 else None
+    return x_prev, (x_prev, lp_mean, lp_sum, x0)
 
   xs = (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), keys)
-  _, (chain, lp_mean, lp_sum) = jax.lax.scan(body, x_T, xs)
+  _, (chain, lp_mean, lp_sum, x0) = jax.lax.scan(body, x_T, xs)
   latents = jnp.concatenate([x_T[None], chain], axis=0)
   return Trajectory(latents=jnp.moveaxis(latents, 0, 1),
                     timesteps=jnp.asarray(timesteps),
                     prev_timesteps=jnp.asarray(prev_timesteps),
-                    log_probs=lp_mean.T, log_probs_sum=lp_sum.T)
+                    log_probs=lp_mean.T, log_probs_sum=lp_sum.T,
+                    x0_preds=None if x0 is None else jnp.moveaxis(x0, 0, 1))
 
 
 # --------------------------------------------------------------------------- recompute

@@ -51,14 +51,31 @@ class Text2ImagePipeline:
     """What rewards and evaluators see: decoded latents in [-1, 1]."""
     return latents if self.decode is None else self.decode(params, latents)
 
-  def sample(self, params, tokens, key, cfg: SamplerConfig) -> tuple[ddim.Trajectory, Any, Any]:
-    """Sample one trajectory per row of `tokens`: (trajectory, cond, null_cond)."""
+  def initial_noise(self, key, batch: int, share_within: int = 1) -> jax.Array:
+    """x_T [batch, *sample_shape] ~ N(0, I); with share_within = G > 1 each run of G
+    consecutive rows (one prompt's group) starts from the same x_T (DanceGRPO's shared
+    initial noise: a group's rewards then differ only through the sampler's step noise)."""
+    if share_within <= 1:
+      return jax.random.normal(key, (batch, *self.sample_shape), jnp.float32)
+    if batch % share_within:
+      raise ValueError(f"a batch of {batch} rows is not whole groups of {share_within}")
+    x = jax.random.normal(key, (batch // share_within, *self.sample_shape), jnp.float32)
+    return jnp.repeat(x, share_within, axis=0)
+
+  def sample(self, params, tokens, key, cfg: SamplerConfig, *, share_within: int = 1,
+             record_x0: bool = False) -> tuple[ddim.Trajectory, Any, Any]:
+    """Sample one trajectory per row of `tokens`: (trajectory, cond, null_cond).
+
+    share_within: rows per shared x_T (see initial_noise); record_x0: keep each step's
+    x0 prediction in the trajectory (``Trajectory.x0_preds``).
+    """
     cond, null = self.conditions(params, tokens)
     k_init, k_steps = jax.random.split(key)
-    x_T = jax.random.normal(k_init, (tokens.shape[0], *self.sample_shape), jnp.float32)
+    x_T = self.initial_noise(k_init, tokens.shape[0], share_within)
     traj = ddim.ddim_sample(self.eps_fn, params, x_T, cond, null, schedule=self.schedule,
                             num_steps=cfg.num_steps, eta=cfg.eta,
-                            guidance_scale=cfg.guidance_scale, key=k_steps, clip_x0=cfg.clip_x0)
+                            guidance_scale=cfg.guidance_scale, key=k_steps, clip_x0=cfg.clip_x0,
+                            record_x0=record_x0)
     return traj, cond, null
 
 

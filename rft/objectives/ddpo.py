@@ -26,7 +26,8 @@ def ddpo_step_loss(log_probs: jnp.ndarray, old_log_probs: jnp.ndarray, advantage
                    *, clip_range: float, adv_clip_max: float, importance_sampling: bool = True):
   """DDPO loss of one denoising step for n samples: (scalar, metrics).
 
-  log_probs, old_log_probs, advantages: [n].
+  log_probs, old_log_probs, advantages: [n] (advantages of this step: the sample's, or
+  its per-step advantage with a step baseline, rft.objectives.step_baselines).
   """
   f32 = jnp.float32
   adv = jnp.clip(advantages.astype(f32), -adv_clip_max, adv_clip_max)
@@ -67,11 +68,13 @@ class PerPromptStatTracker:
                        f"{self.values.shape}, {self.count.shape} (num_prompts, buffer_size)")
     self.values, self.count = values.astype(np.float32), count.astype(np.int64)
 
-  def update(self, prompt_ids: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-    """Add this batch's rewards, return the advantages [n] (float32)."""
+  def update(self, prompt_ids: np.ndarray, rewards: np.ndarray, with_scale: bool = False):
+    """Add this batch's rewards, return the advantages [n] (float32); with_scale also
+    the divisor std + 1e-6 each advantage was normalised by."""
     prompt_ids = np.asarray(prompt_ids)
     rewards = np.asarray(rewards, np.float32)
     adv = np.zeros_like(rewards)
+    scale = np.zeros_like(rewards)
     batch_mean, batch_std = rewards.mean(), rewards.std()
     for p in np.unique(prompt_ids):
       sel = prompt_ids == p
@@ -84,7 +87,8 @@ class PerPromptStatTracker:
       else:
         mean, std = held.mean(), held.std()
       adv[sel] = (rewards[sel] - mean) / (std + 1e-6)
-    return adv
+      scale[sel] = std + 1e-6
+    return (adv, scale) if with_scale else adv
 
   def stats(self) -> dict:
     seen = self.count > 0
@@ -93,7 +97,10 @@ class PerPromptStatTracker:
             if seen.any() else 0.0}
 
 
-def batch_advantages(rewards: np.ndarray) -> np.ndarray:
-  """(r − mean) / (std + 1e-6) over the whole batch (DDPO without per-prompt tracking)."""
+def batch_advantages(rewards: np.ndarray, with_scale: bool = False):
+  """(r − mean) / (std + 1e-6) over the whole batch (DDPO without per-prompt tracking);
+  with_scale also the divisor, per sample."""
   rewards = np.asarray(rewards, np.float32)
-  return (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+  scale = rewards.std() + 1e-6
+  adv = (rewards - rewards.mean()) / scale
+  return (adv, np.full_like(rewards, scale)) if with_scale else adv

@@ -21,6 +21,18 @@ max(L(r̂θ), L(r̂θ^clip)), the pessimistic choice, as in PPO.
 Algorithm 1: each epoch snapshot θold, sample N prompts × B images from π_θold (their
 per-step log-probs are stored: these are the ℓ_t(θold) + log πref), then K gradient steps.
 Table 4 settings live in configs/prdp.py.
+
+Per-step baselines (optional, `step_baselines` b [n, T]; rft.objectives.step_baselines).
+At θ = θold the gradient of L w.r.t. the step-t log ratios is a score-function estimator
+whose "reward" is r(a) − r(b) at every step. Adding, per pair,
+
+    (2 / β) · agg_t[ (b_t(a) − b_t(b)) · (ℓ_t(a) − ℓ_t(b)) ]
+
+(agg as in r̂) turns that reward into (r(a) − b_t(a)) − (r(b) − b_t(b)) at step t and
+leaves the expected on-policy gradient unchanged whenever b_t is a function of the
+step's input x_t alone, because E[∇ log πθ(x_{t−1} | x_t) | x_t] = 0. With b_t ≈
+E[r | x_t], steps that no longer change the outcome get ≈ 0 reward differences, and so
+≈ 0 gradient noise. With b = 0 (or None) the loss is exactly the paper's.
 """
 from __future__ import annotations
 
@@ -49,14 +61,17 @@ def implicit_reward(log_ratios: jax.Array, reduce: str) -> jax.Array:
 
 def rdp_loss(log_probs: jax.Array, old_log_probs: jax.Array, ref_log_probs: jax.Array,
              rewards: jax.Array, *, group_size: int, beta: float, clip_eps: float | None,
-             reduce: str = "mean", drop_ties: bool = False):
+             reduce: str = "mean", drop_ties: bool = False,
+             step_baselines: jax.Array | None = None):
   """PRDP loss (scalar) and metrics.
 
   log_probs / old_log_probs / ref_log_probs: [n, T] per-step log-probs of the n sampled
   trajectories under θ, θold (the sampler) and πref; rewards [n]; samples are ordered by
   prompt, `group_size` = B consecutive samples per prompt. clip_eps None: plain RDP.
+  step_baselines: None or [n, T] per-step baselines b_t (module docstring); they change
+  the gradient's variance, not its on-policy expectation.
   """
-  n, _ = log_probs.shape
+  n, T = log_probs.shape
   if n % group_size:
     raise ValueError(f"{n} samples are not whole groups of group_size={group_size}")
   f32 = jnp.float32
@@ -69,18 +84,30 @@ def rdp_loss(log_probs: jax.Array, old_log_probs: jax.Array, ref_log_probs: jax.
   num_pairs = jnp.sum(mask)
   count = jnp.maximum(num_pairs, 1)
 
-  def pair_losses(rh):
-    return jnp.square(rh[:, :, None] - rh[:, None, :] - target)
+  if step_baselines is not None:
+    if step_baselines.shape != log_probs.shape:
+      raise ValueError(f"step_baselines shape {step_baselines.shape} != log_probs shape "
+                       f"{log_probs.shape} ([n, T])")
+    b = jax.lax.stop_gradient(step_baselines.astype(f32)).reshape(-1, group_size, T)
 
-  unclipped = pair_losses(r_hat)
+  def pair_losses(ratios):
+    rh = implicit_reward(ratios, reduce).reshape(-1, group_size)
+    sq = jnp.square(rh[:, :, None] - rh[:, None, :] - target)
+    if step_baselines is None:
+      return sq
+    rg = ratios.reshape(-1, group_size, T)
+    d_ratio = rg[:, :, None, :] - rg[:, None, :, :]  # [G, B, B, T]
+    d_base = b[:, :, None, :] - b[:, None, :, :]
+    return sq + (2.0 / beta) * implicit_reward(d_base * d_ratio, reduce)
+
+  unclipped = pair_losses(ratio)
   if clip_eps is None:
     per_pair = unclipped
     clip_frac = jnp.zeros((), f32)
   else:
     old_ratio = old - ref
     clipped_ratio = old_ratio + jnp.clip(ratio - old_ratio, -clip_eps, clip_eps)
-    r_hat_clip = implicit_reward(clipped_ratio, reduce).reshape(-1, group_size)
-    per_pair = jnp.maximum(unclipped, pair_losses(r_hat_clip))
+    per_pair = jnp.maximum(unclipped, pair_losses(clipped_ratio))
     clip_frac = jnp.mean((jnp.abs(lp - old) > clip_eps).astype(f32))
   loss = jnp.sum(jnp.where(mask, per_pair, 0.0)) / count
   metrics = {

@@ -51,11 +51,24 @@ class ShapesSetup:
     self.judge = load_judge(config.scorer_dir)
     self.base_dir = config.base_dir
     self.eval_splits = SPLITS
+    # Small-scale setting (PRDP's 45 animal prompts): a fixed set of training captions,
+    # drawn once with the split's family mix; training and the "train" evaluation use
+    # only these (each evaluated caption repeated eval_prompts / N times).
+    n_fixed = int(config.get("train_prompts", 0))
+    if n_fixed < 0:
+      raise ValueError(f"config.train_prompts={n_fixed}; use 0 (all training captions) or "
+                       "a positive number of fixed captions")
+    self.fixed_train_ids = (self.world.eval_prompt_ids(
+        "train", n_fixed, seed=int(config.get("train_prompts_seed", 0))) if n_fixed else None)
 
   def sample_prompt_ids(self, rng, n: int, split: str = "train") -> np.ndarray:
+    if split == "train" and self.fixed_train_ids is not None:
+      return cycled_permutations(rng, self.fixed_train_ids, n)
     return self.world.sample_prompt_ids(rng, n, split)
 
   def eval_prompt_ids(self, split: str, n: int) -> np.ndarray:
+    if split == "train" and self.fixed_train_ids is not None:
+      return np.sort(np.resize(self.fixed_train_ids, n))
     return self.world.eval_prompt_ids(split, n)
 
   def reward_prompts(self, ids) -> dict:
@@ -76,6 +89,13 @@ class ShapesSetup:
                 finetuned_from=self.base_dir or "rft/assets/shapes_base",
                 objective=objective, results=results)
     return pretrained.save_bundle("shapes_base", final_params, meta, workdir)
+
+
+def cycled_permutations(rng, pool: np.ndarray, n: int) -> np.ndarray:
+  """n ids from `pool`: random permutations of the whole pool back to back, so every id
+  comes up equally often (to within one) in any n."""
+  reps = -(-n // len(pool))
+  return np.concatenate([rng.permutation(pool) for _ in range(reps)])[:n]
 
 
 class StableDiffusionSetup:

@@ -32,11 +32,28 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rft import config as config_lib
+from rft import parallel
 from rft.diffusion.pipeline import SamplerConfig
-from rft.objectives import rdp, trajectory
+from rft.objectives import rdp, step_baselines, trajectory
 from rft.rewards import base as rewards_lib
+
+
+def lambda_baselines_jnp(rewards, values, lam: float):
+  """rft.objectives.step_baselines.lambda_baselines inside jit (same formula)."""
+  if lam == 1.0:
+    return values
+  nxt = jnp.concatenate([values[:, 1:], rewards[:, None]], axis=1)
+  delta = nxt - values
+
+  def body(acc, d):
+    acc = d + lam * acc
+    return acc, acc
+
+  _, adv = jax.lax.scan(body, jnp.zeros_like(rewards), delta.T, reverse=True)
+  return rewards[:, None] - adv.T
 
 
 def noise_scale(estimates: np.ndarray, n: int) -> dict:
@@ -99,19 +116,30 @@ def step_gradients(config, num_estimates: int, prompts: int, seed: int = 0,
   scorer = trajectory.StepScorer(pipe.eps_fn, pipe.schedule, sampler.eta,
                                  sampler.guidance_scale, sampler.clip_x0, reduce="mean")
 
+  with_values = o.get("step_baseline", "none") != "none"
+  share = B if config.get("share_initial_noise") else 1
+
   @jax.jit
   def rollout_and_cotangent(tokens, prompts_, key):
-    traj, cond, null = pipe.sample(params, tokens, key, sampler)
+    traj, cond, null = pipe.sample(params, tokens, key, sampler, share_within=share,
+                                   record_x0=with_values)
     r = reward(pipe.images(params, traj.sample), prompts_, reward.params)
     lp = traj.log_probs  # theta = base = reference
+    values = None
+    if with_values:  # x0_reward: the reward of each step's x0 prediction
+      n, T = lp.shape
+      x0 = traj.x0_preds.reshape((n * T,) + traj.x0_preds.shape[2:])
+      rep = jax.tree.map(lambda a: jnp.repeat(a, T, axis=0), prompts_)
+      values = reward(pipe.images(params, x0), rep, reward.params).reshape(n, T)
+      values = lambda_baselines_jnp(r, values, o.get("baseline_lambda", 1.0))
 
     def loss(lp_):
       return rdp.rdp_loss(lp_, lp, lp, r, group_size=B, beta=o.beta, clip_eps=None,
-                          reduce=o.reduce, drop_ties=o.drop_ties)[0]
+                          reduce=o.reduce, drop_ties=o.drop_ties, step_baselines=values)[0]
 
     batch = {"latents": traj.latents, "timesteps": traj.timesteps,
              "prev_timesteps": traj.prev_timesteps, "cond": cond, "null_cond": null}
-    return batch, jax.grad(loss)(lp), jnp.mean(r)
+    return batch, jax.grad(loss)(lp), r, values
 
   @jax.jit
   def step_grad(batch, cot, j):
@@ -119,16 +147,26 @@ def step_gradients(config, num_estimates: int, prompts: int, seed: int = 0,
     (g,) = vjp(jnp.take(cot, j, axis=1))
     return jnp.concatenate([x.ravel() for x, keep in zip(jax.tree.leaves(g), mask) if keep])
 
-  out = []
+  # Rows split over every device (data parallel), params replicated.
+  rows = NamedSharding(parallel.make_mesh(), P(parallel.DATA))
+  put_rows = lambda tree: jax.device_put(tree, rows)
+  params = jax.device_put(params, NamedSharding(rows.mesh, P()))
+  out, corrs = [], []
   for e in range(num_estimates):
     t0 = time.time()
     ids = np.repeat(world.sample_prompt_ids(np.random.default_rng([seed, e]), prompts, "train"), B)
-    batch, cot, r = rollout_and_cotangent(world.tokens[ids], world.reward_prompts(ids),
-                                          jax.random.fold_in(jax.random.key(seed), e))
+    batch, cot, r, values = rollout_and_cotangent(
+        put_rows(world.tokens[ids]), put_rows(world.reward_prompts(ids)),
+        jax.random.fold_in(jax.random.key(seed), e))
     out.append(np.stack([np.asarray(step_grad(batch, cot, j))
                          for j in range(sampler.num_steps)]))
-    print(f"estimate {e + 1}/{num_estimates}: {len(ids)} samples, reward {float(r):.3f}, "
-          f"{time.time() - t0:.1f} s", flush=True)
+    if values is not None:
+      corrs.append(step_baselines.value_correlation(np.asarray(r), np.asarray(values)))
+    print(f"estimate {e + 1}/{num_estimates}: {len(ids)} samples, reward "
+          f"{float(jnp.mean(r)):.3f}, {time.time() - t0:.1f} s", flush=True)
+  if corrs:
+    print("correlation of the x0_reward baseline with the final reward, per step: "
+          + ", ".join(f"{c:.2f}" for c in np.mean(corrs, 0)), flush=True)
   return np.stack(out), prompts * B
 
 
@@ -163,9 +201,15 @@ def main(argv=None) -> None:
   ap.add_argument("--estimates", type=int, default=8)
   ap.add_argument("--prompts", type=int, default=128, help="prompts per estimate")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="config override, e.g. --set share_initial_noise=true "
+                       "--set objective.step_baseline=x0_reward (repeatable)")
+  ap.add_argument("--cpu_devices", type=int, default=8,
+                  help="split a CPU host into this many devices (rft.parallel.split_cpu)")
   args = ap.parse_args(argv)
+  parallel.split_cpu(args.cpu_devices)
   name, _, arg = args.config.partition(":")
-  config = config_lib.load(name, arg or None)
+  config = config_lib.apply_overrides(config_lib.load(name, arg or None), args.set)
   per_step, n = step_gradients(config, args.estimates, args.prompts, args.seed)
   T = per_step.shape[1]
   trained = T - int(config.objective.skip_last_steps)

@@ -19,6 +19,7 @@ Objectives (config.objective.name):
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -35,11 +36,14 @@ from rft.placement import Placement
 from rft.diffusion import ddim, training
 from rft.diffusion.pipeline import SamplerConfig
 from rft.models import lora
-from rft.objectives import backprop, ddpo, raft, rdp, trajectory
+from rft.objectives import backprop, ddpo, raft, rdp, step_baselines, trajectory
 from rft.rewards import base as rewards_lib
 from rft.train import diffusion_worlds
 from rft.train.batching import group_rows, minibatches
 from rft.train.state import TrainState, make_optimizer
+
+# Per-epoch training metrics kept for results.json["curve"] (learning curves, stability).
+CURVE_KEYS = ("reward_mean", "kl_to_ref", "loss", "grad_norm", "clip_frac", "epoch_seconds")
 
 TRAJECTORY_OBJECTIVES = ("prdp", "ddpo")
 BACKPROP_OBJECTIVES = ("draft", "draft_lv", "alignprop")
@@ -111,7 +115,8 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
     def loss_from_lp(lp, b):
       return rdp.rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"], group_size=B,
                           beta=o.beta, clip_eps=o.clip_eps if o.clip_eps > 0 else None,
-                          reduce=o.reduce, drop_ties=o.drop_ties)
+                          reduce=o.reduce, drop_ties=o.drop_ties,
+                          step_baselines=b.get("step_baselines"))
 
     def grads_fn(trainable, mat, b, key, on_policy):
       return trajectory.coupled_grads(scorer, mat, trainable, b, loss_from_lp, key,
@@ -120,7 +125,10 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, t
                                       skip_last=o.skip_last_steps, unroll=unroll)
   else:
     def step_loss(lp_j, j, b):
-      return ddpo.ddpo_step_loss(lp_j, jnp.take(b["log_probs"], j, axis=1), b["advantages"],
+      adv = b["advantages"]
+      if adv.ndim == 2:  # per-step advantages (a step baseline)
+        adv = jnp.take(adv, j, axis=1)
+      return ddpo.ddpo_step_loss(lp_j, jnp.take(b["log_probs"], j, axis=1), adv,
                                  clip_range=o.clip_range, adv_clip_max=o.adv_clip_max,
                                  importance_sampling=o.importance_sampling)
 
@@ -212,6 +220,16 @@ def _sample_all(sample_images, ids, key, batch_size: int) -> np.ndarray:
   return np.concatenate(out)
 
 
+def distinct_first(ids: np.ndarray, k: int) -> np.ndarray:
+  """Up to k positions into ids: the first occurrence of each distinct id (in order),
+  then the remaining positions, so a grid shows as many different prompts as it can."""
+  ids = np.asarray(ids)
+  _, first = np.unique(ids, return_index=True)
+  first = np.sort(first)
+  rest = np.setdiff1d(np.arange(len(ids)), first)
+  return np.concatenate([first, rest])[:k]
+
+
 def group_stats(rewards: np.ndarray, group_size: int) -> dict:
   g = np.asarray(rewards, np.float32).reshape(-1, group_size)
   std = g.std(axis=1)
@@ -252,6 +270,16 @@ def validate(config):
                      f"of config.prompts_per_update={config.prompts_per_update}")
   if o.name == "prdp" and config.samples_per_prompt < 2:
     raise ValueError("PRDP needs config.samples_per_prompt >= 2 (pairs of the same prompt)")
+  if o.name in TRAJECTORY_OBJECTIVES:
+    step_baselines.check_kind(o.get("step_baseline", "none"))
+  elif o.get("step_baseline", "none") != "none":
+    raise ValueError(f"config.objective.step_baseline={o.step_baseline!r}: per-step baselines "
+                     f"apply to {list(TRAJECTORY_OBJECTIVES)}, not {o.name!r}")
+  if config.get("share_initial_noise") and (o.name in BACKPROP_OBJECTIVES
+                                            or config.samples_per_prompt < 2):
+    raise ValueError("config.share_initial_noise=True needs groups: several samples per prompt "
+                     f"(config.samples_per_prompt={config.samples_per_prompt}, objective "
+                     f"{o.name!r})")
   if o.name in TRAJECTORY_OBJECTIVES and config.sampler.eta <= 0:
     raise ValueError(f"{o.name} needs a stochastic sampler: config.sampler.eta must be > 0 "
                      f"(log-probs are undefined at eta=0), got {config.sampler.eta}")
@@ -317,20 +345,28 @@ def train_and_evaluate(config, workdir: str):
     return {"state": st, "tracker": tracker.state() if tracker else {}}
 
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
-  start_epoch, history = 0, {}
+  # history: evaluations by epoch; curve: per-epoch training metrics; seconds_before: wall
+  # time of earlier runs of this workdir (all three kept in the checkpoint's metadata).
+  start_epoch, history, curve, seconds_before = 0, {}, {}, 0.0
   if ckpt.latest_step() is not None:
     restored, ck_meta = ckpt.restore(ckpt_tree(state))
     state = restored["state"]
     if tracker:
       tracker.load_state(restored["tracker"])
     start_epoch = ckpt.latest_step()
-    history = (ck_meta or {}).get("history", {})
+    ck_meta = ck_meta or {}
+    history, curve = ck_meta.get("history", {}), ck_meta.get("curve", {})
+    seconds_before = float(ck_meta.get("seconds", 0.0))
     logging.info("resumed %s at epoch %d", workdir, start_epoch)
 
   # ---------------------------------------------------------------- rollout and updates
-  @jax.jit
-  def rollout(trainable, base, tokens, key):
-    traj, cond, null = pipe.sample(materialize(trainable, base), tokens, key, sampler)
+  step_baseline = o.get("step_baseline", "none")
+  share_within = B if config.get("share_initial_noise") else 1
+
+  @functools.partial(jax.jit, static_argnames=("share", "record_x0"))
+  def rollout(trainable, base, tokens, key, share=1, record_x0=False):
+    traj, cond, null = pipe.sample(materialize(trainable, base), tokens, key, sampler,
+                                   share_within=share, record_x0=record_x0)
     return traj, cond, null
 
   @jax.jit
@@ -380,34 +416,65 @@ def train_and_evaluate(config, workdir: str):
         m.update({f"reward_{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()})
       else:
         m, images = judged
-      imgs = np.asarray(images[:32])
-      m["config_reward"] = float(np.mean(score(imgs, ids[:len(imgs)])))
+        images = np.asarray(images)
+        # The configured reward and, for a weighted sum, each term, on the judged images.
+        m["config_reward"] = float(np.mean(score(images, ids[:len(images)])))
+        if reward.terms:
+          parts = reward.parts(images if reward.host else jnp.asarray(images),
+                               world.reward_prompts(ids[:len(images)]), reward_params)
+          m.update({f"config_reward_{k}": float(np.mean(np.asarray(v)))
+                    for k, v in parts.items()})
       out.update({f"{split}/{k}": v for k, v in m.items()})
-      writer.write_images(epoch, {f"samples/{split}": metrics.image_grid(
-          imgs, [world.texts[i] for i in ids[:32]], ncols=8)[None]})
+      shown = distinct_first(ids[:len(images)], 32)
+      grid = metrics.image_grid(np.asarray(images)[shown], [world.texts[ids[i]] for i in shown],
+                                ncols=8)
+      writer.write_images(epoch, {f"samples/{split}": grid[None]})
+      if jax.process_index() == 0:
+        metrics.save_image(os.path.join(workdir, "samples", f"{split}_epoch{epoch:04d}.png"),
+                           grid)
     writer.write_scalars(epoch, {f"eval/{k}": v for k, v in out.items()})
     return out
 
   # ---------------------------------------------------------------- one epoch
-  def sample_and_score(state, ids, k_epoch):
+  def sample_and_score(state, ids, k_epoch, record_x0=False):
     tokens = placement.batch(tokens_all[ids])  # each process supplies its rows
-    traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0))
+    traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0),
+                               share=share_within, record_x0=record_x0)
     scores = score(to_images(base_params, traj.sample), ids)
     return traj, cond, null, scores, group_stats(scores, B)
 
+  def step_values(traj, ids) -> np.ndarray:
+    """b [n, T]: the reward of each step's recorded x0 prediction (x0_reward baseline)."""
+    n, T = traj.log_probs.shape
+    x0 = traj.x0_preds.reshape((n * T,) + traj.x0_preds.shape[2:])  # rows (sample, step)
+    return score(to_images(base_params, x0), np.repeat(ids, T)).reshape(n, T)
+
   def trajectory_epoch(state, epoch, ids, k_epoch):
-    traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch)
+    with_values = step_baseline != "none"
+    traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch, record_x0=with_values)
     batch = {"latents": traj.latents, "timesteps": traj.timesteps,
              "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
              "cond": cond, "null_cond": null, "rewards": placement.batch(scores)}
+    values = step_values(traj, ids) if with_values else None
+    if values is not None:
+      corr = step_baselines.value_correlation(scores, values)
+      m["baseline_corr_first_step"] = float(corr[0])
+      m["baseline_corr_mid_step"] = float(corr[len(corr) // 2])
+      values = step_baselines.lambda_baselines(scores, values, o.get("baseline_lambda", 1.0))
     if o.name == "prdp" or config.kl_metric:
       ref = ref_log_probs(base_params, traj, cond, null)
       batch["ref_log_probs"] = ref
       m["kl_to_ref"] = float(jnp.mean(jnp.sum(traj.log_probs - ref, axis=1)))
+    if o.name == "prdp" and values is not None:
+      batch["step_baselines"] = placement.batch(values)
     if o.name == "ddpo":
-      adv = tracker.update(ids, scores) if tracker else ddpo.batch_advantages(scores)
+      adv, scale = (tracker.update(ids, scores, with_scale=True) if tracker
+                    else ddpo.batch_advantages(scores, with_scale=True))
+      if values is not None:
+        adv = step_baselines.step_advantages(adv, scale, values, B)
       batch["advantages"] = placement.batch(np.asarray(adv, np.float32))
-    per_sample = ("latents", "log_probs", "rewards", "ref_log_probs", "advantages", "cond")
+    per_sample = ("latents", "log_probs", "rewards", "ref_log_probs", "advantages", "cond",
+                  "step_baselines")
     groups = np.random.default_rng([config.seed, epoch, 1]).permutation(config.prompts_per_epoch)
     ms = []
     for k, g in enumerate(minibatches(groups, config.prompts_per_update,
@@ -481,13 +548,15 @@ def train_and_evaluate(config, workdir: str):
     m["reward_queries"] = done * samples_per_epoch
     m["epoch_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
+    curve[str(done)] = {k: m[k] for k in CURVE_KEYS if k in m}
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
     if config.eval_every and (done % config.eval_every == 0 or done == config.epochs):
       history[str(done)] = evaluate(eval_params(state), done)
       history[str(done)]["train/reward_mean_epoch"] = m["reward_mean"]
       logging.info("epoch %d eval: %s", done, history[str(done)])
     if done % config.ckpt_every == 0 or done == config.epochs:
-      ckpt.save(done, ckpt_tree(state), metadata={"history": history})
+      ckpt.save(done, ckpt_tree(state), metadata={
+          "history": history, "curve": curve, "seconds": seconds_before + time.time() - t_start})
   bar.close()
   ckpt.close()
   writer.flush()
@@ -496,7 +565,9 @@ def train_and_evaluate(config, workdir: str):
              "reward_queries": config.epochs * samples_per_epoch,
              "train_seconds_this_run": round(time.time() - t_loop, 1),
              "total_seconds_this_run": round(time.time() - t_start, 1),
-             "history": history}
+             "total_seconds": round(seconds_before + time.time() - t_start, 1),
+             "samples_per_epoch": samples_per_epoch,
+             "history": history, "curve": curve}
   final = placement.gather(materialize(eval_params(state), base_params))  # all processes
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:

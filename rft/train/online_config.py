@@ -21,6 +21,10 @@ def base() -> config_dict.ConfigDict:
   c.model_path = ""
   c.prompt_set = "animals45"
   c.holdout_fraction = 0.0
+  # shapes: train on a fixed set of this many training captions (0 = all of them; the
+  # small-scale setting of PRDP's Table 1), drawn with train_prompts_seed.
+  c.train_prompts = 0
+  c.train_prompts_seed = 0
   c.resolution = 0
   c.dtype = "float32"  # computation dtype of the SD modules (params stay float32)
   c.allow_pickle = False  # load .bin/.pt weights (unpickling can run code)
@@ -32,6 +36,9 @@ def base() -> config_dict.ConfigDict:
   # Rollout sampler: DDIM with eta > 0 (stochastic, log-probs defined), CFG scale.
   c.sampler = config_dict.ConfigDict(
       {"num_steps": 10, "eta": 1.0, "guidance_scale": 1.0, "clip_x0": 1.0})
+  # Samples of one prompt start from the same x_T (DanceGRPO): group rewards then differ
+  # only through the step noise the log-probs score (trajectory objectives and RAFT).
+  c.share_initial_noise = False
   # Epoch: prompts_per_epoch prompts x samples_per_prompt samples from theta_old, then
   # updates_per_epoch updates of prompts_per_update prompts each (cycling the epoch's).
   c.epochs = 100
@@ -75,6 +82,9 @@ def base() -> config_dict.ConfigDict:
   # the frozen base params and the reward model: default (FSDP by size), unet / lm
   # (tensor-parallel blocks + FSDP) or replicate.
   c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # On a host without an accelerator, split the CPU into this many XLA devices before
+  # JAX starts (0 = leave it alone). Data-parallel over them keeps both cores busy.
+  c.cpu_devices = 0
   c.sharding = config_dict.ConfigDict(
       {"trained": "unet", "frozen": "unet", "reward": "replicate", "min_size": 2 ** 18})
   return c
@@ -105,6 +115,7 @@ def smoke(c: config_dict.ConfigDict) -> None:
   c.eval_prompts = 4
   c.eval_batch_size = 4
   c.ckpt_every = 1
+  c.cpu_devices = 0
 
 
 def sd_world(c: config_dict.ConfigDict, model_path: str = "CompVis/stable-diffusion-v1-4",

@@ -1,0 +1,220 @@
+"""A table's outputs from its finished runs: table.md, table.csv, curves.png, grids, verdicts.
+
+* table.csv: one line per (row, metric, statistic) with the mean, the 95 % interval over
+  seeds and the per-seed values (statistic: base, final, gain).
+* table.md: the table (base row, then each method's final value and gain, "mean [low,
+  high]"), each claim with its verdict and interval, the commands and the budget.
+* curves.png: the curve metric against reward queries, one line (mean over seeds) and
+  band (min..max over seeds) per method.
+* grids/<row>.png: seed 0's evaluation samples before (epoch 0) and after finetuning.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+from rft.repro import stats
+from rft.repro import tables as tables_lib
+from rft.repro.runner import Run
+
+
+def _value(results: dict, key: str, which: str) -> float | None:
+  """A metric of one run: `which` = base (epoch 0), final (last evaluation) or gain."""
+  hist = results.get("history", {})
+  if key == "max_kl":
+    kl = [c.get("kl_to_ref") for c in results.get("curve", {}).values()]
+    kl = [k for k in kl if k is not None]
+    if which == "base":
+      return 0.0
+    return max(kl) if kl else None
+  if not hist:
+    return None
+  first, last = hist.get("0", {}), hist[max(hist, key=int)]
+  if which == "base":
+    return first.get(key)
+  if which == "final":
+    return last.get(key)
+  if key in first and key in last:
+    return last[key] - first[key]
+  return None
+
+
+def collect(table: tables_lib.Table, runs: list[Run]) -> dict:
+  """{row: {metric: {base|final|gain: Interval, "seeds": {...}}}, "_runs": ...} of the
+  finished runs."""
+  out: dict = {}
+  for row in dict.fromkeys(r.row for r in runs):
+    done = [r for r in runs if r.row == row and r.done]
+    res = [r.results() for r in done]
+    per = {}
+    for m in table.metrics:
+      entry = {}
+      for which in ("base", "final", "gain"):
+        vals = [_value(x, m.key, which) for x in res]
+        entry[which] = stats.interval([v for v in vals if v is not None])
+        entry[f"{which}_values"] = vals
+      per[m.key] = entry
+    per["_seeds"] = [r.seed for r in done]
+    per["_queries"] = [x.get("reward_queries") for x in res]
+    per["_minutes"] = [x.get("total_seconds", x.get("total_seconds_this_run", 0)) / 60
+                       for x in res]
+    out[row] = per
+  return out
+
+
+def claim_interval(claim: tables_lib.Claim, runs: list[Run]) -> stats.Interval:
+  """Interval of a's metric (gain or final) minus b's, paired by seed."""
+  by = {}
+  for r in runs:
+    if r.done and r.row in (claim.a, claim.b):
+      by.setdefault(r.seed, {})[r.row] = _value(r.results(), claim.metric, claim.on)
+  diffs = []
+  for seed, v in sorted(by.items()):
+    a = v.get(claim.a)
+    if a is None:
+      continue
+    if claim.b is None:
+      diffs.append(a)
+    elif v.get(claim.b) is not None:
+      diffs.append(a - v[claim.b])
+  return stats.interval(diffs)
+
+
+def verdicts(table: tables_lib.Table, runs: list[Run]) -> list[dict]:
+  out = []
+  for c in table.claims:
+    iv = claim_interval(c, runs)
+    out.append({"claim": c.text, "verdict": stats.verdict(c.kind, iv, c.margin),
+                "interval": iv, "metric": c.metric, "on": c.on})
+  return out
+
+
+def _fmt(iv: stats.Interval, metric: tables_lib.Metric, signed: bool = False) -> str:
+  if iv.n == 0:
+    return "–"
+  scale, digits = (100.0, 1) if metric.percent else (1.0, 3)
+  s = iv.fmt(scale, digits)
+  return ("+" + s if signed and iv.mean >= 0 else s)
+
+
+def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: str,
+          hardware: str = "") -> dict:
+  """Writes table.md, table.csv, curves.png and grids/ into out_dir; returns the summary."""
+  os.makedirs(out_dir, exist_ok=True)
+  data = collect(table, runs)
+  ver = verdicts(table, runs)
+  preset = table.preset(preset_name)
+  # ------------------------------------------------------------------ csv
+  with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["table", "preset", "row", "metric", "statistic", "mean", "ci95_low",
+                "ci95_high", "seeds", "values"])
+    for row, per in data.items():
+      for m in table.metrics:
+        for which in ("base", "final", "gain"):
+          iv = per[m.key][which]
+          w.writerow([table.name, preset_name, row, m.key, which, iv.mean, iv.low, iv.high,
+                      iv.n, json.dumps(per[m.key][f"{which}_values"])])
+  # ------------------------------------------------------------------ markdown
+  lines = [f"# {table.title}", "", f"Paper: {table.paper}", "",
+           f"Preset `{preset_name}`: {preset.note}." + (f" Hardware: {hardware}." if hardware
+                                                       else ""), ""]
+  head = ["method"] + [f"{m.label}: after (gain)" for m in table.metrics] + [
+      "seeds", "reward queries", "minutes per run"]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  first = next(iter(data.values()), None)
+  if first is not None:
+    lines.append("| base model | " + " | ".join(_fmt(first[m.key]["base"], m)
+                                                  for m in table.metrics) + " | | 0 | |")
+  for row, per in data.items():
+    label = table.row(row).label
+    cells = [f"{_fmt(per[m.key]['final'], m)} ({_fmt(per[m.key]['gain'], m, signed=True)})"
+             for m in table.metrics]
+    q = [x for x in per["_queries"] if x]
+    mins = per["_minutes"]
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(per['_seeds'])} | "
+                 f"{int(np.mean(q)):,} | " + (f"{np.mean(mins):.1f}" if mins else "–") + " |"
+                 if q else f"| {label} | " + " | ".join(cells) + f" | {len(per['_seeds'])} | – | – |")
+  lines += ["", "Values: mean over seeds [95 % t interval]; percentages are points of "
+            "evaluator alignment.", "", "| claim | verdict | interval (paired by seed) |",
+            "|---|---|---|"]
+  for v in ver:
+    m = next((m for m in table.metrics if m.key == v["metric"]), None)
+    iv = v["interval"]
+    shown = _fmt(iv, m, signed=True) if m else iv.fmt()
+    lines.append(f"| {v['claim']} | **{v['verdict']}** | {shown} |")
+  lines += ["", "Commands (one per run; `python -m rft.main` + these flags):", ""]
+  for r in runs:
+    lines.append(f"* {r.row} seed {r.seed}: `python -m rft.main {' '.join(r.argv)}`")
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  # ------------------------------------------------------------------ plots
+  _curves(table, runs, os.path.join(out_dir, "curves.png"))
+  _grids(runs, os.path.join(out_dir, "grids"))
+  summary = {"table": table.name, "preset": preset_name, "hardware": hardware,
+             "verdicts": [dict(v, interval=vars(v["interval"])) for v in ver],
+             "rows": {row: {m.key: {k: vars(per[m.key][k]) for k in ("base", "final", "gain")}
+                            for m in table.metrics} for row, per in data.items()}}
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def _curves(table: tables_lib.Table, runs: list[Run], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  plotted = False
+  for row in dict.fromkeys(r.row for r in runs):
+    series = []
+    for r in runs:
+      if r.row != row or not r.done:
+        continue
+      res = r.results()
+      per_epoch = res.get("samples_per_epoch") or res["reward_queries"] / max(res["epochs"], 1)
+      pts = sorted((int(e) * per_epoch, h[table.curve_metric])
+                   for e, h in res["history"].items() if table.curve_metric in h)
+      series.append(pts)
+    if not series:
+      continue
+    xs = sorted({x for s in series for x, _ in s})
+    ys = np.array([[dict(s).get(x, np.nan) for x in xs] for s in series], np.float64)
+    mean = np.nanmean(ys, 0)
+    ax.plot(xs, 100 * mean, label=f"{table.row(row).label} ({len(series)} seeds)")
+    ax.fill_between(xs, 100 * np.nanmin(ys, 0), 100 * np.nanmax(ys, 0), alpha=0.2)
+    plotted = True
+  ax.set_xlabel("reward queries")
+  ax.set_ylabel(f"{table.curve_metric} (%)")
+  ax.set_title(table.title, fontsize=9)
+  if plotted:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _grids(runs: list[Run], out_dir: str) -> None:
+  """Seed 0's before / after evaluation grids of every row, side by side."""
+  from PIL import Image
+  os.makedirs(out_dir, exist_ok=True)
+  for r in runs:
+    if r.seed != min(x.seed for x in runs if x.row == r.row) or not r.done:
+      continue
+    samples = os.path.join(r.workdir, "samples")
+    if not os.path.isdir(samples):
+      continue
+    for split in ("train", "heldout"):
+      files = sorted(f for f in os.listdir(samples) if f.startswith(f"{split}_epoch"))
+      if len(files) < 2:
+        continue
+      before, after = (Image.open(os.path.join(samples, f)).convert("RGB")
+                       for f in (files[0], files[-1]))
+      canvas = Image.new("RGB", (before.width + after.width + 8, max(before.height,
+                                                                     after.height)), "white")
+      canvas.paste(before, (0, 0))
+      canvas.paste(after, (before.width + 8, 0))
+      canvas.save(os.path.join(out_dir, f"{r.row}_{split}_before_after.png"))

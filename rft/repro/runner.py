@@ -1,0 +1,124 @@
+"""Running a table's rows (method x seed) through the normal configs, resumably.
+
+Each run is `python -m rft.main --config=configs/<row>.py[:arg] --workdir=<run dir>
+--config.seed=s --config.eval_seed=s --config.<key>=<value> ...` in its own process, its
+console output in `<run dir>/log.txt`. A run whose results.json exists is finished and
+skipped; an interrupted one is resumed by the same command (rft.main continues from its
+latest checkpoint, bit for bit). The command is stored in `<run dir>/command.json`; a run
+directory made by a different command is an error, never silently mixed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+from rft import config as config_lib
+from rft.repro import tables as tables_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  table: str
+  row: str
+  seed: int
+  workdir: str
+  argv: tuple[str, ...]  # after `python -m rft.main`
+
+  @property
+  def done(self) -> bool:
+    return os.path.exists(os.path.join(self.workdir, "results.json"))
+
+  def results(self) -> dict:
+    with open(os.path.join(self.workdir, "results.json")) as f:
+      return json.load(f)
+
+
+def _flag(key: str, value) -> str:
+  if isinstance(value, bool):
+    value = str(value).lower()
+  return f"--config.{key}={value}"
+
+
+def plan(table: tables_lib.Table, preset_name: str, workdir: str, seeds: int | None = None,
+         rows: list[str] | None = None) -> list[Run]:
+  """Every (row, seed) run of the preset, in order: seed-major, so a partial table has
+  every method at the first seeds before any method at the later ones."""
+  preset = table.preset(preset_name)
+  names = [r.name for r in table.rows if r.name in preset.rows]
+  if rows:
+    unknown = [r for r in rows if r not in names]
+    if unknown:
+      raise ValueError(f"--rows {unknown}: table {table.name} preset {preset_name} runs {names}")
+    names = [n for n in names if n in rows]
+  out = []
+  for seed in range(seeds if seeds is not None else preset.seeds):
+    for name in names:
+      row = table.row(name)
+      config = row.config
+      if preset.config_arg:
+        config += ("," if ":" in config else ":") + preset.config_arg
+      path, _, arg = config.partition(":")
+      file = os.path.join(config_lib.CONFIG_DIR, f"{path}.py") + (f":{arg}" if arg else "")
+      overrides = dict(preset.common, **preset.rows[name], seed=seed, eval_seed=seed)
+      if preset.cpu_devices:
+        overrides["cpu_devices"] = preset.cpu_devices
+      run_dir = os.path.join(workdir, table.name, preset_name, name, f"seed{seed}")
+      argv = (f"--config={file}", f"--workdir={run_dir}",
+              *(_flag(k, v) for k, v in overrides.items()))
+      out.append(Run(table.name, name, seed, run_dir, argv))
+  return out
+
+
+def check_configs(runs: list[Run]) -> None:
+  """Build every run's config with its overrides (an unknown key or bad value is an error
+  naming the run) before any run starts."""
+  for r in runs:
+    file = r.argv[0].split("=", 1)[1]
+    path, _, arg = file.partition(":")
+    config = config_lib.load(path, arg or None)
+    items = [a[len("--config."):] for a in r.argv if a.startswith("--config.")]
+    try:
+      config_lib.apply_overrides(config, items)
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"{r.table} row {r.row} seed {r.seed}: {e}") from None
+
+
+def _check_command(run: Run) -> None:
+  path = os.path.join(run.workdir, "command.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = tuple(json.load(f)["argv"])
+    if stored != run.argv:
+      changed = sorted(set(stored) ^ set(run.argv))
+      raise ValueError(f"{run.workdir} was started by a different command (differs in "
+                       f"{changed}); remove it or pass another --workdir")
+  else:
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump({"argv": list(run.argv)}, f, indent=1)
+
+
+def execute(runs: list[Run], env: dict | None = None, echo=print) -> None:
+  """Run what is not finished, one at a time (each run uses all local devices)."""
+  todo = [r for r in runs if not r.done]
+  echo(f"{len(runs) - len(todo)} of {len(runs)} runs already finished")
+  t_all = time.time()
+  for i, run in enumerate(todo):
+    _check_command(run)
+    t0 = time.time()
+    echo(f"[{i + 1}/{len(todo)}] {run.table} {run.row} seed {run.seed} -> {run.workdir}")
+    with open(os.path.join(run.workdir, "log.txt"), "a") as log:
+      p = subprocess.run([sys.executable, "-m", "rft.main", *run.argv], stdout=log,
+                         stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+    if p.returncode != 0:
+      with open(os.path.join(run.workdir, "log.txt")) as f:
+        tail = f.read()[-3000:]
+      raise RuntimeError(f"{run.table} row {run.row} seed {run.seed} failed (exit "
+                         f"{p.returncode}); log: {run.workdir}/log.txt\n{tail}")
+    done = time.time() - t0
+    left = (time.time() - t_all) / (i + 1) * (len(todo) - i - 1)
+    echo(f"    finished in {done / 60:.1f} min; about {left / 60:.0f} min left")
