@@ -15,6 +15,7 @@ CORE = [
     "tensorboardX>=2.6",  # TF-free TensorBoard event files behind clu's MetricWriter
     "tqdm>=4.66",
     "safetensors>=0.4",  # HF checkpoints (rft.weights), read without torch
+    "matplotlib>=3.8",  # rft.repro: learning curves of the paper tables
 ]
 
 setup(
@@ -32,7 +33,9 @@ setup(
                  # (torch: the CPU build). open_clip_torch is installed with --no-deps by
                  # the test command: its torchvision dependency is a CUDA build on PyPI.
                  "torch==2.13.0", "transformers>=5", "safetensors>=0.4",
-                 "diffusers>=0.40", "ftfy>=6"],
+                 "diffusers>=0.40", "ftfy>=6",
+                 # the Colab notebooks, executed top to bottom in smoke mode
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "tfds": ["tensorflow-datasets"],
     },
 )

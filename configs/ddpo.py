@@ -12,6 +12,8 @@ Variants: `smoke` (seconds); `sf` (score-function DDPO_SF instead of importance 
 Stable Diffusion (needs the model files locally, see README "Real models"):
   sd14_aesthetic        SD 1.4, 45 animals, LAION aesthetic predictor
   sd14_compressibility  SD 1.4, 45 animals, JPEG compressibility
+  sd14_hpsv2 / sd14_pickscore / hpdv2_hpsv2   DDPO on PRDP's Table 1 / 2 settings (the
+                        DDPO rows of `python -m rft.repro prdp_table1 --preset sd`)
 DDPO's settings: 50 DDIM steps, eta 1, CFG 5, 256 samples per epoch (32 prompts x 8),
 two gradient steps of 128 samples each, clip 1e-4, advantages clipped at 5, per-prompt
 statistics (buffer 16, min count 16), LoRA rank 4 at lr 3e-4.
@@ -22,9 +24,12 @@ from rft import config as config_lib
 from rft.train import online_config
 
 
+PRDP_SETTINGS = ("sd14_hpsv2", "sd14_pickscore", "hpdv2_hpsv2")
+
+
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke", "sf", "compressibility", "sd14_aesthetic",
-                                       "sd14_compressibility"))
+                                       "sd14_compressibility") + PRDP_SETTINGS)
   c = online_config.base()
   c.objective = config_dict.ConfigDict({
       "name": "ddpo",
@@ -53,16 +58,19 @@ def get_config(arg=None):
   c.ckpt_every = 5
   if "compressibility" in variants:
     c.reward = "jpeg_compressibility"
-  if variants & {"sd14_aesthetic", "sd14_compressibility"}:
-    online_config.sd_world(c)
+  if variants & {"sd14_aesthetic", "sd14_compressibility", *PRDP_SETTINGS}:
+    online_config.sd_world(c, prompt_set="hpdv2" if "hpdv2_hpsv2" in variants else "animals45")
     c.epochs, c.lr, c.objective.skip_last_steps = 100, 3e-4, 0
     c.prompts_per_epoch, c.samples_per_prompt = 32, 8
     c.updates_per_epoch, c.prompts_per_update = 2, 16
     c.objective.min_count = 16
     if "sd14_aesthetic" in variants:
       c.reward, c.reward_options = "aesthetic", online_config.reward_files("aesthetic")
-    else:
+    elif "sd14_compressibility" in variants:
       c.reward = "jpeg_compressibility"
+    else:  # PRDP's Table 1 / 2 rewards
+      name = "pickscore" if "sd14_pickscore" in variants else "hpsv2"
+      c.reward, c.reward_options = name, online_config.reward_files(name)
   if "smoke" in variants:
     online_config.smoke(c)
     c.objective.min_count = 2

@@ -46,7 +46,11 @@ def get_config(arg=None):
       "beta": 1e-3,  # KL weight: targets are (r(a) - r(b)) / beta
       "clip_eps": 1e-3,  # proximal clip of each per-step log ratio around theta_old; 0 = off
       "reduce": "mean",  # aggregate per-step log ratios over steps: "mean" (ref code) | "sum" (paper Eq.)
-      "drop_ties": False,
+      # Pairs with equal rewards are left out, as in the paper's reference code (its
+      # Appendix G); the main text's Eq. sums over all pairs. Ties only happen with
+      # discrete or saturated rewards (HPSv2 / PickScore scores never tie); a tied pair's
+      # target is 0 and, with step baselines, its per-step terms are pure noise.
+      "drop_ties": True,
       "timestep_fraction": 1.0,
       # Per-step baseline (rft.objectives.step_baselines): "none" or "x0_reward" (the reward
       # of the sampler's x0 prediction at each step; same expected gradient, less noise).

@@ -27,6 +27,12 @@ def split_cpu(num_devices: int) -> bool:
   forward + backward 2x faster (`benchmarks/prdp_epoch.py`). An explicit
   `--xla_force_host_platform_device_count` in XLA_FLAGS wins. Accelerators are untouched.
   Returns whether the setting was applied.
+
+  Caveat, seen here: many small multi-device programs dispatched one op at a time (e.g.
+  a tree_map of jnp.add over gradient trees) can deadlock XLA:CPU's in-process
+  collectives, with any device count > 1. XLA's 40 s collective watchdog then kills the
+  process; the online loop keeps its per-epoch work inside a few jitted programs, and
+  `rft.repro` resumes a killed run from its last checkpoint.
   """
   import os
   if num_devices < 0:

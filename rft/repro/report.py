@@ -42,7 +42,7 @@ def _value(results: dict, key: str, which: str) -> float | None:
   return None
 
 
-def collect(table: tables_lib.Table, runs: list[Run]) -> dict:
+def collect(metrics: tuple[tables_lib.Metric, ...], runs: list[Run]) -> dict:
   """{row: {metric: {base|final|gain: Interval, "seeds": {...}}}, "_runs": ...} of the
   finished runs."""
   out: dict = {}
@@ -50,7 +50,7 @@ def collect(table: tables_lib.Table, runs: list[Run]) -> dict:
     done = [r for r in runs if r.row == row and r.done]
     res = [r.results() for r in done]
     per = {}
-    for m in table.metrics:
+    for m in metrics:
       entry = {}
       for which in ("base", "final", "gain"):
         vals = [_value(x, m.key, which) for x in res]
@@ -83,9 +83,9 @@ def claim_interval(claim: tables_lib.Claim, runs: list[Run]) -> stats.Interval:
   return stats.interval(diffs)
 
 
-def verdicts(table: tables_lib.Table, runs: list[Run]) -> list[dict]:
+def verdicts(table: tables_lib.Table, preset_name: str, runs: list[Run]) -> list[dict]:
   out = []
-  for c in table.claims:
+  for c in table.claims_of(preset_name):
     iv = claim_interval(c, runs)
     out.append({"claim": c.text, "verdict": stats.verdict(c.kind, iv, c.margin),
                 "interval": iv, "metric": c.metric, "on": c.on})
@@ -104,8 +104,9 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
           hardware: str = "") -> dict:
   """Writes table.md, table.csv, curves.png and grids/ into out_dir; returns the summary."""
   os.makedirs(out_dir, exist_ok=True)
-  data = collect(table, runs)
-  ver = verdicts(table, runs)
+  metrics = table.metrics_of(preset_name)
+  data = collect(metrics, runs)
+  ver = verdicts(table, preset_name, runs)
   preset = table.preset(preset_name)
   # ------------------------------------------------------------------ csv
   with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
@@ -113,7 +114,7 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
     w.writerow(["table", "preset", "row", "metric", "statistic", "mean", "ci95_low",
                 "ci95_high", "seeds", "values"])
     for row, per in data.items():
-      for m in table.metrics:
+      for m in metrics:
         for which in ("base", "final", "gain"):
           iv = per[m.key][which]
           w.writerow([table.name, preset_name, row, m.key, which, iv.mean, iv.low, iv.high,
@@ -122,17 +123,17 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
   lines = [f"# {table.title}", "", f"Paper: {table.paper}", "",
            f"Preset `{preset_name}`: {preset.note}." + (f" Hardware: {hardware}." if hardware
                                                        else ""), ""]
-  head = ["method"] + [f"{m.label}: after (gain)" for m in table.metrics] + [
+  head = ["method"] + [f"{m.label}: after (gain)" for m in metrics] + [
       "seeds", "reward queries", "minutes per run"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   first = next(iter(data.values()), None)
   if first is not None:
     lines.append("| base model | " + " | ".join(_fmt(first[m.key]["base"], m)
-                                                  for m in table.metrics) + " | | 0 | |")
+                                                  for m in metrics) + " | | 0 | |")
   for row, per in data.items():
     label = table.row(row).label
     cells = [f"{_fmt(per[m.key]['final'], m)} ({_fmt(per[m.key]['gain'], m, signed=True)})"
-             for m in table.metrics]
+             for m in metrics]
     q = [x for x in per["_queries"] if x]
     mins = per["_minutes"]
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(per['_seeds'])} | "
@@ -142,7 +143,7 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
             "evaluator alignment.", "", "| claim | verdict | interval (paired by seed) |",
             "|---|---|---|"]
   for v in ver:
-    m = next((m for m in table.metrics if m.key == v["metric"]), None)
+    m = next((m for m in metrics if m.key == v["metric"]), None)
     iv = v["interval"]
     shown = _fmt(iv, m, signed=True) if m else iv.fmt()
     lines.append(f"| {v['claim']} | **{v['verdict']}** | {shown} |")
@@ -152,18 +153,21 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   # ------------------------------------------------------------------ plots
-  _curves(table, runs, os.path.join(out_dir, "curves.png"))
+  curve = table.curve_metric_of(preset_name)
+  pct = next((m.percent for m in metrics if m.key == curve), True)
+  _curves(table, curve, 100.0 if pct else 1.0, runs, os.path.join(out_dir, "curves.png"))
   _grids(runs, os.path.join(out_dir, "grids"))
   summary = {"table": table.name, "preset": preset_name, "hardware": hardware,
              "verdicts": [dict(v, interval=vars(v["interval"])) for v in ver],
              "rows": {row: {m.key: {k: vars(per[m.key][k]) for k in ("base", "final", "gain")}
-                            for m in table.metrics} for row, per in data.items()}}
+                            for m in metrics} for row, per in data.items()}}
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
 
 
-def _curves(table: tables_lib.Table, runs: list[Run], path: str) -> None:
+def _curves(table: tables_lib.Table, metric: str, scale: float, runs: list[Run],
+            path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -176,19 +180,19 @@ def _curves(table: tables_lib.Table, runs: list[Run], path: str) -> None:
         continue
       res = r.results()
       per_epoch = res.get("samples_per_epoch") or res["reward_queries"] / max(res["epochs"], 1)
-      pts = sorted((int(e) * per_epoch, h[table.curve_metric])
-                   for e, h in res["history"].items() if table.curve_metric in h)
+      pts = sorted((int(e) * per_epoch, h[metric])
+                   for e, h in res["history"].items() if metric in h)
       series.append(pts)
     if not series:
       continue
     xs = sorted({x for s in series for x, _ in s})
     ys = np.array([[dict(s).get(x, np.nan) for x in xs] for s in series], np.float64)
     mean = np.nanmean(ys, 0)
-    ax.plot(xs, 100 * mean, label=f"{table.row(row).label} ({len(series)} seeds)")
-    ax.fill_between(xs, 100 * np.nanmin(ys, 0), 100 * np.nanmax(ys, 0), alpha=0.2)
+    ax.plot(xs, scale * mean, label=f"{table.row(row).label} ({len(series)} seeds)")
+    ax.fill_between(xs, scale * np.nanmin(ys, 0), scale * np.nanmax(ys, 0), alpha=0.2)
     plotted = True
   ax.set_xlabel("reward queries")
-  ax.set_ylabel(f"{table.curve_metric} (%)")
+  ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
   ax.set_title(table.title, fontsize=9)
   if plotted:
     ax.legend(fontsize=8)

@@ -102,8 +102,13 @@ def _check_command(run: Run) -> None:
       json.dump({"argv": list(run.argv)}, f, indent=1)
 
 
-def execute(runs: list[Run], env: dict | None = None, echo=print) -> None:
-  """Run what is not finished, one at a time (each run uses all local devices)."""
+def execute(runs: list[Run], env: dict | None = None, echo=print, retries: int = 2) -> None:
+  """Run what is not finished, one at a time (each run uses all local devices).
+
+  A run killed by a signal (e.g. XLA's collective watchdog aborting a stalled CPU
+  collective, or an out-of-memory kill) is resumed from its last checkpoint up to
+  `retries` times; a run that exits with an error is not retried.
+  """
   todo = [r for r in runs if not r.done]
   echo(f"{len(runs) - len(todo)} of {len(runs)} runs already finished")
   t_all = time.time()
@@ -111,9 +116,14 @@ def execute(runs: list[Run], env: dict | None = None, echo=print) -> None:
     _check_command(run)
     t0 = time.time()
     echo(f"[{i + 1}/{len(todo)}] {run.table} {run.row} seed {run.seed} -> {run.workdir}")
-    with open(os.path.join(run.workdir, "log.txt"), "a") as log:
-      p = subprocess.run([sys.executable, "-m", "rft.main", *run.argv], stdout=log,
-                         stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+    for attempt in range(retries + 1):
+      with open(os.path.join(run.workdir, "log.txt"), "a") as log:
+        p = subprocess.run([sys.executable, "-m", "rft.main", *run.argv], stdout=log,
+                           stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+      if p.returncode >= 0 or attempt == retries:
+        break
+      echo(f"    killed by signal {-p.returncode}; resuming from its last checkpoint "
+           f"({attempt + 1}/{retries})")
     if p.returncode != 0:
       with open(os.path.join(run.workdir, "log.txt")) as f:
         tail = f.read()[-3000:]

@@ -53,6 +53,11 @@ class Preset:
   note: str  # hardware and budget, for the README
   cpu_devices: int = 0  # split a CPU host into this many devices (rft.parallel.split_cpu)
   config_arg: str = ""  # a variant added to every row's config, e.g. "smoke"
+  # What this preset measures when it differs from the table's (Stable Diffusion has no
+  # independent evaluator: its metrics are the configured rewards).
+  metrics: tuple[Metric, ...] | None = None
+  claims: tuple[Claim, ...] | None = None
+  curve_metric: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,15 @@ class Table:
       if r.name == name:
         return r
     raise KeyError(f"table {self.name} has no row {name!r}; rows: {[r.name for r in self.rows]}")
+
+  def metrics_of(self, preset: str) -> tuple[Metric, ...]:
+    return self.preset(preset).metrics or self.metrics
+
+  def claims_of(self, preset: str) -> tuple[Claim, ...]:
+    return self.preset(preset).claims or self.claims
+
+  def curve_metric_of(self, preset: str) -> str:
+    return self.preset(preset).curve_metric or self.curve_metric
 
   def preset(self, name: str) -> Preset:
     if name not in self.presets:
@@ -96,6 +110,19 @@ def _smoke(rows: Mapping[str, Mapping[str, object]]) -> Preset:
                 rows=rows, note="smoke test (seconds per run)")
 
 
+# Stable Diffusion (the paper settings of configs/prdp.py and configs/ddpo.py): judged by
+# the configured reward on the prompt set's training and held-out prompts.
+SD_SEEN, SD_UNSEEN = "train/config_reward", "heldout/config_reward"
+SD_METRICS = (Metric(SD_SEEN, "reward (train prompts)", percent=False),
+              Metric(SD_UNSEEN, "reward (held-out prompts)", percent=False))
+
+
+def _sd(arg: str, rows: Mapping[str, Mapping[str, object]], claims: tuple, note: str,
+        metrics: tuple = SD_METRICS) -> Preset:
+  return Preset(seeds=3, config_arg=arg, common={}, rows=rows, note=note, metrics=metrics,
+                claims=claims, curve_metric=SD_SEEN)
+
+
 # ---------------------------------------------------------------------------- T1
 
 T1_ROWS = (
@@ -107,17 +134,19 @@ T1_ROWS = (
 )
 
 # Small scale: 32 fixed training captions, judged on them (8 samples each) and on 256
-# held-out captions. One on-policy update per epoch on 32 captions x 16 samples.
+# held-out captions. One on-policy update per epoch on 32 captions x 16 samples. Only the
+# low-resolution UNet blocks train (LOWRES): their gradient's noise scale is 2k-10k
+# samples against > 30k for the high-resolution ones, and the backward pass stops there
+# (an epoch 22.5 s -> 15.3 s). DDPO gets the same levers, layers and learning rate.
+LOWRES = {"finetune.trainable": r"^unet/(mid|down2|up2)"}
+_T1_RL = dict(LEVERS, **STEP_BASELINE, **LOWRES, prompts_per_epoch=32,
+              samples_per_prompt=16, prompts_per_update=32, updates_per_epoch=1, lr=3e-4)
 T1_CPU = Preset(
     seeds=3, cpu_devices=8,
     common={"train_prompts": 32, "eval_prompts": 256, "eval_batch_size": 256},
     rows={
-        "prdp": dict(LEVERS, **STEP_BASELINE, epochs=80, prompts_per_epoch=32,
-                     samples_per_prompt=16, prompts_per_update=32, updates_per_epoch=1,
-                     eval_every=20, ckpt_every=5),
-        "ddpo": dict(LEVERS, **STEP_BASELINE, epochs=80, prompts_per_epoch=32,
-                     samples_per_prompt=16, prompts_per_update=32, updates_per_epoch=1,
-                     eval_every=20, ckpt_every=5),
+        "prdp": dict(_T1_RL, epochs=30, eval_every=10, ckpt_every=5),
+        "ddpo": dict(_T1_RL, epochs=30, eval_every=10, ckpt_every=5),
         "draft": dict(epochs=150, eval_every=50, ckpt_every=25),
         "alignprop": dict(epochs=60, eval_every=20, ckpt_every=20, lr=1e-5),
         "raft": dict(epochs=40, eval_every=20, ckpt_every=10, lr=1e-5),
@@ -151,11 +180,151 @@ PRDP_TABLE1 = Table(
         Claim("PRDP >= DDPO on seen-caption alignment (within 2 points)", "geq", SEEN, "prdp",
               "ddpo", margin=0.02),
     ),
-    presets={"cpu": T1_CPU, "accelerator": T1_ACCEL, "smoke": _smoke({"prdp": dict(LEVERS, **STEP_BASELINE),
+    presets={"cpu": T1_CPU, "accelerator": T1_ACCEL,
+             "sd": _sd("sd14_hpsv2", {"ddpo": {}, "prdp": {}}, (
+                 Claim("PRDP raises HPSv2 on the 45 animals", "pos", SD_SEEN, "prdp"),
+                 Claim("DDPO raises HPSv2 on the 45 animals", "pos", SD_SEEN, "ddpo"),
+                 Claim("PRDP >= DDPO on HPSv2", "geq", SD_SEEN, "prdp", "ddpo")),
+                 "SD 1.4, Table 4 small-scale settings, where the weights exist"),
+             "smoke": _smoke({"prdp": dict(LEVERS, **STEP_BASELINE),
                                                                   "ddpo": dict(LEVERS, **STEP_BASELINE)})},
 )
 
-ALL = {t.name: t for t in (PRDP_TABLE1,)}
+# ---------------------------------------------------------------------------- T2
+
+T2_METRICS = (Metric(SEEN, "seen alignment"), Metric(UNSEEN, "unseen alignment")) + tuple(
+    Metric(f"heldout/alignment_{f}", f"unseen {f}") for f in FAMILIES)
+
+_T2_RL = dict(LEVERS, **STEP_BASELINE, prompts_per_epoch=32, samples_per_prompt=16,
+              prompts_per_update=32, updates_per_epoch=1)
+
+PRDP_TABLE2 = Table(
+    name="prdp_table2",
+    title="T2, large scale: all training captions, judged on seen and unseen captions",
+    paper=("PRDP Table 2 (SD 1.4 on 100k+ HPDv2 prompts, HPSv2 on unseen test prompts): "
+           "PRDP improves the reward on unseen prompts; DDPO trained the same way is "
+           "unstable and gains less or degrades."),
+    rows=(Row("ddpo", "ddpo", "DDPO (IS)"), Row("prdp", "prdp", "PRDP")),
+    metrics=T2_METRICS,
+    claims=(
+        Claim("PRDP raises seen-caption alignment", "pos", SEEN, "prdp"),
+        Claim("PRDP raises unseen-caption alignment", "pos", UNSEEN, "prdp"),
+        Claim("PRDP gains more than DDPO on unseen captions", "gt", UNSEEN, "prdp", "ddpo"),
+    ),
+    presets={
+        "cpu": Preset(seeds=3, cpu_devices=8,
+                      common={"eval_prompts": 256, "eval_batch_size": 256},
+                      rows={"prdp": dict(_T2_RL, epochs=40, eval_every=20, ckpt_every=5),
+                            "ddpo": dict(_T2_RL, epochs=40, eval_every=20, ckpt_every=5)},
+                      note="this 2-core CPU, shrunk (40 epochs x 512 samples per run)"),
+        "accelerator": Preset(
+            seeds=3, common={"eval_prompts": 256, "eval_batch_size": 256},
+            rows={r: dict(_T2_RL, samples_per_prompt=16, prompts_per_epoch=128,
+                          prompts_per_update=128, epochs=100, eval_every=25, ckpt_every=25,
+                          unroll="none") for r in ("prdp", "ddpo")},
+            note="one GPU (2,048 samples per update over 128 captions, <= 8 min per table)"),
+        "sd": _sd("hpdv2_hpsv2", {"ddpo": {}, "prdp": {}}, (
+            Claim("PRDP raises HPSv2 on held-out HPDv2 prompts", "pos", SD_UNSEEN, "prdp"),
+            Claim("PRDP gains more than DDPO on held-out prompts", "gt", SD_UNSEEN, "prdp",
+                  "ddpo")),
+            "SD 1.4 on the HPDv2 training prompts, Table 4 large-scale settings"),
+        "smoke": _smoke({"prdp": dict(LEVERS, **STEP_BASELINE, train_prompts=0),
+                         "ddpo": dict(LEVERS, **STEP_BASELINE, train_prompts=0)}),
+    },
+)
+
+# ---------------------------------------------------------------------------- T3
+
+MULTI_REWARD = "shapes_alignment:1,saturation:0.5"
+
+PRDP_TABLE3 = Table(
+    name="prdp_table3",
+    title="T3, multi-reward: alignment plus an image-quality term, weighted",
+    paper=("PRDP Table 3 (10 PickScore + 2 HPSv2 + 0.05 Aesthetic on HPDv2): PRDP raises "
+           "every reward term and their weighted sum."),
+    rows=(Row("prdp", "prdp", "PRDP"),),
+    metrics=(Metric("train/config_reward", "weighted reward (seen)", percent=False),
+             Metric("train/config_reward_saturation", "saturation (seen)", percent=False),
+             Metric(SEEN, "seen alignment"), Metric(UNSEEN, "unseen alignment")),
+    claims=(
+        Claim("PRDP raises the weighted reward", "pos", "train/config_reward", "prdp"),
+        Claim("PRDP raises the saturation term", "pos", "train/config_reward_saturation",
+              "prdp"),
+        Claim("... without losing seen-caption alignment (within 2 points)", "geq", SEEN,
+              "prdp", margin=0.02),
+    ),
+    presets={
+        "cpu": Preset(seeds=3, cpu_devices=8,
+                      common={"train_prompts": 32, "eval_prompts": 256,
+                              "eval_batch_size": 256, "reward": MULTI_REWARD},
+                      rows={"prdp": T1_CPU.rows["prdp"]},
+                      note="this 2-core CPU, the T1 budget"),
+        "accelerator": Preset(seeds=3, common={"train_prompts": 32, "eval_prompts": 256,
+                                               "eval_batch_size": 256, "reward": MULTI_REWARD},
+                              rows={"prdp": T1_ACCEL.rows["prdp"]},
+                              note="one GPU, the T1 budget"),
+        "sd": _sd("multi_reward", {"prdp": {}}, (
+            Claim("PRDP raises the weighted reward (10 PickScore + 2 HPSv2 + 0.05 "
+                  "Aesthetic)", "pos", SD_SEEN, "prdp"),) + tuple(
+            Claim(f"PRDP raises {t}", "pos", f"train/reward_{t}", "prdp")
+            for t in ("pickscore", "hpsv2", "aesthetic")),
+            "SD 1.4 on HPDv2 prompts, multi-reward", metrics=SD_METRICS + tuple(
+                Metric(f"train/reward_{t}", t, percent=False)
+                for t in ("pickscore", "hpsv2", "aesthetic"))),
+        "smoke": Preset(seeds=2, config_arg="smoke",
+                        common={"train_prompts": 4, "eval_prompts": 8, "eval_batch_size": 8,
+                                "reward": MULTI_REWARD},
+                        rows={"prdp": dict(LEVERS, **STEP_BASELINE)},
+                        note="smoke test (seconds per run)"),
+    },
+)
+
+# ---------------------------------------------------------------------------- T5
+
+_T5_COMMON = dict(LEVERS, **STEP_BASELINE, train_prompts=32, prompts_per_epoch=32,
+                  samples_per_prompt=16, prompts_per_update=32, updates_per_epoch=8,
+                  eval_prompts=256, eval_batch_size=256)
+
+PRDP_TABLE5 = Table(
+    name="prdp_table5",
+    title="T5, ablation: PRDP with and without the proximal clip at K = 8 updates per epoch",
+    paper=("PRDP's ablation (Sec. 5.4): without proximal updates, several gradient steps "
+           "per epoch make RDP training unstable; the per-step clip keeps it stable."),
+    rows=(Row("prdp", "prdp", "PRDP (clip)"), Row("rdp", "prdp", "RDP, no clip")),
+    metrics=(Metric(SEEN, "seen alignment"), Metric(UNSEEN, "unseen alignment"),
+             Metric("max_kl", "largest KL to the base", percent=False)),
+    claims=(
+        Claim("clipped PRDP ends with higher seen-caption alignment than unclipped RDP",
+              "gt", SEEN, "prdp", "rdp", on="final"),
+        Claim("unclipped RDP drifts further from the base (larger KL)", "gt", "max_kl",
+              "rdp", "prdp", on="final"),
+    ),
+    presets={
+        "cpu": Preset(seeds=3, cpu_devices=8, common=_T5_COMMON,
+                      rows={"prdp": dict(epochs=20, eval_every=10, ckpt_every=5),
+                            "rdp": dict(epochs=20, eval_every=10, ckpt_every=5,
+                                        **{"objective.clip_eps": 0.0})},
+                      note="this 2-core CPU, 20 epochs x 8 updates per run"),
+        "accelerator": Preset(
+            seeds=3, common=dict(_T5_COMMON, samples_per_prompt=64, unroll="none"),
+            rows={"prdp": dict(epochs=40, eval_every=10, ckpt_every=10),
+                  "rdp": dict(epochs=40, eval_every=10, ckpt_every=10,
+                              **{"objective.clip_eps": 0.0})},
+            note="one GPU, 40 epochs x 8 updates of 2,048 samples"),
+        "sd": _sd("sd14_hpsv2", {"prdp": {}, "rdp": {"objective.clip_eps": 0.0}}, (
+            Claim("clipped PRDP ends with a higher HPSv2 than unclipped RDP", "gt", SD_SEEN,
+                  "prdp", "rdp", on="final"),
+            Claim("unclipped RDP drifts further from the base (larger KL)", "gt", "max_kl",
+                  "rdp", "prdp", on="final")),
+            "SD 1.4, Table 4 small scale (K = 10 updates per epoch)",
+            metrics=SD_METRICS + (Metric("max_kl", "largest KL to the base", percent=False),)),
+        "smoke": _smoke({"prdp": dict(LEVERS, **STEP_BASELINE, updates_per_epoch=2),
+                         "rdp": dict(LEVERS, **STEP_BASELINE, updates_per_epoch=2,
+                                     **{"objective.clip_eps": 0.0})}),
+    },
+)
+
+ALL = {t.name: t for t in (PRDP_TABLE1, PRDP_TABLE2, PRDP_TABLE3, PRDP_TABLE5)}
 
 
 def get(name: str) -> Table:

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
+from flax.core import unfreeze
 
 from rft import checkpoint, metrics
 from rft.placement import Placement
@@ -84,9 +86,26 @@ def setup_finetuning(config, base_params, key):
   if ft.mode != "full":
     raise ValueError(f"config.finetune.mode={ft.mode!r}; use 'full' or 'lora'")
   mask = trainable_mask(base_params, ft.trainable)
-  labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
-  tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-  return jax.tree.map(jnp.copy, base_params), (lambda tr, base: tr), tx
+  # Only the selected leaves are trained (and differentiated: with the text encoder or
+  # the UNet's high-resolution blocks frozen, backward passes stop where they start).
+  return jax.tree.map(jnp.copy, select_leaves(base_params, mask)), overlay, tx
+
+
+def select_leaves(params, mask):
+  """The nested dict of the leaves of `params` where `mask` is True (empty parts dropped)."""
+  flat = traverse_util.flatten_dict(unfreeze(params))
+  keep = traverse_util.flatten_dict(unfreeze(mask))
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep[k]})
+
+
+def overlay(trained, base):
+  """`base` with the leaves of `trained` (a subset of its paths) put in their place."""
+  flat = traverse_util.flatten_dict(unfreeze(base))
+  for k, v in traverse_util.flatten_dict(unfreeze(trained)).items():
+    if k not in flat:
+      raise KeyError(f"trained param {'/'.join(map(str, k))} is not in the model")
+    flat[k] = v
+  return traverse_util.unflatten_dict(flat)
 
 
 # ------------------------------------------------------------------------ updates
@@ -411,19 +430,17 @@ def train_and_evaluate(config, workdir: str):
       judged = world.evaluate(fn, ids, key, config.eval_batch_size)
       if judged is None:  # no independent evaluator: the configured rewards only
         m, images = {}, _sample_all(fn, ids, key, config.eval_batch_size)
-        parts = reward.parts(images if not reward.host else np.asarray(images),
-                             world.reward_prompts(ids))
-        m.update({f"reward_{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()})
       else:
         m, images = judged
-        images = np.asarray(images)
-        # The configured reward and, for a weighted sum, each term, on the judged images.
-        m["config_reward"] = float(np.mean(score(images, ids[:len(images)])))
-        if reward.terms:
-          parts = reward.parts(images if reward.host else jnp.asarray(images),
-                               world.reward_prompts(ids[:len(images)]), reward_params)
-          m.update({f"config_reward_{k}": float(np.mean(np.asarray(v)))
-                    for k, v in parts.items()})
+      images = np.asarray(images)
+      # The configured reward and each of its terms on the evaluated images ("reward_<term>"
+      # where no evaluator judges them, "config_reward_<term>" beside the evaluator's).
+      m["config_reward"] = float(np.mean(score(images, ids[:len(images)])))
+      if judged is None or reward.terms:
+        parts = reward.parts(images if reward.host else jnp.asarray(images),
+                             world.reward_prompts(ids[:len(images)]), reward_params)
+        prefix = "reward_" if judged is None else "config_reward_"
+        m.update({f"{prefix}{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()})
       out.update({f"{split}/{k}": v for k, v in m.items()})
       shown = distinct_first(ids[:len(images)], 32)
       grid = metrics.image_grid(np.asarray(images)[shown], [world.texts[ids[i]] for i in shown],
@@ -464,7 +481,10 @@ def train_and_evaluate(config, workdir: str):
     if o.name == "prdp" or config.kl_metric:
       ref = ref_log_probs(base_params, traj, cond, null)
       batch["ref_log_probs"] = ref
-      m["kl_to_ref"] = float(jnp.mean(jnp.sum(traj.log_probs - ref, axis=1)))
+      # On the host: op-by-op math on multi-device arrays is what can stall XLA:CPU's
+      # collectives (rft.parallel.split_cpu).
+      m["kl_to_ref"] = float(np.mean(np.sum(placement.gather(traj.log_probs)
+                                            - placement.gather(ref), axis=1)))
     if o.name == "prdp" and values is not None:
       batch["step_baselines"] = placement.batch(values)
     if o.name == "ddpo":

@@ -1,0 +1,162 @@
+"""rft.repro: intervals and verdicts by hand, the run plan, resuming and skipping, the
+report from finished runs, and one smoke table end to end."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from rft import config as config_lib
+from rft import repro
+from rft.repro import report, runner, stats, tables
+
+
+def test_t_interval_hand_values():
+  iv = stats.interval([1.0, 2.0, 3.0])
+  # mean 2, sd 1, se 1/sqrt(3), t_{0.975,2} = 4.303
+  assert iv.mean == 2.0 and iv.n == 3
+  np.testing.assert_allclose([iv.low, iv.high], [2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)])
+  one = stats.interval([0.5])
+  assert (one.low, one.high, one.n) == (0.5, 0.5, 1)
+  assert stats.interval([]).n == 0
+  assert stats.interval([1.0, float("nan"), None, 3.0]).n == 2
+  assert stats.t975(25) == stats.t975(20) == 2.086 and stats.t975(100) == 1.96
+  with pytest.raises(ValueError, match="at least 2 values"):
+    stats.t975(0)
+
+
+@pytest.mark.parametrize("kind,values,margin,want", [
+    ("pos", [0.1, 0.12, 0.11], 0.0, stats.HOLDS),
+    ("pos", [-0.1, -0.12, -0.11], 0.0, stats.FAILS),
+    ("pos", [-0.1, 0.2, 0.05], 0.0, stats.INCONCLUSIVE),
+    ("gt", [0.05], 0.0, stats.INCONCLUSIVE),  # one seed decides nothing
+    ("geq", [-0.01, -0.005, -0.012], 0.02, stats.HOLDS),  # worse, but within the margin
+    ("geq", [-0.1, -0.12, -0.11], 0.02, stats.FAILS),
+    ("geq", [-0.05, 0.03, 0.0], 0.02, stats.INCONCLUSIVE),
+])
+def test_verdicts(kind, values, margin, want):
+  assert stats.verdict(kind, stats.interval(values), margin) == want
+
+
+def test_every_table_preset_builds_valid_configs(tmp_path):
+  """Each run's config loads with its overrides (unknown keys would fail here, before any
+  run starts); seeds set the training and the evaluation noise."""
+  for t in tables.ALL.values():
+    for preset in t.presets:
+      runs = runner.plan(t, preset, str(tmp_path))
+      assert runs, (t.name, preset)
+      runner.check_configs(runs)
+      for r in runs:
+        assert f"--config.seed={r.seed}" in r.argv and f"--config.eval_seed={r.seed}" in r.argv
+      assert len(runs) == t.preset(preset).seeds * len(t.preset(preset).rows)
+
+
+def test_plan_errors(tmp_path):
+  t = tables.get("prdp_table1")
+  with pytest.raises(ValueError, match="no preset 'gpu'"):
+    runner.plan(t, "gpu", str(tmp_path))
+  with pytest.raises(ValueError, match=r"--rows \['dpo'\]"):
+    runner.plan(t, "cpu", str(tmp_path), rows=["dpo"])
+  with pytest.raises(ValueError, match="unknown table 'table9'"):
+    tables.get("table9")
+  bad = runner.Run("t", "prdp", 0, str(tmp_path), (f"--config={config_lib.CONFIG_DIR}/prdp.py",
+                                                    "--config.epoch=3"))
+  with pytest.raises(ValueError, match="t row prdp seed 0: .*no key 'epoch'"):
+    runner.check_configs([bad])
+
+
+def _fake_run(path, seed, base, final, kl=(0.1, 0.2)):
+  os.makedirs(path, exist_ok=True)
+  res = {"epochs": 2, "reward_queries": 1024, "samples_per_epoch": 512, "total_seconds": 60,
+         "history": {"0": {"train/alignment": base, "heldout/alignment": 0.3,
+                           "train/reward": 0.4},
+                     "2": {"train/alignment": final, "heldout/alignment": 0.3,
+                           "train/reward": 0.5}},
+         "curve": {"1": {"kl_to_ref": kl[0]}, "2": {"kl_to_ref": kl[1]}}}
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump(res, f)
+
+
+def test_report_from_finished_runs(tmp_path):
+  t = tables.get("prdp_table1")
+  runs = runner.plan(t, "cpu", str(tmp_path), seeds=3, rows=["ddpo", "prdp"])
+  gains = {"prdp": [0.12, 0.15, 0.10], "ddpo": [0.02, 0.04, 0.0]}
+  for r in runs:
+    _fake_run(r.workdir, r.seed, 0.45, 0.45 + gains[r.row][r.seed])
+  summary = report.write(t, "cpu", runs, str(tmp_path / "out"))
+  v = {x["claim"]: x for x in summary["verdicts"]}
+  assert v["PRDP raises seen-caption alignment"]["verdict"] == stats.HOLDS
+  # PRDP - DDPO per seed: 0.10, 0.11, 0.10 -> holds
+  iv = v["PRDP >= DDPO on seen-caption alignment (within 2 points)"]
+  assert iv["verdict"] == stats.HOLDS
+  np.testing.assert_allclose(iv["interval"]["mean"], np.mean([0.10, 0.11, 0.10]))
+  md = (tmp_path / "out" / "table.md").read_text()
+  assert "| PRDP | 57.3 [" in md and "(+12.3 [" in md  # 45 + 12.33 points
+  assert "**holds**" in md and "python -m rft.main --config=" in md
+  rows = (tmp_path / "out" / "table.csv").read_text().splitlines()
+  assert rows[0].startswith("table,preset,row,metric,statistic,mean")
+  assert any(",prdp,train/alignment,gain," in r for r in rows)
+  assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+  # max_kl reads the per-epoch curve
+  assert report._value(runs[0].results(), "max_kl", "final") == 0.2
+
+
+def test_finished_runs_are_skipped_and_a_changed_command_is_an_error(tmp_path):
+  t = tables.get("prdp_table1")
+  runs = runner.plan(t, "smoke", str(tmp_path), seeds=1)
+  for r in runs:
+    _fake_run(r.workdir, r.seed, 0.4, 0.5)
+  said = []
+  runner.execute(runs, echo=said.append)  # nothing to run
+  assert said == [f"{len(runs)} of {len(runs)} runs already finished"]
+  r = runs[0]
+  os.remove(os.path.join(r.workdir, "results.json"))
+  with open(os.path.join(r.workdir, "command.json"), "w") as f:
+    json.dump({"argv": list(r.argv[:-1])}, f)
+  with pytest.raises(ValueError, match="started by a different command"):
+    runner.execute(runs, echo=said.append)
+
+
+def test_smoke_table_end_to_end(tmp_path):
+  """Two rows x two seeds of the smoke preset through rft.main, then a rerun that only
+  writes the report (every run is skipped)."""
+  said = []
+  summary = repro.run("prdp_table1", "smoke", str(tmp_path), echo=said.append)
+  out = tmp_path / "prdp_table1" / "smoke"
+  for f in ("table.md", "table.csv", "curves.png", "summary.json",
+            "grids/prdp_train_before_after.png"):
+    assert (out / f).exists(), f
+  assert {v["verdict"] for v in summary["verdicts"]} <= {stats.HOLDS, stats.FAILS,
+                                                         stats.INCONCLUSIVE}
+  assert summary["rows"]["prdp"]["train/alignment"]["gain"]["n"] == 2
+  said.clear()
+  repro.run("prdp_table1", "smoke", str(tmp_path), echo=said.append)
+  assert said[0] == "4 of 4 runs already finished"
+
+
+def test_a_run_killed_by_a_signal_is_resumed_and_an_error_is_not(tmp_path, monkeypatch):
+  t = tables.get("prdp_table1")
+  run = runner.plan(t, "smoke", str(tmp_path), seeds=1, rows=["prdp"])[0]
+  calls = []
+
+  def fake(codes):
+    def run_(cmd, **kw):
+      calls.append(cmd)
+      code = codes[len(calls) - 1]
+      if code == 0:
+        _fake_run(run.workdir, 0, 0.4, 0.5)
+      return type("P", (), {"returncode": code})()
+    return run_
+
+  monkeypatch.setattr(runner.subprocess, "run", fake([-6, 0]))  # SIGABRT, then done
+  said = []
+  runner.execute([run], echo=said.append)
+  assert len(calls) == 2 and run.done
+  assert any("killed by signal 6; resuming" in s for s in said)
+  os.remove(os.path.join(run.workdir, "results.json"))
+  calls.clear()
+  monkeypatch.setattr(runner.subprocess, "run", fake([1]))
+  with pytest.raises(RuntimeError, match="prdp seed 0 failed .exit 1.; log: "):
+    runner.execute([run], echo=said.append)
+  assert len(calls) == 1
