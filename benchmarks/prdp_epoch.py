@@ -7,13 +7,16 @@ is left out; the figure is the median of the rest. Every setting samples the sam
 images per epoch (64 prompts x 8), so samples/s compare directly.
 
 Settings:
-  before      1 XLA CPU device, final 4 of 10 steps out of the gradient, no step baselines
-              (the main job before the variance work)
+  before      configs/prdp.py's defaults: 1 XLA CPU device, the whole UNet trained, final
+              4 of 10 steps out of the gradient, no step baselines (the main job)
   devices     the same on 8 XLA CPU devices (config.cpu_devices = 8; rft.parallel.split_cpu)
-  after       configs/prdp.py's current defaults (8 devices, shared initial noise, x0_reward
-              step baselines, its skip_last_steps), the same batch shape
+  lowres      8 devices, only the low-resolution UNet blocks trained (the backward pass
+              stops at the first frozen layer; `rft.repro`'s T1 cpu preset trains these)
+  after       lowres plus the variance levers of the paper-table presets: shared initial
+              noise per group and x0_reward step baselines (one reward-model pass on the
+              sampler's x0 prediction at every step)
 
-  python benchmarks/prdp_epoch.py [--epochs 5] [--settings before,devices,after]
+  python benchmarks/prdp_epoch.py [--epochs 5] [--settings before,devices,lowres,after]
 
 Prints samples/s per setting and the ratio to `before`.
 """
@@ -31,12 +34,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = {"prompts_per_epoch": 64, "samples_per_prompt": 8, "prompts_per_update": 64,
          "updates_per_epoch": 1, "train_prompts": 0}
+_DEV = dict(SHAPE, cpu_devices=8)
+_LOWRES = dict(_DEV, **{"finetune.trainable": r"^unet/(mid|down2|up2)"})
 SETTINGS = {
-    "before": dict(SHAPE, cpu_devices=0, share_initial_noise=False,
-                   **{"objective.step_baseline": "none", "objective.skip_last_steps": 4}),
-    "devices": dict(SHAPE, cpu_devices=8, share_initial_noise=False,
-                    **{"objective.step_baseline": "none", "objective.skip_last_steps": 4}),
-    "after": dict(SHAPE),
+    "before": dict(SHAPE),
+    "devices": _DEV,
+    "lowres": _LOWRES,
+    "after": dict(_LOWRES, share_initial_noise=True,
+                  **{"objective.step_baseline": "x0_reward"}),
 }
 
 
@@ -59,7 +64,7 @@ def epoch_seconds(overrides: dict, epochs: int, workdir: str) -> list[float]:
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--epochs", type=int, default=5)
-  ap.add_argument("--settings", default="before,devices,after")
+  ap.add_argument("--settings", default="before,devices,lowres,after")
   args = ap.parse_args(argv)
   names = args.settings.split(",")
   samples = SHAPE["prompts_per_epoch"] * SHAPE["samples_per_prompt"]

@@ -119,10 +119,11 @@ def test_finished_runs_are_skipped_and_a_changed_command_is_an_error(tmp_path):
 
 
 def test_smoke_table_end_to_end(tmp_path):
-  """Two rows x two seeds of the smoke preset through rft.main, then a rerun that only
-  writes the report (every run is skipped)."""
+  """PRDP's row, two seeds, of the smoke preset through rft.main, then a rerun that only
+  writes the report (every run is skipped). (Several rows: test_report_from_finished_runs.)"""
   said = []
-  summary = repro.run("prdp_table1", "smoke", str(tmp_path), echo=said.append)
+  summary = repro.run("prdp_table1", "smoke", str(tmp_path), rows=["prdp"],
+                      echo=said.append)
   out = tmp_path / "prdp_table1" / "smoke"
   for f in ("table.md", "table.csv", "curves.png", "summary.json",
             "grids/prdp_train_before_after.png"):
@@ -131,8 +132,8 @@ def test_smoke_table_end_to_end(tmp_path):
                                                          stats.INCONCLUSIVE}
   assert summary["rows"]["prdp"]["train/alignment"]["gain"]["n"] == 2
   said.clear()
-  repro.run("prdp_table1", "smoke", str(tmp_path), echo=said.append)
-  assert said[0] == "4 of 4 runs already finished"
+  repro.run("prdp_table1", "smoke", str(tmp_path), rows=["prdp"], echo=said.append)
+  assert said[0] == "2 of 2 runs already finished"
 
 
 def test_a_run_killed_by_a_signal_is_resumed_and_an_error_is_not(tmp_path, monkeypatch):
@@ -160,3 +161,13 @@ def test_a_run_killed_by_a_signal_is_resumed_and_an_error_is_not(tmp_path, monke
   with pytest.raises(RuntimeError, match="prdp seed 0 failed .exit 1.; log: "):
     runner.execute([run], echo=said.append)
   assert len(calls) == 1
+
+
+def test_table_commands_are_shell_lines_that_parse_back():
+  import shlex
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = [f"--config={root}/configs/prdp.py", "--workdir=/tmp/w x",
+          "--config.finetune.trainable=^unet/(mid|down2|up2)", "--config.lr=0.0003"]
+  line = report.shell_command(argv)
+  assert line.startswith("python -m rft.main --config=configs/prdp.py ")
+  assert shlex.split(line)[4:] == argv[1:]  # the regex and the space survive the shell

@@ -72,14 +72,12 @@ COMMON = textwrap.dedent("""
     # with the reduction order of each mesh) eps = 1e-8 turns it into a full lr step.
     EPS = float(sys.argv[2]) if len(sys.argv) > 2 else 1e-5
 
-    def make_tx(config, labels=None):
+    def make_tx(config):
       # make_optimizer's AdamW (constant lr, global-norm clip) with eps = EPS
       tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
                        optax.adamw(config.lr, config.adam_b1, config.adam_b2, eps=EPS,
                                    weight_decay=config.weight_decay))
-      if labels is None:
-        return tx
-      return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+      return tx
 """)
 
 DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
@@ -101,7 +99,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
     rng = np.random.default_rng(0)
 
     def run_update(update, state, batch, extra, mesh, keys):
-      # The trainable tree is a full copy of the base tree: both follow the same rules.
+      # The trainable tree is a subtree of the base tree: both follow the same rules.
       base_s = parallel.shard_tree(base, RULES, mesh)
       st = parallel.shard_tree(state, RULES, mesh)
       b = parallel.shard_batch_axes(batch, mesh, batch_size=N)
@@ -120,8 +118,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
       config.lr, config.unroll = LR, "none"
       sampler = SamplerConfig(**dict(config.sampler))
       trainable, materialize, tx = online.setup_finetuning(config, base, jax.random.key(1))
-      tx = make_tx(config, jax.tree.map(lambda m: "train" if m else "freeze",
-                                        online.trainable_mask(base, config.finetune.trainable)))
+      tx = make_tx(config)  # the trainable tree holds only the selected leaves
       ids = np.repeat(world.sample_prompt_ids(rng, N // config.samples_per_prompt), config.samples_per_prompt)
       tokens = jnp.asarray(tok.encode([world.texts[i] for i in ids]))
       traj, cond, null = jax.jit(lambda p, t, k: pipe.sample(p, t, k, sampler))(base, tokens, jax.random.key(2))
@@ -150,8 +147,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
       sampler = SamplerConfig(**dict(config.sampler))
       reward = rewards_lib.build(config.reward, scorer_dir=None)
       trainable, materialize, tx = online.setup_finetuning(config, base, jax.random.key(1))
-      tx = make_tx(config, jax.tree.map(lambda m: "train" if m else "freeze",
-                                        online.trainable_mask(base, config.finetune.trainable)))
+      tx = make_tx(config)  # the trainable tree holds only the selected leaves
       ids = world.sample_prompt_ids(rng, N)
       tokens = tok.encode([world.texts[i] for i in ids])
       cond, null = jax.jit(pipe.conditions)(base, jnp.asarray(tokens))

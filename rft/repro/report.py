@@ -13,12 +13,25 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 
 import numpy as np
 
 from rft.repro import stats
 from rft.repro import tables as tables_lib
 from rft.repro.runner import Run
+
+
+def shell_command(argv) -> str:
+  """`python -m rft.main ...` as a shell line: config paths inside the repository made
+  relative to it, every argument quoted where the shell would split or expand it."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  args = []
+  for a in argv:
+    if a.startswith("--config=") and a[len("--config="):].startswith(root + os.sep):
+      a = "--config=" + os.path.relpath(a[len("--config="):], root)
+    args.append(shlex.quote(a))
+  return "python -m rft.main " + " ".join(args)
 
 
 def _value(results: dict, key: str, which: str) -> float | None:
@@ -147,9 +160,9 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
     iv = v["interval"]
     shown = _fmt(iv, m, signed=True) if m else iv.fmt()
     lines.append(f"| {v['claim']} | **{v['verdict']}** | {shown} |")
-  lines += ["", "Commands (one per run; `python -m rft.main` + these flags):", ""]
+  lines += ["", "Commands (one per run, from the repository root):", ""]
   for r in runs:
-    lines.append(f"* {r.row} seed {r.seed}: `python -m rft.main {' '.join(r.argv)}`")
+    lines.append(f"* {r.row} seed {r.seed}: `{shell_command(r.argv)}`")
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   # ------------------------------------------------------------------ plots
