@@ -51,7 +51,7 @@ def get_config(arg=None):
       # Pairs with equal rewards are left out, as in the paper's reference code (its
       # Appendix G); the main text's Eq. sums over all pairs. Ties only happen with
       # discrete or saturated rewards (HPSv2 / PickScore scores never tie); a tied pair's
-      # target is 0 and, with step baselines, its per-step terms are pure noise.
+      # target is 0, so its term only asks that the two implicit rewards stay equal.
       "drop_ties": True,
       "timestep_fraction": 1.0,
       # Per-step baseline (rft.objectives.step_baselines): "none" or "x0_reward" (the reward

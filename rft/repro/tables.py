@@ -101,6 +101,7 @@ FAMILIES = ("single", "count", "and", "relation")
 # "Reproducing the papers"): a group shares its initial noise, per-step x0_reward baselines.
 LEVERS = {"share_initial_noise": True}
 STEP_BASELINE = {"objective.step_baseline": "x0_reward"}
+LEVERED = dict(LEVERS, **STEP_BASELINE)  # both, the overrides of every black-box row
 
 
 def _smoke(rows: Mapping[str, Mapping[str, object]]) -> Preset:
@@ -139,7 +140,7 @@ T1_ROWS = (
 # samples against > 30k for the high-resolution ones, and the backward pass stops there
 # (an epoch 22.5 s -> 15.3 s). DDPO gets the same levers, layers and learning rate.
 LOWRES = {"finetune.trainable": r"^unet/(mid|down2|up2)"}
-_T1_RL = dict(LEVERS, **STEP_BASELINE, **LOWRES, prompts_per_epoch=32,
+_T1_RL = dict(LEVERED, **LOWRES, prompts_per_epoch=32,
               samples_per_prompt=16, prompts_per_update=32, updates_per_epoch=1, lr=3e-4)
 T1_CPU = Preset(
     seeds=3, cpu_devices=8,
@@ -182,8 +183,7 @@ PRDP_TABLE1 = Table(
                  Claim("DDPO raises HPSv2 on the 45 animals", "pos", SD_SEEN, "ddpo"),
                  Claim("PRDP >= DDPO on HPSv2", "geq", SD_SEEN, "prdp", "ddpo")),
                  "SD 1.4, Table 4 small-scale settings, where the weights exist"),
-             "smoke": _smoke({"prdp": dict(LEVERS, **STEP_BASELINE),
-                                                                  "ddpo": dict(LEVERS, **STEP_BASELINE)})},
+             "smoke": _smoke({"prdp": LEVERED, "ddpo": LEVERED})},
 )
 
 # ---------------------------------------------------------------------------- T2
@@ -191,7 +191,7 @@ PRDP_TABLE1 = Table(
 T2_METRICS = (Metric(SEEN, "seen alignment"), Metric(UNSEEN, "unseen alignment")) + tuple(
     Metric(f"heldout/alignment_{f}", f"unseen {f}") for f in FAMILIES)
 
-_T2_RL = dict(LEVERS, **STEP_BASELINE, prompts_per_epoch=32, samples_per_prompt=16,
+_T2_RL = dict(LEVERED, prompts_per_epoch=32, samples_per_prompt=16,
               prompts_per_update=32, updates_per_epoch=1)
 _T2_CPU = dict(_T2_RL, **LOWRES, lr=3e-4, epochs=15, eval_every=5, ckpt_every=5)
 
@@ -227,8 +227,8 @@ PRDP_TABLE2 = Table(
             Claim("PRDP gains more than DDPO on held-out prompts", "gt", SD_UNSEEN, "prdp",
                   "ddpo")),
             "SD 1.4 on the HPDv2 training prompts, Table 4 large-scale settings"),
-        "smoke": _smoke({"prdp": dict(LEVERS, **STEP_BASELINE, train_prompts=0),
-                         "ddpo": dict(LEVERS, **STEP_BASELINE, train_prompts=0)}),
+        "smoke": _smoke({"prdp": dict(LEVERED, train_prompts=0),
+                         "ddpo": dict(LEVERED, train_prompts=0)}),
     },
 )
 
@@ -274,14 +274,14 @@ PRDP_TABLE3 = Table(
         "smoke": Preset(seeds=2, config_arg="smoke",
                         common={"train_prompts": 4, "eval_prompts": 8, "eval_batch_size": 8,
                                 "reward": MULTI_REWARD},
-                        rows={"prdp": dict(LEVERS, **STEP_BASELINE)},
+                        rows={"prdp": LEVERED},
                         note="smoke test (seconds per run)"),
     },
 )
 
 # ---------------------------------------------------------------------------- T5
 
-_T5_COMMON = dict(LEVERS, **STEP_BASELINE, train_prompts=32, prompts_per_epoch=32,
+_T5_COMMON = dict(LEVERED, train_prompts=32, prompts_per_epoch=32,
                   samples_per_prompt=16, prompts_per_update=32, updates_per_epoch=8,
                   eval_prompts=256, eval_batch_size=256)
 
@@ -319,8 +319,8 @@ PRDP_TABLE5 = Table(
                   "rdp", "prdp", on="final")),
             "SD 1.4, Table 4 small scale (K = 10 updates per epoch)",
             metrics=SD_METRICS + (Metric("max_kl", "largest KL to the base", percent=False),)),
-        "smoke": _smoke({"prdp": dict(LEVERS, **STEP_BASELINE, updates_per_epoch=2),
-                         "rdp": dict(LEVERS, **STEP_BASELINE, updates_per_epoch=2,
+        "smoke": _smoke({"prdp": dict(LEVERED, updates_per_epoch=2),
+                         "rdp": dict(LEVERED, updates_per_epoch=2,
                                      **{"objective.clip_eps": 0.0})}),
     },
 )

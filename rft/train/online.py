@@ -443,7 +443,7 @@ def train_and_evaluate(config, workdir: str):
         m.update({f"{prefix}{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()})
       out.update({f"{split}/{k}": v for k, v in m.items()})
       shown = distinct_first(ids[:len(images)], 32)
-      grid = metrics.image_grid(np.asarray(images)[shown], [world.texts[ids[i]] for i in shown],
+      grid = metrics.image_grid(images[shown], [world.texts[ids[i]] for i in shown],
                                 ncols=8)
       writer.write_images(epoch, {f"samples/{split}": grid[None]})
       if jax.process_index() == 0:
