@@ -96,7 +96,7 @@ def torch_rollout_fn(unet, p, device):
 
 
 def rft_rollout_fn(unet_torch, p):
-  from rft.diffusion import ddim
+  from rft.diffusion import ddim, sampling
   from rft.diffusion.schedules import make_schedule
   from rft.models.sd_unet import UNet2DCondition, UNetConfig
   from rft.weights.sd_unet import unet_from_diffusers
@@ -117,9 +117,8 @@ def rft_rollout_fn(unet_torch, p):
     x = jax.random.normal(k_x, (b, s, s, 4), jnp.float32)
     cond = jax.random.normal(k_c, (b, p["tokens"], p["cross"]), jnp.float32)
     null = jnp.zeros((1, p["tokens"], p["cross"]), jnp.float32)
-    traj = ddim.ddim_sample(eps_fn, params, x, cond, null, schedule=schedule,
-                            num_steps=p["steps"], eta=1.0, guidance_scale=p["cfg"],
-                            key=k_steps)
+    traj = sampling.rollout(eps_fn, params, ddim.DDIMSampler(schedule, eta=1.0), x, cond, null,
+                            num_steps=p["steps"], guidance_scale=p["cfg"], key=k_steps)
     return traj.sample, traj.log_probs
 
   def run(seed):

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rft.diffusion import ddim
+from rft.diffusion import ddim, sampling
 from rft.diffusion.schedules import make_schedule
 from rft.models.t2i import TextToImage, make_eps_fn
-from rft.objectives import backprop, rdp, trajectory
+from rft.objectives import prdp, trajectory
 
 BATCH, GROUP, LAT, TEXT_LEN, TEXT_DIM, CFG = 8, 4, (32, 32, 4), 8, 64, 5.0
 
@@ -64,10 +64,10 @@ def batch_spec(T):
 
 def prdp_memory(model, params, T):
   sched = make_schedule("scaled_linear", 1000)
-  scorer = trajectory.StepScorer(make_eps_fn(model), sched, 1.0, CFG, None)
+  scorer = trajectory.StepScorer(make_eps_fn(model), ddim.DDIMSampler(sched, eta=1.0), CFG)
 
   def loss(lp, b):
-    return rdp.rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"],
+    return prdp.rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"],
                         group_size=GROUP, beta=1e-3, clip_eps=1e-3)
 
   ours = lambda p, b, k: trajectory.coupled_grads(scorer, lambda q: q, p, b, loss, k)
@@ -86,12 +86,13 @@ def backprop_memory(model, params, T):
           "mask": sds((BATCH, TEXT_LEN), jnp.bool_)}
   null = {"states": sds((1, TEXT_LEN, TEXT_DIM), jnp.float32),
           "mask": sds((1, TEXT_LEN), jnp.bool_)}
-  kw = dict(schedule=sched, num_steps=T, eta=1.0, guidance_scale=CFG, clip_x0=None)
+  kw = dict(num_steps=T, guidance_scale=CFG)
+  sampler = ddim.DDIMSampler(sched, eta=1.0)
 
   def ours(k_steps):
     def f(p, x, c, n):
       def loss(q):
-        x0 = backprop.truncated_rollout(eps_fn, q, x, c, n, jax.random.key(0),
+        x0 = sampling.truncated_rollout(eps_fn, q, sampler, x, c, n, jax.random.key(0),
                                         grad_steps=k_steps, **kw)
         return jnp.mean(x0 ** 2)
       return jax.grad(loss)(p)
@@ -99,7 +100,7 @@ def backprop_memory(model, params, T):
 
   def naive(p, x, c, n):
     def loss(q):
-      traj = ddim.ddim_sample(eps_fn, q, x, c, n, key=jax.random.key(0), **kw)
+      traj = sampling.rollout(eps_fn, q, sampler, x, c, n, key=jax.random.key(0), **kw)
       return jnp.mean(traj.sample ** 2)
     return jax.grad(loss)(p)
 

@@ -7,7 +7,7 @@ EXPECTED: 60 epochs x 512 samples (64 prompts x 8, one on-policy update each), 3
 reward queries, 30.0 min (1,798 s) on an idle 2-core CPU. Measured: evaluator alignment
 48.0 -> 50.4 % on training prompts and 36.3 -> 40.6 % on held-out prompts (256 each;
 held-out 36.3, 37.1, 37.9, 40.2, 40.6 % at epochs 0/15/30/45/60): a steady rise, far
-from +10 points. `python -m rft.train.noise_scale` says why: one useful Adam update
+from +10 points. `python -m rft.tools.noise_scale` says why: one useful Adam update
 needs 10^4-10^5 samples. See the README's method table and "Reproducing the papers"
 (the variance levers `share_initial_noise` and `objective.step_baseline`, off here,
 about halve that noise scale; the T1 preset uses them).
@@ -60,7 +60,7 @@ def get_config(arg=None):
       # GAE lambda over the step baselines: 1 = unbiased (r - b_t); 0 = b_{t+1} - b_t.
       "baseline_lambda": 1.0,
       # Final steps left out of the gradient (see rft.objectives.trajectory.select_steps).
-      # Measured (rft.train.noise_scale): the Adam-like noise scale of steps 0-5 is half
+      # Measured (rft.tools.noise_scale): the Adam-like noise scale of steps 0-5 is half
       # that of steps 0-7, and steps 8-9 alone are almost pure noise.
       "skip_last_steps": 4,
   })

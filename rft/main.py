@@ -26,7 +26,7 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
 TRAINERS = {
     "pretrain_shapes": "rft.train.pretrain:train_and_evaluate",
     "train_scorers": "rft.train.scorers:train_and_evaluate",
-    "diffusion_rl": "rft.train.online:train_and_evaluate",  # PRDP, DDPO, DRaFT, AlignProp, RAFT
+    "diffusion_rl": "rft.train.diffusion_rl:train_and_evaluate",  # PRDP, DDPO, DRaFT, AlignProp, RAFT
     "reno": "rft.train.reno:run",  # inference-time noise optimisation
     "pretrain_arith": "rft.train.pretrain_lm:train_and_evaluate",
     "lm_rl": "rft.train.lm_rl:train_and_evaluate",  # GRPO, DAPO, Dr.GRPO, GSPO, RLOO, RAFT

@@ -113,3 +113,34 @@ def import_open_clip():
     for n in added:
       sys.modules.pop(n, None)
   return open_clip
+
+
+# DDIM shorthands over rft.diffusion.sampling (the samplers' shared rollouts) with the
+# DDIM settings as keywords, as the DDIM tests state them.
+def ddim_sampler(schedule, eta=1.0, clip_x0=None):
+  from rft.diffusion.ddim import DDIMSampler
+  return DDIMSampler(schedule, eta, clip_x0)
+
+
+def ddim_sample(eps_fn, params, x_T, cond, null, *, schedule, num_steps, eta=1.0,
+                guidance_scale=1.0, key=None, clip_x0=None, record_x0=False):
+  from rft.diffusion import sampling
+  return sampling.rollout(eps_fn, params, ddim_sampler(schedule, eta, clip_x0), x_T, cond, null,
+                          num_steps=num_steps, guidance_scale=guidance_scale, key=key,
+                          record_x0=record_x0)
+
+
+def trajectory_log_probs(eps_fn, params, traj, cond, null, *, schedule, eta, guidance_scale=1.0,
+                         clip_x0=None, reduce="mean"):
+  from rft.diffusion import sampling
+  return sampling.trajectory_log_probs(eps_fn, params, ddim_sampler(schedule, eta, clip_x0),
+                                       traj, cond, null, guidance_scale=guidance_scale,
+                                       reduce=reduce)
+
+
+def transition_log_prob(eps_fn, params, x_t, x_prev, t, prev_t, cond, null, *, schedule, eta,
+                        guidance_scale=1.0, clip_x0=None):
+  from rft.diffusion import sampling
+  return sampling.transition_log_prob(eps_fn, params, ddim_sampler(schedule, eta, clip_x0),
+                                      x_t, x_prev, t, prev_t, cond, null,
+                                      guidance_scale=guidance_scale)

@@ -6,7 +6,7 @@ import pytest
 
 from rft import pretrained
 from rft.data import shapes
-from rft.diffusion import ddim
+from rft.diffusion import sampling
 from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
 from rft.diffusion.schedules import make_schedule
 from rft.train import shapes_eval
@@ -27,9 +27,8 @@ def test_sampler_log_probs_recompute_exactly_on_the_base_model(base):
                                                                        jax.random.key(0))
   assert traj.latents.shape == (4, cfg.num_steps + 1, 16, 16, 3)
   assert bool(jnp.isfinite(traj.log_probs).all())
-  recompute = jax.jit(lambda p, tr, c, n: ddim.trajectory_log_probs(
-      pipe.eps_fn, p, tr, c, n, schedule=pipe.schedule, eta=cfg.eta,
-      guidance_scale=cfg.guidance_scale, clip_x0=cfg.clip_x0))
+  recompute = jax.jit(lambda p, tr, c, n: sampling.trajectory_log_probs(
+      pipe.eps_fn, p, cfg.build(pipe.schedule), tr, c, n, guidance_scale=cfg.guidance_scale))
   new = recompute(params, traj, cond, null)
   np.testing.assert_array_equal(np.exp(new - traj.log_probs), 1.0)
   perturbed = jax.tree.map(lambda x: x * 1.01, params)

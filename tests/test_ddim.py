@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rft.diffusion.ddim import (Trajectory, ddim_sample, ddim_sigma, ddim_step, ddim_timesteps,
-                                trajectory_log_probs, transition_log_prob)
+from rft.diffusion.ddim import ddim_sigma, ddim_step, ddim_timesteps
+from rft.diffusion.sampling import Trajectory
+from tests.helpers import ddim_sample, trajectory_log_probs, transition_log_prob
 from rft.diffusion.guidance import guided_eps
 from rft.diffusion.schedules import make_schedule
 

@@ -1,10 +1,10 @@
-"""Gradient noise scale (rft/train/noise_scale.py): the estimator against a known case,
+"""Gradient noise scale (rft/tools/noise_scale.py): the estimator against a known case,
 and the PRDP per-step gradients on the smoke config."""
 import numpy as np
 import pytest
 
 from rft import config as config_lib
-from rft.train import noise_scale
+from rft.tools import noise_scale
 
 
 def test_noise_scale_recovers_known_signal_and_covariance():

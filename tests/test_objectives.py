@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from rft.objectives import ddpo, raft, rdp
+from rft.objectives import ddpo, prdp, raft
 
 
 def _rng(seed):
@@ -67,7 +67,7 @@ def _f32(*xs):
 def test_rdp_loss_matches_hand_computation(reduce, n, group_size):
   lp, old, ref, rewards = _rdp_inputs(n, 2, seed=n + group_size)
   beta = 0.7
-  loss, m = rdp.rdp_loss(*_f32(lp, old, ref, rewards), group_size=group_size, beta=beta,
+  loss, m = prdp.rdp_loss(*_f32(lp, old, ref, rewards), group_size=group_size, beta=beta,
                          clip_eps=None, reduce=reduce)
   want, pairs, _ = _rdp_reference(lp, old, ref, rewards, group_size, beta, None, reduce)
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
@@ -84,7 +84,7 @@ def test_rdp_loss_tiny_explicit_numbers():
   zeros = np.zeros_like(lp)
   rewards = np.array([1.0, 0.0])
   for reduce, gap in [("mean", 1.5), ("sum", 3.0)]:
-    loss, m = rdp.rdp_loss(*_f32(lp, zeros, zeros, rewards), group_size=2, beta=0.5,
+    loss, m = prdp.rdp_loss(*_f32(lp, zeros, zeros, rewards), group_size=2, beta=0.5,
                            clip_eps=None, reduce=reduce)
     # target = (1 - 0) / 0.5 = 2
     np.testing.assert_allclose(float(loss), (gap - 2.0) ** 2, rtol=1e-6)
@@ -95,7 +95,7 @@ def test_rdp_loss_tiny_explicit_numbers():
 def test_rdp_loss_gradient_unclipped_matches_analytic():
   n, T, G, beta = 6, 3, 3, 0.5
   lp, old, ref, rewards = _rdp_inputs(n, T, seed=11)
-  grad = jax.grad(lambda x: rdp.rdp_loss(x, *_f32(old, ref, rewards), group_size=G, beta=beta,
+  grad = jax.grad(lambda x: prdp.rdp_loss(x, *_f32(old, ref, rewards), group_size=G, beta=beta,
                                          clip_eps=None, reduce="mean")[0])(
                                              jnp.asarray(lp, jnp.float32))
   want = np.zeros((n, T))
@@ -114,7 +114,7 @@ def test_rdp_loss_clipped_matches_hand_computation(reduce):
   n, T, G, beta, eps = 8, 2, 4, 0.5, 0.2
   lp, old, ref, rewards = _rdp_inputs(n, T, seed=5, spread=0.5)
   assert np.any(np.abs(lp - old) > eps) and np.any(np.abs(lp - old) < eps)
-  loss, m = rdp.rdp_loss(*_f32(lp, old, ref, rewards), group_size=G, beta=beta,
+  loss, m = prdp.rdp_loss(*_f32(lp, old, ref, rewards), group_size=G, beta=beta,
                          clip_eps=eps, reduce=reduce)
   want, pairs, branches = _rdp_reference(lp, old, ref, rewards, G, beta, eps, reduce)
   # The case exercises both branches of the max.
@@ -140,7 +140,7 @@ def _clip_case(reward_gap):
 
 
 def _clip_grad(lp, old, ref, rewards):
-  fn = lambda x: rdp.rdp_loss(x, *_f32(old, ref, rewards), group_size=2, beta=1.0,
+  fn = lambda x: prdp.rdp_loss(x, *_f32(old, ref, rewards), group_size=2, beta=1.0,
                               clip_eps=0.2, reduce="mean")
   (loss, m), g = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(lp, jnp.float32))
   return float(loss), m, np.asarray(g)
@@ -176,8 +176,8 @@ def test_rdp_drop_ties():
   lp, old, ref, _ = _rdp_inputs(n, T, seed=3)
   rewards = np.array([1.0, 1.0, 1.0, 2.0, 0.5, -0.5, 0.3, 0.3])  # groups of 4
   kw = dict(group_size=4, beta=0.5, clip_eps=None, reduce="mean")
-  _, m_all = rdp.rdp_loss(*_f32(lp, old, ref, rewards), **kw)
-  loss, m = rdp.rdp_loss(*_f32(lp, old, ref, rewards), drop_ties=True, **kw)
+  _, m_all = prdp.rdp_loss(*_f32(lp, old, ref, rewards), **kw)
+  loss, m = prdp.rdp_loss(*_f32(lp, old, ref, rewards), drop_ties=True, **kw)
   assert float(m_all["pairs"]) == 12
   # group 0 loses its 3 tied pairs (of 6), group 1 its 1 tied pair.
   assert float(m["pairs"]) == 8
@@ -190,10 +190,10 @@ def test_rdp_drop_ties():
 def test_rdp_errors():
   lp, old, ref, rewards = _rdp_inputs(5, 2, seed=0)
   with pytest.raises(ValueError):
-    rdp.rdp_loss(*_f32(lp, old, ref, rewards), group_size=2, beta=1.0, clip_eps=None)
+    prdp.rdp_loss(*_f32(lp, old, ref, rewards), group_size=2, beta=1.0, clip_eps=None)
   lp, old, ref, rewards = _rdp_inputs(4, 2, seed=0)
   with pytest.raises(ValueError):
-    rdp.rdp_loss(*_f32(lp, old, ref, rewards), group_size=2, beta=1.0, clip_eps=None,
+    prdp.rdp_loss(*_f32(lp, old, ref, rewards), group_size=2, beta=1.0, clip_eps=None,
                  reduce="max")
 
 
@@ -222,7 +222,7 @@ def test_rdp_exact_minimiser_is_kl_regularised_optimum():
 
   def loss_fn(theta):
     lp = jax.nn.log_softmax(theta)[:, None]  # all M outcomes as one group, T = 1
-    return rdp.rdp_loss(lp, lp, ref_lp, rewards, group_size=M, beta=BETA, clip_eps=None)[0]
+    return prdp.rdp_loss(lp, lp, ref_lp, rewards, group_size=M, beta=BETA, clip_eps=None)[0]
 
   @jax.jit
   def train(theta):
@@ -251,7 +251,7 @@ def _online_kl(clip_eps):
   def loss_fn(theta, idx, old_lp):
     lp = jax.nn.log_softmax(theta)[idx][:, None]
     ref = jax.nn.log_softmax(theta_ref)[idx][:, None]
-    return rdp.rdp_loss(lp, old_lp, ref, rewards[idx], group_size=B, beta=BETA,
+    return prdp.rdp_loss(lp, old_lp, ref, rewards[idx], group_size=B, beta=BETA,
                         clip_eps=clip_eps)[0]
 
   @jax.jit

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rft import pretrained
-from rft.train import online
+from rft.train import diffusion_rl
 from tests.helpers import run_main
 
 ONLINE_CONFIGS = ["prdp", "ddpo", "draft", "draft:lv", "alignprop", "raft"]
@@ -98,7 +98,7 @@ def test_bad_config_values_are_clear_errors(tmp_path):
 
 
 def test_group_stats():
-  m = online.group_stats(np.array([1.0, 1.0, 0.0, 2.0]), 2)
+  m = diffusion_rl.group_stats(np.array([1.0, 1.0, 0.0, 2.0]), 2)
   assert m["reward_mean"] == 1.0
   assert m["zero_std_groups"] == 0.5
   assert m["reward_std_within_prompt"] == pytest.approx(0.5)

@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rft.diffusion import ddim
 from rft.diffusion.schedules import make_schedule
 from rft.objectives import reno
-from tests.helpers import run_main
+from tests.helpers import ddim_sample, run_main
 
 
 def test_norm_regularizer_by_hand():
@@ -134,15 +133,15 @@ def test_ddim_generate_matches_ddim_sample_and_has_finite_gradients():
   x_T = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
   cond = jnp.array([0.1, -0.2])[:, None, None, None]
   kw = dict(schedule=sched, num_steps=4, clip_x0=1.0)
-  ref = ddim.ddim_sample(_toy_eps, params, x_T, cond, None, eta=0.0, **kw).sample
+  ref = ddim_sample(_toy_eps, params, x_T, cond, None, eta=0.0, **kw).sample
   out = reno.ddim_generate(_toy_eps, params, x_T, cond, None, **kw)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   g = jax.grad(lambda z: reno.ddim_generate(_toy_eps, params, z, cond, None, **kw).sum())(x_T)
   assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
   # CFG path (guidance != 1) runs too.
   null = jnp.zeros((1, 1, 1, 1))
-  ref = ddim.ddim_sample(_toy_eps, params, x_T, cond, null, eta=0.0, guidance_scale=1.5,
-                         **kw).sample
+  ref = ddim_sample(_toy_eps, params, x_T, cond, null, eta=0.0, guidance_scale=1.5,
+                    **kw).sample
   out = reno.ddim_generate(_toy_eps, params, x_T, cond, null, guidance_scale=1.5, **kw)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 

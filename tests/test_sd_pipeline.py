@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from rft.diffusion import ddim  # noqa: E402
+from rft.diffusion import ddim, sampling  # noqa: E402
 from rft.diffusion.schedules import make_schedule  # noqa: E402
 from rft.weights import sd as sd_lib  # noqa: E402
 from tests.helpers import run_main  # noqa: E402
@@ -112,8 +112,8 @@ def test_full_cfg_ddim_step_and_decode_match_diffusers(tiny_sd):
     if i not in (0, 5, 9):
       continue
     key = jax.random.key(i)
-    ours, _, _ = ddim._denoise_step(pipe.eps_fn, sd.params, jnp.asarray(x), int(t), int(prev_t),
-                                    cond, null, pipe.schedule, 1.0, 5.0, None, key=key)
+    ours, _ = sampling.model_step(pipe.eps_fn, sd.params, ddim.DDIMSampler(pipe.schedule, 1.0),
+                                  jnp.asarray(x), int(t), int(prev_t), cond, null, 5.0, key=key)
     noise = np.asarray(jax.random.normal(key, x.shape, jnp.float32))
     with torch.no_grad():
       out = ref.unet(torch.cat([_nchw(x)] * 2), int(t),

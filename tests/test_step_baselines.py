@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rft.objectives import ddpo, rdp, step_baselines
+from rft.objectives import ddpo, prdp, step_baselines
 
 
 def test_zero_baselines_give_the_plain_loss_and_gradient():
@@ -14,8 +14,8 @@ def test_zero_baselines_give_the_plain_loss_and_gradient():
   lp, old, ref = (jnp.asarray(rng.normal(size=(8, 5)) * 0.01, jnp.float32) for _ in range(3))
   r = jnp.asarray(rng.uniform(size=8), jnp.float32)
   kw = dict(group_size=4, beta=0.1, clip_eps=1e-3, reduce="mean")
-  f = lambda lp_, b: rdp.rdp_loss(lp_, old, ref, r, step_baselines=b, **kw)[0]
-  plain = lambda lp_: rdp.rdp_loss(lp_, old, ref, r, **kw)[0]
+  f = lambda lp_, b: prdp.rdp_loss(lp_, old, ref, r, step_baselines=b, **kw)[0]
+  plain = lambda lp_: prdp.rdp_loss(lp_, old, ref, r, **kw)[0]
   np.testing.assert_allclose(f(lp, jnp.zeros_like(lp)), plain(lp), rtol=1e-6)
   np.testing.assert_allclose(jax.grad(f)(lp, jnp.zeros_like(lp)), jax.grad(plain)(lp),
                              rtol=1e-5, atol=1e-7)
@@ -34,8 +34,8 @@ def test_baseline_gradient_is_the_hand_formula(reduce):
   r = jnp.asarray(rng.uniform(size=G * B), jnp.float32)
   b = rng.normal(size=(G * B, T)).astype(np.float32)
   kw = dict(group_size=B, beta=beta, clip_eps=None, reduce=reduce)
-  g_cv = jax.grad(lambda x: rdp.rdp_loss(x, lp, ref, r, step_baselines=jnp.asarray(b), **kw)[0])(lp)
-  g0 = jax.grad(lambda x: rdp.rdp_loss(x, lp, ref, r, **kw)[0])(lp)
+  g_cv = jax.grad(lambda x: prdp.rdp_loss(x, lp, ref, r, step_baselines=jnp.asarray(b), **kw)[0])(lp)
+  g0 = jax.grad(lambda x: prdp.rdp_loss(x, lp, ref, r, **kw)[0])(lp)
   pairs = G * B * (B - 1) / 2
   per_step = 1.0 / T if reduce == "mean" else 1.0
   bg = b.reshape(G, B, T)
@@ -46,7 +46,7 @@ def test_baseline_gradient_is_the_hand_formula(reduce):
 def test_baseline_shape_error():
   lp = jnp.zeros((4, 3))
   with pytest.raises(ValueError, match=r"step_baselines shape \(4, 2\)"):
-    rdp.rdp_loss(lp, lp, lp, jnp.zeros(4), group_size=2, beta=1.0, clip_eps=None,
+    prdp.rdp_loss(lp, lp, lp, jnp.zeros(4), group_size=2, beta=1.0, clip_eps=None,
                  step_baselines=jnp.zeros((4, 2)))
 
 
@@ -99,7 +99,7 @@ def _chain_gradients(use_baseline: bool, groups: int, seed: int):
   def group_loss(theta, x0_, x1_, x2_, r_, v_):
     lp = jnp.stack([-0.5 * (x1_ - x0_ - theta[0]) ** 2, -0.5 * (x2_ - x1_ - theta[1]) ** 2], 1)
     ref = jax.lax.stop_gradient(lp)
-    return rdp.rdp_loss(lp, ref, ref, r_, group_size=B, beta=1.0, clip_eps=None, reduce="sum",
+    return prdp.rdp_loss(lp, ref, ref, r_, group_size=B, beta=1.0, clip_eps=None, reduce="sum",
                         step_baselines=v_)[0]
 
   split = lambda a: jnp.asarray(a, jnp.float32).reshape(groups, B, *np.shape(a)[1:])

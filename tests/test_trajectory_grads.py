@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rft.diffusion.ddim import ddim_sample, ddim_timesteps
+from rft.diffusion import sampling
+from rft.diffusion.ddim import ddim_timesteps
 from rft.diffusion.schedules import make_schedule
-from rft.objectives import backprop, ddpo, rdp, trajectory
+from rft.objectives import ddpo, draft, prdp, trajectory
+from tests.helpers import ddim_sample, ddim_sampler
 from tests.test_ddim import TinyDenoiser, _random_params
 
 B, S, G = 4, 5, 2  # samples per prompt, steps, prompts
@@ -37,7 +39,7 @@ def setup():
   traj = jax.jit(functools.partial(ddim_sample, model.apply, schedule=sched, num_steps=S,
                                    eta=ETA, guidance_scale=CFG, clip_x0=1.0))(
                                        params, x_T, cond, null, key=jax.random.PRNGKey(3))
-  scorer = trajectory.StepScorer(model.apply, sched, ETA, CFG, 1.0)
+  scorer = trajectory.StepScorer(model.apply, ddim_sampler(sched, ETA, 1.0), CFG)
   batch = {"latents": traj.latents, "timesteps": traj.timesteps,
            "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
            "cond": cond, "null_cond": null,
@@ -51,7 +53,7 @@ def setup():
 
 
 def _prdp_loss(lp, b):
-  return rdp.rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"], group_size=B,
+  return prdp.rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"], group_size=B,
                       beta=0.1, clip_eps=0.05, reduce="mean")
 
 
@@ -146,10 +148,10 @@ def test_timestep_subset_is_scaled_to_be_unbiased():
 
 
 def _rollout_loss(setup, params, k, random_truncation=False):
-  x0 = backprop.truncated_rollout(setup["model"].apply, params, setup["x_T"], setup["cond"],
-                                  setup["null"], jax.random.key(7), schedule=setup["sched"],
-                                  num_steps=S, eta=ETA, guidance_scale=CFG, clip_x0=None,
-                                  grad_steps=k, random_truncation=random_truncation)
+  x0 = sampling.truncated_rollout(setup["model"].apply, params, ddim_sampler(setup["sched"], ETA),
+                                  setup["x_T"], setup["cond"], setup["null"], jax.random.key(7),
+                                  num_steps=S, guidance_scale=CFG, grad_steps=k,
+                                  random_truncation=random_truncation)
   return jnp.mean(jnp.sin(3 * x0))  # a smooth stand-in for a differentiable reward
 
 
@@ -181,7 +183,7 @@ def test_draft_k_truncation_cuts_exactly_the_early_steps(setup):
     x = setup["x_T"]
     for i in range(S):
       p = late if i >= S - K else params
-      step = backprop._step_fn(setup["model"].apply, setup["sched"], ETA, CFG, None)
+      step = sampling._remat_step(setup["model"].apply, ddim_sampler(setup["sched"], ETA), CFG)
       x = step(p, x, int(ts[i]), int(prev[i]), setup["cond"], setup["null"], keys[i])
     return jnp.mean(jnp.sin(3 * x))
 
@@ -198,10 +200,9 @@ def test_draft_k_truncation_cuts_exactly_the_early_steps(setup):
 
 
 def test_lv_rollout_shapes_and_gradient(setup):
-  f = lambda p: backprop.lv_rollout(setup["model"].apply, p, setup["x_T"], setup["cond"],
-                                    setup["null"], jax.random.key(1), schedule=setup["sched"],
-                                    num_steps=S, eta=ETA, guidance_scale=CFG, clip_x0=1.0,
-                                    num_renoise=3)
+  f = lambda p: draft.lv_rollout(setup["model"].apply, p, ddim_sampler(setup["sched"], ETA, 1.0),
+                                 setup["x_T"], setup["cond"], setup["null"], jax.random.key(1),
+                                 num_steps=S, guidance_scale=CFG, num_renoise=3)
   x0, renoised = jax.jit(f)(setup["params"])
   assert x0.shape == (N, 8, 8, 3) and renoised.shape == (3, N, 8, 8, 3)
   # Re-denoised copies stay close to x0 (one step from the lowest noise level)...

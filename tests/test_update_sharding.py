@@ -1,7 +1,7 @@
 """The real PRDP, DRaFT and GRPO updates on sharded meshes equal the one-device update.
 
 One subprocess per update with 8 fake CPU devices. The update builders are used
-unchanged (`online.make_trajectory_update`, `online.make_backprop_update`,
+unchanged (`diffusion_rl.make_trajectory_update`, `diffusion_rl.make_backprop_update`,
 `lm_rl.make_update`, each a `jax.jit` with no explicit shardings): the state, the frozen
 base params and the batch are placed with `parallel.shard_tree` /
 `parallel.shard_batch_axes` and GSPMD propagates those placements through the update.
@@ -84,9 +84,9 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
     from rft.data import shapes
     from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
     from rft.diffusion.schedules import make_schedule
-    from rft.objectives import trajectory
+    from rft.objectives import registry, trajectory
     from rft.rewards import base as rewards_lib
-    from rft.train import online
+    from rft.train import diffusion_rl
     model, base, meta = pretrained.load_shapes_base()
     pipe = shapes_pipeline(model, make_schedule(**meta["schedule"]), shapes.IMAGE_SIZE)
     world, tok = shapes.ShapesWorld(), shapes.tokenizer()
@@ -117,7 +117,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
       config = config_lib.load("prdp", "smoke")
       config.lr, config.unroll = LR, "none"
       sampler = SamplerConfig(**dict(config.sampler))
-      trainable, materialize, tx = online.setup_finetuning(config, base, jax.random.key(1))
+      trainable, materialize, tx = diffusion_rl.setup_finetuning(config, base, jax.random.key(1))
       tx = make_tx(config)  # the trainable tree holds only the selected leaves
       ids = np.repeat(world.sample_prompt_ids(rng, N // config.samples_per_prompt), config.samples_per_prompt)
       tokens = jnp.asarray(tok.encode([world.texts[i] for i in ids]))
@@ -129,9 +129,10 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
           "rewards": rng.normal(size=N).astype(np.float32),
           # theta_old == base here: the reference log-probs are the rollout's
           "ref_log_probs": traj.log_probs})
-      scorer = trajectory.StepScorer(pipe.eps_fn, pipe.schedule, sampler.eta, sampler.guidance_scale,
-                                     sampler.clip_x0, reduce="mean")
-      update = online.make_trajectory_update(config, scorer, materialize, tx)
+      scorer = trajectory.StepScorer(pipe.eps_fn, sampler.build(pipe.schedule),
+                                     sampler.guidance_scale, reduce="mean")
+      update = diffusion_rl.make_trajectory_update(
+          config, scorer, registry.diffusion("prdp").make_loss(config), materialize, tx)
       state = jax.device_get(TrainState.create(trainable, tx))
       P0["prdp"] = state.params
       def prdp_run(mesh):
@@ -146,7 +147,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
       config.lr, config.unroll = 10 * LR, "none"
       sampler = SamplerConfig(**dict(config.sampler))
       reward = rewards_lib.build(config.reward, scorer_dir=None)
-      trainable, materialize, tx = online.setup_finetuning(config, base, jax.random.key(1))
+      trainable, materialize, tx = diffusion_rl.setup_finetuning(config, base, jax.random.key(1))
       tx = make_tx(config)  # the trainable tree holds only the selected leaves
       ids = world.sample_prompt_ids(rng, N)
       tokens = tok.encode([world.texts[i] for i in ids])
@@ -154,7 +155,10 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
       batch = jax.device_get({"tokens": tokens, "cond": cond, "null_cond": null,
                               "prompts": {"ids": ids, "tokens": tokens,
                                           "assignments": world.assignments(ids)}})
-      update = online.make_backprop_update(config, pipe, sampler, reward, materialize, tx)
+      rollout = registry.diffusion("draft").make_loss(
+          config, diffusion_rl.sampler_kwargs(pipe, sampler))
+      update = diffusion_rl.make_backprop_update(config, pipe, sampler, reward, rollout,
+                                                 materialize, tx)
       state = jax.device_get(TrainState.create(trainable, tx))
       reward_params = jax.device_get(reward.params)
       P0["draft"] = state.params

@@ -1,4 +1,4 @@
-"""DDIM sampling with per-step Gaussian log-probs: the rollout every RL objective uses.
+"""DDIM transitions with per-step Gaussian log-probs (the "ddim" sampler plug-in).
 
 One DDIM transition (Song et al. 2021, Eq. 12), with ab = alphas_cumprod:
 
@@ -18,7 +18,8 @@ Log-probs need eta > 0: with eta = 0 (sigma = 0) they are undefined and come out
 sampling with eta = 0 still works and is deterministic.
 
 The sampler and the trainer share one per-step function (``ddim_step`` with
-``prev_sample=`` to score a given transition, after jannerm/ddpo), so recomputing a stored
+``prev_sample=`` to score a given transition, after jannerm/ddpo; the rollouts over it
+are in rft.diffusion.sampling, `DDIMSampler` below plugs it in), so recomputing a stored
 transition's log-prob with unchanged params reproduces the recorded value exactly
 (ratio exp(new - old) == 1.0, bitwise), also inside a jitted value_and_grad. Two details
 make that hold under XLA, which contracts a*b+c into FMAs differently per fused kernel:
@@ -30,16 +31,16 @@ The log-prob is differentiable in reverse mode only (custom VJP).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from rft.diffusion.guidance import EpsFn, guided_eps, timesteps_vector
-from rft.diffusion.schedules import Schedule, _per_example
+from rft.diffusion.guidance import timesteps_vector
+from rft.diffusion.schedules import Schedule, _per_example, add_noise
 
 _HALF_LOG_2PI = 0.5 * float(np.log(2.0 * np.pi))
 
@@ -220,126 +221,35 @@ def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta
   return prev_sample, lp_mean, lp_sum
 
 
-def _denoise_step(eps_fn, params, x_t, t, prev_t, cond, null_cond, schedule, eta,
-                  guidance_scale, clip_x0, key=None, prev_sample=None, log_prob=True,
-                  return_eps=False):
-  """The one per-step function shared by the sampler and every log-prob recompute:
-  (prev_sample, lp_mean, lp_sum), plus the guided eps with return_eps."""
-  eps = guided_eps(eps_fn, params, x_t, t, cond, null_cond, guidance_scale)
-  out = ddim_step(schedule, eps, t, prev_t, x_t, eta, key=key, prev_sample=prev_sample,
-                  clip_x0=clip_x0, log_prob=log_prob)
-  return out + (eps,) if return_eps else out
-
-
 # --------------------------------------------------------------------------- sampler
 
 
-@struct.dataclass
-class Trajectory:
-  """A sampled DDIM chain.
+@dataclasses.dataclass(frozen=True)
+class DDIMSampler:
+  """DDIM as a sampler plug-in (rft.diffusion.sampling): the model output is eps.
 
-  latents: [B, S+1, ...] (x_T first, final sample last); timesteps / prev_timesteps:
-  [S] int32 (the t and prev_t of each transition); log_probs / log_probs_sum: [B, S]
-  float32 log p(latents[:, i+1] | latents[:, i]) averaged / summed over latent dims;
-  x0_preds: None, or [B, S, ...] the sampler's x0 prediction at latents[:, i].
+  eta may be a Python number or traced; clip_x0 None leaves x0 predictions unclipped.
   """
+  schedule: Schedule
+  eta: Any = 1.0
+  clip_x0: Optional[float] = None
+  steps_offset: int = 1
 
-  latents: jax.Array
-  timesteps: jax.Array
-  prev_timesteps: jax.Array
-  log_probs: jax.Array
-  log_probs_sum: jax.Array
-  # [B, S, ...]: the (clipped) x0 prediction at each transition's input x_t, recorded
-  # with ``record_x0=True`` (per-step value baselines, rft.objectives.step_baselines).
-  x0_preds: Optional[jax.Array] = None
+  @classmethod
+  def build(cls, schedule: Schedule, *, eta=1.0, clip_x0: Optional[float] = None):
+    return cls(schedule, eta, clip_x0)
 
-  @property
-  def sample(self) -> jax.Array:
-    return self.latents[:, -1]
+  def timesteps(self, num_steps: int):
+    return ddim_timesteps(self.schedule.num_train_timesteps, num_steps, self.steps_offset)
 
-  @property
-  def num_steps(self) -> int:
-    return self.timesteps.shape[-1]
+  def step(self, model_out, t, t_prev, x, *, key=None, prev_sample=None, log_prob=True):
+    x_prev, lp_mean, lp_sum = ddim_step(self.schedule, model_out, t, t_prev, x, self.eta,
+                                        key=key, prev_sample=prev_sample,
+                                        clip_x0=self.clip_x0, log_prob=log_prob)
+    return x_prev, (None if lp_mean is None else (lp_mean, lp_sum))
 
+  def predicted_x0(self, model_out, t, x):
+    return predicted_x0(self.schedule, model_out, t, x, self.clip_x0)
 
-def ddim_sample(eps_fn: EpsFn, params: Any, x_T: jax.Array, cond: Any, null_cond: Any, *,
-                schedule: Schedule, num_steps: int, eta=1.0, guidance_scale=1.0,
-                key: Optional[jax.Array] = None, clip_x0: Optional[float] = None,
-                steps_offset: int = 1, record_x0: bool = False) -> Trajectory:
-  """Runs num_steps DDIM transitions from x_T with CFG, recording latents and log-probs.
-
-  One ``jax.lax.scan`` over steps; step i uses ``jax.random.split(key, num_steps)[i]``.
-  Static: eps_fn, num_steps, steps_offset, clip_x0, record_x0. eta and guidance_scale may
-  be traced (a Python 1.0 guidance scale skips the unconditional pass). key may be None
-  only when eta is the Python number 0 (deterministic DDIM; log_probs are then NaN).
-  record_x0 also keeps each step's x0 prediction (``Trajectory.x0_preds``); it costs no
-  extra denoiser call and leaves the latents and log-probs unchanged.
-  """
-  timesteps, prev_timesteps = ddim_timesteps(schedule.num_train_timesteps, num_steps,
-                                             steps_offset)
-  if key is None:
-    if not _is_static_zero(eta):
-      raise ValueError("ddim_sample: eta != 0 needs a PRNG `key`")
-    keys = None
-  else:
-    keys = jax.random.split(key, num_steps)
-
-  def body(x, step):
-    t, prev_t, k = step
-    x_prev, lp_mean, lp_sum, eps = _denoise_step(eps_fn, params, x, t, prev_t, cond,
-                                                 null_cond, schedule, eta, guidance_scale,
-                                                 clip_x0, key=k, return_eps=True)
-    x0 = predicted_x0(schedule, eps, t, x, clip_x0) if record_x0 else None
-    return x_prev, (x_prev, lp_mean, lp_sum, x0)
-
-  xs = (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), keys)
-  _, (chain, lp_mean, lp_sum, x0) = jax.lax.scan(body, x_T, xs)
-  latents = jnp.concatenate([x_T[None], chain], axis=0)
-  return Trajectory(latents=jnp.moveaxis(latents, 0, 1),
-                    timesteps=jnp.asarray(timesteps),
-                    prev_timesteps=jnp.asarray(prev_timesteps),
-                    log_probs=lp_mean.T, log_probs_sum=lp_sum.T,
-                    x0_preds=None if x0 is None else jnp.moveaxis(x0, 0, 1))
-
-
-# --------------------------------------------------------------------------- recompute
-
-
-def transition_log_prob(eps_fn: EpsFn, params: Any, x_t: jax.Array, x_prev: jax.Array,
-                        t, prev_t, cond: Any, null_cond: Any, *, schedule: Schedule, eta,
-                        guidance_scale=1.0, clip_x0: Optional[float] = None):
-  """Log-prob of stored transitions x_t -> x_prev under ``params``: (mean [B], sum [B]).
-
-  The trainer's side of DDPO / PRDP: t, prev_t are ints or int arrays (scalar or [B], so
-  a minibatch may mix steps). Shares ``ddim_step`` with the sampler; eta, guidance_scale,
-  clip_x0 must be those used for sampling for the ratio exp(new - old) to be 1 at
-  unchanged params. Differentiable w.r.t. params.
-  """
-  _, lp_mean, lp_sum = _denoise_step(eps_fn, params, x_t, t, prev_t, cond, null_cond,
-                                     schedule, eta, guidance_scale, clip_x0,
-                                     prev_sample=x_prev)
-  return lp_mean, lp_sum
-
-
-def trajectory_log_probs(eps_fn: EpsFn, params: Any, traj: Trajectory, cond: Any,
-                         null_cond: Any, *, schedule: Schedule, eta, guidance_scale=1.0,
-                         clip_x0: Optional[float] = None, reduce: str = "mean") -> jax.Array:
-  """Recomputes every step's log-prob of ``traj`` under ``params``: [B, S] float32.
-
-  A ``jax.lax.scan`` over the step axis running the sampler's own per-step function, so
-  with the sampling params the result equals ``traj.log_probs`` (reduce="mean") or
-  ``traj.log_probs_sum`` (reduce="sum") exactly.
-  """
-  if reduce not in ("mean", "sum"):
-    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-  lat = jnp.moveaxis(traj.latents, 1, 0)  # [S+1, B, ...]
-
-  def body(carry, step):
-    x_t, x_prev, t, prev_t = step
-    _, lp_mean, lp_sum = _denoise_step(eps_fn, params, x_t, t, prev_t, cond, null_cond,
-                                       schedule, eta, guidance_scale, clip_x0,
-                                       prev_sample=x_prev)
-    return carry, (lp_mean if reduce == "mean" else lp_sum)
-
-  _, lps = jax.lax.scan(body, None, (lat[:-1], lat[1:], traj.timesteps, traj.prev_timesteps))
-  return lps.T
+  def add_noise(self, x0, noise, t):
+    return add_noise(self.schedule, x0, noise, t)

@@ -1,4 +1,4 @@
-"""Text-to-image sampling pipeline: tokens -> text states -> CFG DDIM with log-probs -> images.
+"""Text-to-image sampling pipeline: tokens -> text states -> CFG sampler with log-probs -> images.
 
 The rollout every online objective uses. For pixel-space models (ShapesWorld) the
 final latent is the image; latent-space models (Stable Diffusion, ``sd_pipeline``) add a
@@ -14,16 +14,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from rft.diffusion import ddim
+from rft.diffusion import sampling
+from rft.diffusion.sampling import SamplerConfig  # noqa: F401  (re-exported)
 from rft.diffusion.schedules import Schedule
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-  num_steps: int = 20
-  eta: float = 1.0
-  guidance_scale: float = 3.0
-  clip_x0: float | None = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +56,7 @@ class Text2ImagePipeline:
     return jnp.repeat(x, share_within, axis=0)
 
   def sample(self, params, tokens, key, cfg: SamplerConfig, *, share_within: int = 1,
-             record_x0: bool = False) -> tuple[ddim.Trajectory, Any, Any]:
+             record_x0: bool = False) -> tuple[sampling.Trajectory, Any, Any]:
     """Sample one trajectory per row of `tokens`: (trajectory, cond, null_cond).
 
     share_within: rows per shared x_T (see initial_noise); record_x0: keep each step's
@@ -72,10 +65,9 @@ class Text2ImagePipeline:
     cond, null = self.conditions(params, tokens)
     k_init, k_steps = jax.random.split(key)
     x_T = self.initial_noise(k_init, tokens.shape[0], share_within)
-    traj = ddim.ddim_sample(self.eps_fn, params, x_T, cond, null, schedule=self.schedule,
-                            num_steps=cfg.num_steps, eta=cfg.eta,
-                            guidance_scale=cfg.guidance_scale, key=k_steps, clip_x0=cfg.clip_x0,
-                            record_x0=record_x0)
+    traj = sampling.rollout(self.eps_fn, params, cfg.build(self.schedule), x_T, cond, null,
+                            num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                            key=k_steps, record_x0=record_x0)
     return traj, cond, null
 
 

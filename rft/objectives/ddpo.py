@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from rft.objectives import registry, step_baselines
+
 
 def ddpo_step_loss(log_probs: jnp.ndarray, old_log_probs: jnp.ndarray, advantages: jnp.ndarray,
                    *, clip_range: float, adv_clip_max: float, importance_sampling: bool = True):
@@ -104,3 +106,40 @@ def batch_advantages(rewards: np.ndarray, with_scale: bool = False):
   scale = rewards.std() + 1e-6
   adv = (rewards - rewards.mean()) / scale
   return (adv, np.full_like(rewards, scale)) if with_scale else adv
+
+
+# ------------------------------------------------------------------------ registration
+
+
+def _make_loss(config) -> registry.TrajectoryLoss:
+  o = config.objective
+
+  def step_loss(lp_j, j, b):
+    adv = b["advantages"]
+    if adv.ndim == 2:  # per-step advantages (a step baseline)
+      adv = jnp.take(adv, j, axis=1)
+    return ddpo_step_loss(lp_j, jnp.take(b["log_probs"], j, axis=1), adv,
+                          clip_range=o.clip_range, adv_clip_max=o.adv_clip_max,
+                          importance_sampling=o.importance_sampling)
+
+  return registry.TrajectoryLoss(per_step=True, fn=step_loss)
+
+
+def _make_stats(config, num_prompts: int):
+  o = config.objective
+  return PerPromptStatTracker(num_prompts, o.buffer_size, o.min_count) if o.per_prompt_stats \
+      else None
+
+
+def _prepare(config, ids, scores, step_values, tracker):
+  adv, scale = (tracker.update(ids, scores, with_scale=True) if tracker
+                else batch_advantages(scores, with_scale=True))
+  if step_values is not None:
+    adv = step_baselines.step_advantages(adv, scale, step_values, config.samples_per_prompt)
+  return {"advantages": np.asarray(adv, np.float32)}, {}
+
+
+registry.register_diffusion(registry.DiffusionObjective(
+    name="ddpo", kind="trajectory",
+    summary="PPO-clip or score-function surrogate per denoising step (Black et al. 2024)",
+    make_loss=_make_loss, prepare=_prepare, make_stats=_make_stats))

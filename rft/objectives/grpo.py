@@ -50,16 +50,17 @@ RAFT for LMs (Dong et al. 2023): finetune (SFT loss) on the best completions per
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rft.objectives import registry
 from rft.objectives.raft import select_top
 
 SCALE_REWARDS = ("group", "batch", "none")
-AGGREGATIONS = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 # --------------------------------------------------------------------------- advantages
@@ -169,15 +170,64 @@ def _masked_mean(x, m):
   return jnp.sum(jnp.where(m > 0, x * m, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+# KL(π‖πref) estimators from δ = lp_ref − lp per token (module docstring).
+KL_ESTIMATORS: dict[str, Callable] = {
+    "k1": lambda delta: -delta,
+    "k3": lambda delta: jnp.exp(delta) - delta - 1.0,
+}
+
+
+def _check_kl_estimator(estimator: str) -> None:
+  if estimator not in KL_ESTIMATORS:
+    raise ValueError(f"unknown kl_estimator {estimator!r}; expected one of "
+                     f"{sorted(KL_ESTIMATORS)}")
+
+
 def kl_estimate(log_probs, ref_log_probs, estimator: str = "k3") -> jax.Array:
   """Per-token KL(π‖πref) estimate from samples of π: k1 = lp − ref,
   k3 = exp(ref − lp) − (ref − lp) − 1."""
-  delta = ref_log_probs - log_probs
-  if estimator == "k1":
-    return -delta
-  if estimator == "k3":
-    return jnp.exp(delta) - delta - 1.0
-  raise ValueError(f"unknown kl_estimator {estimator!r}; expected 'k1' or 'k3'")
+  _check_kl_estimator(estimator)
+  return KL_ESTIMATORS[estimator](ref_log_probs - log_probs)
+
+
+# Token aggregations: (weighted [N, L] = m · l, m [N, L], max_len, num_tokens_total) ->
+# scalar (module docstring).
+def _agg_grpo(weighted, m, max_len, num_tokens_total):
+  return jnp.mean(jnp.sum(weighted, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0))
+
+
+def _agg_bnpo(weighted, m, max_len, num_tokens_total):
+  return jnp.sum(weighted) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _agg_dr_grpo(weighted, m, max_len, num_tokens_total):
+  n, length = m.shape
+  return jnp.sum(weighted) / (n * (length if max_len is None else max_len))
+
+
+def _agg_dapo(weighted, m, max_len, num_tokens_total):
+  denom = jnp.sum(m) if num_tokens_total is None else jnp.asarray(num_tokens_total,
+                                                                   jnp.float32)
+  return jnp.sum(weighted) / jnp.maximum(denom, 1.0)
+
+
+AGGREGATORS: dict[str, Callable] = {"grpo": _agg_grpo, "bnpo": _agg_bnpo,
+                                    "dr_grpo": _agg_dr_grpo, "dapo": _agg_dapo}
+
+
+# Importance weights: (log_ratio [N, L] = lp − lp_old, lp [N, L], m [N, L]) -> log ρ [N, L].
+def _token_importance(log_ratio, lp, m):
+  return log_ratio
+
+
+def _sequence_importance(log_ratio, lp, m):
+  """GSPO-token: value s_i (the sequence's mean log ratio) at every token, gradient ∇lp_t."""
+  seq = jnp.sum(log_ratio * m, axis=1, keepdims=True) / jnp.maximum(
+      jnp.sum(m, axis=1, keepdims=True), 1.0)
+  return jax.lax.stop_gradient(seq) + lp - jax.lax.stop_gradient(lp)
+
+
+IMPORTANCE: dict[str, Callable] = {"token": _token_importance, "sequence": _sequence_importance}
 
 
 def aggregate_tokens(per_token, mask, aggregation: str, *, max_len: int | None = None,
@@ -187,24 +237,14 @@ def aggregate_tokens(per_token, mask, aggregation: str, *, max_len: int | None =
   max_len (default L) is only read by dr_grpo, so callers may always pass it;
   num_tokens_total is dapo's divisor and an error with any other aggregation.
   """
-  if aggregation not in AGGREGATIONS:
-    raise ValueError(f"unknown aggregation {aggregation!r}; known: {list(AGGREGATIONS)}")
+  if aggregation not in AGGREGATORS:
+    raise ValueError(f"unknown aggregation {aggregation!r}; known: {list(AGGREGATORS)}")
   if num_tokens_total is not None and aggregation != "dapo":
     raise ValueError(f"num_tokens_total is the dapo divisor; not used by "
                      f"aggregation={aggregation!r}")
   m = jnp.asarray(mask, jnp.float32)
   weighted = jnp.where(m > 0, per_token * m, 0.0)
-  total = jnp.sum(weighted)
-  if aggregation == "grpo":
-    per_seq = jnp.sum(weighted, axis=1)
-    return jnp.mean(per_seq / jnp.maximum(jnp.sum(m, axis=1), 1.0))
-  if aggregation == "bnpo":
-    return total / jnp.maximum(jnp.sum(m), 1.0)
-  if aggregation == "dr_grpo":
-    n, length = m.shape
-    return total / (n * (length if max_len is None else max_len))
-  denom = jnp.sum(m) if num_tokens_total is None else jnp.asarray(num_tokens_total, jnp.float32)
-  return total / jnp.maximum(denom, 1.0)
+  return AGGREGATORS[aggregation](weighted, m, max_len, num_tokens_total)
 
 
 def policy_loss(log_probs, old_log_probs, advantages, mask, *, clip_eps: float = 0.2,
@@ -234,16 +274,9 @@ def policy_loss(log_probs, old_log_probs, advantages, mask, *, clip_eps: float =
   eps_low = clip_eps
   eps_high = clip_eps if clip_eps_high is None else clip_eps_high
 
-  log_ratio = lp - old
-  if importance == "token":
-    log_w = log_ratio
-  elif importance == "sequence":
-    seq = jnp.sum(log_ratio * m, axis=1, keepdims=True) / jnp.maximum(
-        jnp.sum(m, axis=1, keepdims=True), 1.0)
-    log_w = jax.lax.stop_gradient(seq) + lp - jax.lax.stop_gradient(lp)
-  else:
-    raise ValueError(f"unknown importance {importance!r}; expected 'token' or 'sequence'")
-  ratio = jnp.exp(log_w)
+  if importance not in IMPORTANCE:
+    raise ValueError(f"unknown importance {importance!r}; expected one of {sorted(IMPORTANCE)}")
+  ratio = jnp.exp(IMPORTANCE[importance](lp - old, lp, m))
   per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
 
   metrics = {}
@@ -256,8 +289,8 @@ def policy_loss(log_probs, old_log_probs, advantages, mask, *, clip_eps: float =
     kl = kl_estimate(lp, jnp.where(valid, ref, 0.0), kl_estimator)
     per_token = per_token + beta * kl
     metrics["kl"] = _masked_mean(kl, m)
-  elif kl_estimator not in ("k1", "k3"):
-    raise ValueError(f"unknown kl_estimator {kl_estimator!r}; expected 'k1' or 'k3'")
+  else:
+    _check_kl_estimator(kl_estimator)
 
   loss = aggregate_tokens(per_token, m, aggregation, max_len=max_len,
                           num_tokens_total=num_tokens_total)
@@ -298,6 +331,26 @@ def preset(name: str) -> dict:
   if name not in LOSSES:
     raise ValueError(f"unknown GRPO loss preset {name!r}; known: {sorted(LOSSES)}")
   return dict(LOSSES[name])
+
+
+# The config.objective keys that override a preset: the advantage settings and every
+# keyword of policy_loss a config can set (the rest come from the batch or from beta).
+OVERRIDABLE = ADVANTAGE_KEYS + tuple(
+    k for k, p in inspect.signature(policy_loss).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and k not in ("max_len", "num_tokens_total", "ref_log_probs",
+                                              "beta"))
+
+
+def settings(o) -> dict:
+  """The objective block of a config -> the preset `o.loss` with the keys of OVERRIDABLE
+  that `o` sets (None, "", -1 mean unset) and beta: advantages() and policy_loss kwargs."""
+  kw = preset(o.loss)
+  for k in OVERRIDABLE:
+    v = o.get(k)
+    if v not in (None, "", -1, -1.0):
+      kw[k] = v
+  kw["beta"] = o.beta
+  return kw
 
 
 # --------------------------------------------------------------------------- DAPO helpers
@@ -411,3 +464,61 @@ def sft_loss(log_probs, mask) -> jax.Array:
   m = jnp.asarray(mask, jnp.float32)
   lp = jnp.where(m > 0, jnp.asarray(log_probs, jnp.float32), 0.0)
   return -_masked_mean(lp, m)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _check_grpo(config):
+  preset(config.objective.loss)  # an unknown name lists the known ones
+  if config.group_size < 2:
+    raise ValueError(f"config.group_size={config.group_size}: group-relative advantages need "
+                     f"at least 2 completions per prompt")
+
+
+def _prepare_grpo(config, kw, rollout, group_size, term_weights):
+  """Advantages per completion (of the summed reward, or each term normalised within its
+  group first) and the loss weights (0 for truncated completions with overlong_filter)."""
+  weight = np.ones(len(rollout["rewards"]), np.float32)
+  if config.objective.overlong_filter:
+    weight = np.asarray(overlong_filter_mask(rollout["truncated"]), np.float32)
+  if config.reward_aggregation == "normalize_then_sum":
+    adv, _ = aggregate(rollout["reward_terms"], term_weights, group_size, "normalize_then_sum")
+  else:
+    adv, _ = advantages(jnp.asarray(rollout["rewards"]), group_size, kw["advantage"],
+                        kw["scale_rewards"])
+  return {"loss_weight": weight, "advantages": np.asarray(adv, np.float32)}, {}
+
+
+def _grpo_loss(kw, log_probs, mask, batch):
+  return policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask,
+                     ref_log_probs=batch.get("ref_log_probs"),
+                     max_len=batch["completion"].shape[1],
+                     **{k: v for k, v in kw.items() if k not in ADVANTAGE_KEYS})
+
+
+def _prepare_raft(config, kw, rollout, group_size, term_weights):
+  """Weight 1 on the best `keep` completions of each group whose reward beats min_reward."""
+  o, rewards = config.objective, rollout["rewards"]
+  keep = np.asarray(raft_select(rewards, group_size, o.keep))
+  keep = keep[rewards[keep] > o.min_reward]  # a group's best can still be wrong
+  weight = np.zeros(len(rewards), np.float32)
+  weight[keep] = 1.0
+  return {"loss_weight": weight}, {
+      "kept_fraction": len(keep) / len(rewards),
+      "kept_reward_mean": float(rewards[keep].mean()) if len(keep) else 0.0}
+
+
+registry.register_lm(registry.LMObjective(
+    name="grpo", summary="clipped group-relative policy loss; objective.loss picks the variant "
+                         f"({', '.join(sorted(LOSSES))})",
+    settings=settings, check=_check_grpo, prepare=_prepare_grpo, loss=_grpo_loss,
+    uses_reference=lambda kw: kw["beta"] > 0,
+    dynamic_sampling=lambda config: bool(config.objective.dynamic_sampling),
+    label=lambda config: config.objective.loss))
+
+registry.register_lm(registry.LMObjective(
+    name="raft", summary="SFT on the best completions of each group (Dong et al. 2023)",
+    settings=lambda o: {}, prepare=_prepare_raft,
+    loss=lambda kw, log_probs, mask, batch: (sft_loss(log_probs, mask), {}),
+    label=lambda config: "sft"))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from rft.diffusion import training
+from rft.objectives import registry
+
 
 def select_top(rewards: np.ndarray, group_size: int, keep: int) -> np.ndarray:
   """Flat indices of the `keep` highest-reward samples of every group, best first.
@@ -24,3 +27,36 @@ def select_top(rewards: np.ndarray, group_size: int, keep: int) -> np.ndarray:
   groups = rewards.reshape(-1, group_size)
   order = np.argsort(-groups, axis=1, kind="stable")[:, :keep]
   return (order + np.arange(groups.shape[0])[:, None] * group_size).reshape(-1)
+
+
+# ------------------------------------------------------------------------ registration
+
+
+def _make_loss(config, pipe):
+  o = config.objective
+
+  def loss(params, b, key):
+    return training.eps_loss(pipe.eps_fn, params, b["images"], b["cond"], b["null_cond"], key,
+                             pipe.schedule, o.cond_dropout)
+
+  return loss
+
+
+def _prepare(config, ids, scores, step_values, stats):
+  del ids, step_values, stats
+  keep = select_top(scores, config.samples_per_prompt, config.objective.keep)
+  return {"keep": keep}, {"kept_reward_mean": float(scores[keep].mean())}
+
+
+def _check(config):
+  keep, B = config.objective.keep, config.samples_per_prompt
+  if not 1 <= keep <= B:
+    raise ValueError(f"config.objective.keep={keep} must be in [1, config.samples_per_prompt="
+                     f"{B}]")
+
+
+registry.register_diffusion(registry.DiffusionObjective(
+    name="raft", kind="select_sft",
+    summary="denoising loss on the best `keep` of each prompt's samples (Dong et al. 2023)",
+    make_loss=_make_loss, prepare=_prepare, check=_check,
+    rows_per_prompt=lambda c: (c.objective.keep, "config.objective.keep")))

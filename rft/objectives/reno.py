@@ -148,12 +148,14 @@ def ddim_generate(eps_fn, params: Any, x_T: jax.Array, cond: Any, null_cond: Any
                   clip_x0: Optional[float] = None, unroll=1) -> jax.Array:
   """Deterministic DDIM (eta 0) from x_T, differentiable in x_T: the final sample.
 
-  The same transitions as ``ddim.ddim_sample(..., eta=0.0, key=None).sample``, through
-  reward backprop's rollout (rft.objectives.backprop.truncated_rollout with K = T): no
-  log-probs (NaN at eta 0), each step rematerialised (``jax.checkpoint``).
+  The same transitions as ``sampling.rollout`` with ``DDIMSampler(schedule, eta=0.0)``
+  and no key, through the differentiable rollout (rft.diffusion.sampling.
+  truncated_rollout with K = T): no log-probs (NaN at eta 0), each step rematerialised
+  (``jax.checkpoint``).
   """
-  from rft.objectives import backprop
-  return backprop.truncated_rollout(eps_fn, params, x_T, cond, null_cond, jax.random.key(0),
-                                    schedule=schedule, num_steps=num_steps, eta=0.0,
-                                    guidance_scale=guidance_scale, clip_x0=clip_x0,
-                                    grad_steps=num_steps, unroll=unroll)
+  from rft.diffusion import ddim, sampling
+  sampler = ddim.DDIMSampler(schedule, eta=0.0, clip_x0=clip_x0)
+  return sampling.truncated_rollout(eps_fn, params, sampler, x_T, cond, null_cond,
+                                    jax.random.key(0), num_steps=num_steps,
+                                    guidance_scale=guidance_scale, grad_steps=num_steps,
+                                    unroll=unroll)

@@ -15,7 +15,7 @@ gets a reward ≈ 0 and contributes ≈ 0 noise.
 x0 prediction at x_t, recorded during the rollout (no extra denoiser call; one extra
 reward evaluation per step). On ShapesWorld's base model the correlation of b_t with the
 final reward rises from 0.26 at the first of 10 steps to 0.90 at the fifth and 1.00 at
-the last (10 x 512 rollouts with shared initial noise, `python -m rft.train.noise_scale
+the last (10 x 512 rollouts with shared initial noise, `python -m rft.tools.noise_scale
 --config=prdp --estimates 10 --prompts 64 --set share_initial_noise=true --set
 objective.step_baseline=x0_reward`), so the late steps' reward differences nearly vanish.
 
@@ -28,7 +28,7 @@ price of a bias, since b_{t+1} is not E[r | x_{t+1}] exactly. Objectives get it 
 effective baseline b'_t = r − A_t (`lambda_baselines`), a function of x_t and later.
 
 How the objectives use b [n, T]:
-* PRDP (rft.objectives.rdp, `step_baselines=`): the pair term's reward difference at
+* PRDP (rft.objectives.prdp, `step_baselines=`): the pair term's reward difference at
   step t becomes (r(a) − b_t(a)) − (r(b) − b_t(b)).
 * DDPO (`step_advantages`): A_{i,t} = A_i − (b_t(i) − mean of b_t over i's group) / s_i,
   with s_i the scale that normalised A_i (the prompt's reward std), so the baseline is

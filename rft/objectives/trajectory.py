@@ -4,7 +4,7 @@ PRDP, DDPO and every other objective that scores stored transitions need
 
     d loss / d theta = sum_t sum_i  (d loss / d lp[i, t]) * d lp[i, t] / d theta
 
-where lp[i, t] = log p_theta(x_{t-1} | x_t, c) of sample i at step t (ddim.ddim_step). The
+where lp[i, t] = log p_theta(x_{t-1} | x_t, c) of sample i at step t (the sampler's step). The
 naive way differentiates one program holding all T steps' activations, so memory grows
 with T. Here the gradient is accumulated one step at a time inside a `lax.scan`:
 
@@ -36,19 +36,20 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from rft.diffusion import ddim
-from rft.diffusion.schedules import Schedule
+from rft.diffusion import sampling
 
 
 @dataclasses.dataclass(frozen=True)
 class StepScorer:
-  """Scores stored transitions with the sampler's own per-step function (ratio exactly 1)."""
+  """Scores stored transitions with the sampler's own per-step function (ratio exactly 1).
 
-  eps_fn: Callable
-  schedule: Schedule
-  eta: float
+  model_fn(params, x, t, cond) -> model output; sampler: the rollout's sampler
+  (rft.diffusion.sampling) with its settings; guidance_scale: the rollout's CFG scale.
+  """
+
+  model_fn: Callable
+  sampler: Any
   guidance_scale: float
-  clip_x0: float | None
   reduce: str = "mean"  # per-step log-prob over latent dims: "mean" (DDPO) or "sum"
 
   def step(self, params, batch, j) -> jax.Array:
@@ -58,10 +59,9 @@ class StepScorer:
     x_prev = jnp.take(lat, j + 1, axis=1)
     t = jnp.take(batch["timesteps"], j)
     prev_t = jnp.take(batch["prev_timesteps"], j)
-    lp_mean, lp_sum = ddim.transition_log_prob(
-        self.eps_fn, params, x_t, x_prev, t, prev_t, batch["cond"], batch["null_cond"],
-        schedule=self.schedule, eta=self.eta, guidance_scale=self.guidance_scale,
-        clip_x0=self.clip_x0)
+    lp_mean, lp_sum = sampling.transition_log_prob(
+        self.model_fn, params, self.sampler, x_t, x_prev, t, prev_t, batch["cond"],
+        batch["null_cond"], guidance_scale=self.guidance_scale)
     return lp_mean if self.reduce == "mean" else lp_sum
 
   def all_steps(self, params, batch) -> jax.Array:

@@ -97,7 +97,7 @@ class Table:
 SEEN, UNSEEN = "train/alignment", "heldout/alignment"
 FAMILIES = ("single", "count", "and", "relation")
 
-# Variance levers every black-box row gets (measured with rft.train.noise_scale; README
+# Variance levers every black-box row gets (measured with rft.tools.noise_scale; README
 # "Reproducing the papers"): a group shares its initial noise, per-step x0_reward baselines.
 LEVERS = {"share_initial_noise": True}
 STEP_BASELINE = {"objective.step_baseline": "x0_reward"}

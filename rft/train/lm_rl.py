@@ -40,7 +40,7 @@ from rft import config as config_lib
 from rft.data import lm_tasks
 from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
-from rft.objectives import grpo
+from rft.objectives import grpo, registry
 from rft.rewards import base as rewards_lib
 from rft.train import arith_eval
 from rft.train.batching import group_rows, minibatches
@@ -85,38 +85,20 @@ def _island_bwd(lm_config, temperature, res, g):
 policy_log_probs.defvjp(_island_fwd, _island_bwd)
 
 
-def loss_settings(o) -> dict:
-  """The objective block of the config -> policy_loss kwargs (preset, then overrides)."""
-  kw = grpo.preset(o.loss)
-  for k in ("clip_eps", "clip_eps_high", "importance", "aggregation", "kl_estimator",
-            "advantage", "scale_rewards"):
-    v = o.get(k)
-    if v not in (None, "", -1, -1.0):
-      kw[k] = v
-  kw["beta"] = o.beta
-  return kw
-
-
 def make_update(lm_config, config, tx, placement: Placement | None = None, state=None):
-  """update(state, mb) -> (state, metrics) for the policy loss or RAFT's SFT.
+  """update(state, mb) -> (state, metrics) of the objective's loss (its registry record).
 
   With `placement` (and the placed `state` whose layout it fixes) the jit has explicit
   in / out shardings and donates the state; without, shardings follow the arguments.
   """
-  o = config.objective
+  obj = registry.lm(config.objective.name)
+  kw = obj.settings(config.objective)
   T = config.sampling.temperature
-  loss_kw = {k: v for k, v in loss_settings(o).items() if k not in grpo.ADVANTAGE_KEYS}
 
   def loss_fn(params, mb):
     lp, ent = policy_log_probs(lm_config, T, params, mb)
     mask = mb["completion_mask"] * mb["loss_weight"][:, None]
-    if o.name == "raft":
-      loss = grpo.sft_loss(lp, mask)
-      m = {}
-    else:
-      loss, m = grpo.policy_loss(lp, mb["old_log_probs"], mb["advantages"], mask,
-                                 ref_log_probs=mb.get("ref_log_probs"),
-                                 max_len=mb["completion"].shape[1], **loss_kw)
+    loss, m = obj.loss(kw, lp, mask, mb)
     denom = jnp.maximum(jnp.sum(mb["completion_mask"]), 1.0)
     m = dict(m, entropy=jnp.sum(jax.lax.stop_gradient(ent) * mb["completion_mask"]) / denom)
     return loss, m
@@ -188,24 +170,20 @@ def export_hf(workdir: str, lm_config, params, model_dir: str, meta: dict) -> st
 # ------------------------------------------------------------------------ the loop
 
 
-def validate(config):
+def validate(config) -> registry.LMObjective:
+  """The objective's record (an unknown name lists the registered ones), after its checks."""
   config_lib.check_required(config)
-  o = config.objective
-  if o.name not in ("grpo", "raft"):
-    raise ValueError(f"config.objective.name={o.name!r}; use 'grpo' (with objective.loss "
-                     f"naming the variant) or 'raft'")
-  if o.name == "grpo":
-    grpo.preset(o.loss)  # unknown names raise, listing the known ones
-  if config.group_size < 2 and o.name == "grpo":
-    raise ValueError(f"config.group_size={config.group_size}: group-relative advantages need "
-                     f"at least 2 completions per prompt")
+  obj = registry.lm(config.objective.name)
+  if obj.check is not None:
+    obj.check(config)
   if config.prompts_per_step % config.minibatches:
     raise ValueError(f"config.prompts_per_step={config.prompts_per_step} must be divisible by "
                      f"config.minibatches={config.minibatches} (whole groups per minibatch)")
+  return obj
 
 
 def train_and_evaluate(config, workdir: str):
-  validate(config)
+  obj = validate(config)
   o = config.objective
   t_start = time.time()
   # ---------------------------------------------------------------- task and base model
@@ -223,7 +201,7 @@ def train_and_evaluate(config, workdir: str):
                                top_k=config.sampling.top_k, top_p=config.sampling.top_p)
   # ---------------------------------------------------------------- reward
   reward = rewards_lib.build(config.reward)
-  kw = loss_settings(o) if o.name == "grpo" else {}
+  kw = obj.settings(o)
 
   terms = reward.terms or ((1.0, reward),)
   term_weights = np.asarray([w for w, _ in terms], np.float32)
@@ -246,9 +224,9 @@ def train_and_evaluate(config, workdir: str):
                       eps=config.get("adam_eps", 1e-8))
   # Created already sharded (config.sharding.trained; Adam moments follow the params).
   state = placement.create_state(lambda p: TrainState.create(p, tx), base_params)
-  ref_params = placement.put_frozen(base_params) if o.beta > 0 else None
-  logging.info("LM RL %s/%s: %d params, beta=%g (%s reference)", o.name, o.loss,
-               sum(x.size for x in jax.tree.leaves(base_params)), o.beta,
+  ref_params = placement.put_frozen(base_params) if obj.uses_reference(kw) else None
+  logging.info("LM RL %s %s: %d params, %s reference", o.name, obj.label(config),
+               sum(x.size for x in jax.tree.leaves(base_params)),
                "with" if ref_params is not None else "no")
 
   # ---------------------------------------------------------------- checkpoint / resume
@@ -293,7 +271,7 @@ def train_and_evaluate(config, workdir: str):
       b = rollout(params, ids, jax.random.fold_in(key, r))
       return b["rewards"], b
 
-    if not (o.name == "grpo" and o.dynamic_sampling):
+    if not obj.dynamic_sampling(config):
       return one_round(0)[1], {"sampling_rounds": 1.0}
     b, info = grpo.fill_batch(one_round, G, Q, o.max_rounds)
     return b, {"sampling_rounds": float(info["rounds"]),
@@ -318,7 +296,7 @@ def train_and_evaluate(config, workdir: str):
   if start == 0 and config.eval_every:
     history["0"] = evaluate(state.params, 0)
     logging.info("step 0 (base) eval: %s", history["0"])
-  bar = metrics.ProgressBar(config.steps, initial=start, desc=f"{o.name}:{o.loss}")
+  bar = metrics.ProgressBar(config.steps, initial=start, desc=f"{o.name}:{obj.label(config)}")
   t_loop = time.time()
   for step in range(start, config.steps):
     t0 = time.time()
@@ -336,34 +314,17 @@ def train_and_evaluate(config, workdir: str):
              truncated_fraction=float(b["truncated"].mean()))
     # (fewer rows than planned only with dynamic sampling: replicated if indivisible)
     host = {k: b[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask")}
-    weight = np.ones(len(rewards), np.float32)
-    if o.name == "grpo" and o.overlong_filter:
-      weight = np.asarray(grpo.overlong_filter_mask(b["truncated"]), np.float32)
-    if o.name == "raft":
-      keep = np.asarray(grpo.raft_select(rewards, G, o.keep))
-      keep = keep[rewards[keep] > o.min_reward]  # a group's best can still be wrong
-      weight = np.zeros(len(rewards), np.float32)
-      weight[keep] = 1.0
-      m["kept_fraction"] = len(keep) / len(rewards)
-      m["kept_reward_mean"] = float(rewards[keep].mean()) if len(keep) else 0.0
-    host["loss_weight"] = weight
-    if o.name == "grpo":
-      if config.reward_aggregation == "normalize_then_sum":  # each term within its group
-        adv, _ = grpo.aggregate(b["reward_terms"], weights_with_overlong, G,
-                                "normalize_then_sum")
-      else:
-        adv, _ = grpo.advantages(jnp.asarray(rewards), G, kw["advantage"],
-                                 kw["scale_rewards"])
-      host["advantages"] = np.asarray(adv, np.float32)
+    entries, m_prep = obj.prepare(config, kw, b, G, weights_with_overlong)  # loss_weight, ...
+    host.update(entries)
+    m.update(m_prep)
     batch = placement.batch(host, strict=False)
     old_lp, _ = log_probs_fn(state.params, batch)
     batch["old_log_probs"] = old_lp
     m["sampler_logprob_gap"] = float(np.max(np.abs(placement.gather(old_lp)
                                                    - b["sampler_log_probs"])
                                             * b["completion_mask"]))
-    if o.name == "grpo":
-      if ref_params is not None:
-        batch["ref_log_probs"], _ = log_probs_fn(ref_params, batch)
+    if ref_params is not None:
+      batch["ref_log_probs"], _ = log_probs_fn(ref_params, batch)
     # Fewer than Q groups only when dynamic sampling ran out of rounds (fill_batch then
     # returns what it kept); slicing Q groups would silently repeat rows (JAX clamps).
     num_groups = len(rewards) // G
@@ -406,7 +367,7 @@ def train_and_evaluate(config, workdir: str):
   ckpt.close()
   writer.flush()
   # ---------------------------------------------------------------- results and export
-  results = {"objective": o.name, "loss": o.loss if o.name == "grpo" else "sft",
+  results = {"objective": o.name, "loss": obj.label(config),
              "steps": config.steps, "completions_per_step": Q * G,
              "train_seconds_this_run": round(time.time() - t_loop, 1),
              "total_seconds_this_run": round(time.time() - t_start, 1), "history": history}

@@ -33,9 +33,10 @@ def base() -> config_dict.ConfigDict:
   c.reward = "shapes_alignment"
   # Per-reward factory options, e.g. {"hpsv2": {"weights_file": "...", "allow_pickle": True}}.
   c.reward_options = config_dict.ConfigDict()
-  # Rollout sampler: DDIM with eta > 0 (stochastic, log-probs defined), CFG scale.
+  # Rollout sampler (rft.diffusion.sampling registry): DDIM with eta > 0 (stochastic,
+  # log-probs defined), CFG scale, x0 clipping.
   c.sampler = config_dict.ConfigDict(
-      {"num_steps": 10, "eta": 1.0, "guidance_scale": 1.0, "clip_x0": 1.0})
+      {"name": "ddim", "num_steps": 10, "eta": 1.0, "guidance_scale": 1.0, "clip_x0": 1.0})
   # Samples of one prompt start from the same x_T (DanceGRPO): group rewards then differ
   # only through the step noise the log-probs score (trajectory objectives and RAFT).
   c.share_initial_noise = False

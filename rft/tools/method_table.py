@@ -1,8 +1,8 @@
 """Print the README's method table from finished runs' results.json files.
 
-  python -m rft.train.method_table workdirs/table/prdp workdirs/table/ddpo ...
+  python -m rft.tools.method_table workdirs/table/prdp workdirs/table/ddpo ...
 
-Online runs (rft.train.online) give base (epoch 0) and final evaluations; ReNO runs
+Online runs (rft.train.diffusion_rl) give base (epoch 0) and final evaluations; ReNO runs
 (rft.train.reno) give initial / best per split. Columns: reward, evaluator alignment on training and held-out prompts, reward queries,
 wall time. The reward column is the reward model's P(caption) averaged over the 256
 fixed training-split evaluation prompts (the default `shapes_alignment` reward).

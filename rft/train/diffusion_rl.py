@@ -1,21 +1,16 @@
-"""The one online loop for diffusion reward finetuning: PRDP, DDPO, DRaFT, AlignProp, RAFT.
+"""The diffusion reward-finetuning loop (trainer `diffusion_rl`): PRDP, DDPO, DRaFT,
+AlignProp, RAFT and any objective registered in rft.objectives.registry.
 
     prompts -> rollout(theta_old) -> reward -> prepare -> K x update(state, batch)
 
 Sections: world and base model -> reward and judge -> trainable params (full or LoRA)
--> objective (prepare + jitted update) -> checkpoint / resume -> evaluation -> loop.
-Prompts, noise and update keys are functions of (seed, epoch), and the checkpoint holds
-the train state (params, optimizer, step) and the per-prompt reward statistics, written
-at epoch ends where theta_old == theta, so a resumed run continues the same curve
-bit for bit.
-
-Objectives (config.objective.name):
-  prdp      rft.objectives.rdp       pair regression on implicit rewards, proximal clip
-  ddpo      rft.objectives.ddpo      PPO-clip (or score-function) surrogate, per-prompt stats
-  draft     rft.objectives.backprop  reward gradient through the last K steps (DRaFT-K)
-  draft_lv  rft.objectives.backprop  DRaFT-LV (n re-noised copies of the last step)
-  alignprop rft.objectives.backprop  randomised truncation K ~ U{k_min..T}
-  raft      rft.objectives.raft      eps loss on the top `keep` of `samples_per_prompt`
+-> objective (its record, prepare + jitted update of its kind) -> checkpoint / resume ->
+evaluation -> one epoch per kind -> loop. The loop dispatches on the objective's kind
+(trajectory, reward_backprop, select_sft) and the needs its record declares, never on
+its name. Prompts, noise and update keys are functions of (seed, epoch), and the
+checkpoint holds the train state (params, optimizer, step) and the objective's
+statistics (e.g. DDPO's per-prompt reward buffers), written at epoch ends where
+theta_old == theta, so a resumed run continues the same curve bit for bit.
 """
 from __future__ import annotations
 
@@ -35,10 +30,11 @@ from flax.core import unfreeze
 
 from rft import checkpoint, metrics
 from rft.placement import Placement
-from rft.diffusion import ddim, training
-from rft.diffusion.pipeline import SamplerConfig
+from rft.diffusion import sampling
+from rft.diffusion.sampling import SamplerConfig
 from rft.models import lora
-from rft.objectives import backprop, ddpo, raft, rdp, step_baselines, trajectory
+from rft.objectives import draft as draft_lib
+from rft.objectives import registry, step_baselines, trajectory
 from rft.rewards import base as rewards_lib
 from rft.train import diffusion_worlds
 from rft.train.batching import group_rows, minibatches
@@ -47,9 +43,6 @@ from rft.train.state import TrainState, make_optimizer
 # Per-epoch training metrics kept for results.json["curve"] (learning curves, stability).
 CURVE_KEYS = ("reward_mean", "kl_to_ref", "loss", "grad_norm", "clip_frac", "epoch_seconds")
 
-TRAJECTORY_OBJECTIVES = ("prdp", "ddpo")
-BACKPROP_OBJECTIVES = ("draft", "draft_lv", "alignprop")
-OBJECTIVES = TRAJECTORY_OBJECTIVES + BACKPROP_OBJECTIVES + ("raft",)
 
 
 # ------------------------------------------------------------------------ trainable params
@@ -119,86 +112,55 @@ def _jit(update, placement, state, base, num_args, **kw):
   return placement.jit_update(update, state, frozen=((1, base),), num_args=num_args, **kw)
 
 
-def make_trajectory_update(config, scorer: trajectory.StepScorer, materialize, tx,
-                           placement: Placement | None = None, state=None, base=None):
-  """update(state, base, batch, key, on_policy) for PRDP / DDPO on stored trajectories.
+def make_trajectory_update(config, scorer: trajectory.StepScorer, loss: registry.TrajectoryLoss,
+                           materialize, tx, placement: Placement | None = None, state=None,
+                           base=None):
+  """update(state, base, batch, key, on_policy) of a trajectory objective's loss on stored
+  trajectories (step-wise gradients, rft.objectives.trajectory).
 
   With `placement` (and the placed `state` and `base` whose layout it fixes) the jit has
   explicit in / out shardings; without, they are inferred from the arguments.
   """
   o = config.objective
-  B = config.samples_per_prompt
   unroll = trajectory.auto_unroll(config.unroll)
 
-  if o.name == "prdp":
-    def loss_from_lp(lp, b):
-      return rdp.rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"], group_size=B,
-                          beta=o.beta, clip_eps=o.clip_eps if o.clip_eps > 0 else None,
-                          reduce=o.reduce, drop_ties=o.drop_ties,
-                          step_baselines=b.get("step_baselines"))
-
-    def grads_fn(trainable, mat, b, key, on_policy):
-      return trajectory.coupled_grads(scorer, mat, trainable, b, loss_from_lp, key,
-                                      timestep_fraction=o.timestep_fraction,
-                                      log_probs=b["log_probs"] if on_policy else None,
-                                      skip_last=o.skip_last_steps, unroll=unroll)
-  else:
-    def step_loss(lp_j, j, b):
-      adv = b["advantages"]
-      if adv.ndim == 2:  # per-step advantages (a step baseline)
-        adv = jnp.take(adv, j, axis=1)
-      return ddpo.ddpo_step_loss(lp_j, jnp.take(b["log_probs"], j, axis=1), adv,
-                                 clip_range=o.clip_range, adv_clip_max=o.adv_clip_max,
-                                 importance_sampling=o.importance_sampling)
-
-    def grads_fn(trainable, mat, b, key, on_policy):
-      del on_policy
-      return trajectory.separable_grads(scorer, mat, trainable, b, step_loss, key,
+  def grads_fn(trainable, mat, b, key, on_policy):
+    if loss.per_step:
+      return trajectory.separable_grads(scorer, mat, trainable, b, loss.fn, key,
                                         timestep_fraction=o.timestep_fraction,
                                         skip_last=o.skip_last_steps, unroll=unroll)
+    return trajectory.coupled_grads(scorer, mat, trainable, b, loss.fn, key,
+                                    timestep_fraction=o.timestep_fraction,
+                                    log_probs=b["log_probs"] if on_policy else None,
+                                    skip_last=o.skip_last_steps, unroll=unroll)
 
   def update(state, base, b, key, on_policy):
     mat = lambda tr: materialize(tr, base)
-    loss, m, grads = grads_fn(state.params, mat, b, key, on_policy)
-    m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
+    value, m, grads = grads_fn(state.params, mat, b, key, on_policy)
+    m = dict(m, loss=value, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx, config.ema_decay), m
 
   return _jit(update, placement, state, base, 4, static_argnames=("on_policy",))
 
 
-def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, materialize, tx,
+def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, rollout, materialize, tx,
                          placement: Placement | None = None, state=None, base=None):
-  """update(state, base, b, key, reward_params) for DRaFT-K / DRaFT-LV / AlignProp: sample
-  with gradients, -reward. The reward's frozen weights come in as an argument.
+  """update(state, base, b, key, reward_params) of a reward_backprop objective: fresh x_T,
+  the objective's differentiable `rollout`, loss − mean reward. The reward's frozen
+  weights come in as an argument.
 
   Latents are decoded with the frozen base params (e.g. the VAE): gradients reach the
   trained params through the decoder, never the decoder's own params.
   """
-  o = config.objective
 
   def loss_fn(trainable, base, b, key, reward_params):
     params = materialize(trainable, base)
-    k_init, k_chain, k_trunc = jax.random.split(key, 3)
+    k_init, k_chain, k_extra = jax.random.split(key, 3)
     x_T = jax.random.normal(k_init, (b["tokens"].shape[0], *pipe.sample_shape), jnp.float32)
-    kw = dict(schedule=pipe.schedule, num_steps=sampler.num_steps, eta=sampler.eta,
-              guidance_scale=sampler.guidance_scale, clip_x0=sampler.clip_x0)
     decoded_reward = lambda latents, prompts: reward(pipe.images(base, latents), prompts,
                                                      reward_params)
-    if o.name == "draft_lv":
-      _, renoised = backprop.lv_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
-                                        k_chain, num_renoise=o.num_renoise, **kw)
-      return backprop.reward_loss(decoded_reward, renoised, b["prompts"])
-    kw["unroll"] = trajectory.auto_unroll(config.unroll)
-    if o.name == "alignprop":
-      k = jax.random.randint(k_trunc, (), o.min_grad_steps, sampler.num_steps + 1)
-      m_extra = {"grad_steps": k.astype(jnp.float32)}
-      x0 = backprop.truncated_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
-                                      k_chain, grad_steps=k, random_truncation=True, **kw)
-    else:
-      m_extra = {"grad_steps": jnp.float32(o.grad_steps)}
-      x0 = backprop.truncated_rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"],
-                                      k_chain, grad_steps=o.grad_steps, **kw)
-    loss, m = backprop.reward_loss(decoded_reward, x0, b["prompts"])
+    x, m_extra = rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"], k_chain, k_extra)
+    loss, m = draft_lib.reward_loss(decoded_reward, x, b["prompts"])
     return loss, dict(m, **m_extra)
 
   def update(state, base, b, key, reward_params):
@@ -210,20 +172,26 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, materiali
   return _jit(update, placement, state, base, 5)
 
 
-def make_raft_update(config, pipe, materialize, tx, placement: Placement | None = None,
-                     state=None, base=None):
-  o = config.objective
+def make_sft_update(config, loss, materialize, tx, placement: Placement | None = None,
+                    state=None, base=None):
+  """update(state, base, b, key) of a select_sft objective's supervised `loss`."""
 
   def update(state, base, b, key):
     def loss_fn(trainable):
-      return training.eps_loss(pipe.eps_fn, materialize(trainable, base), b["images"], b["cond"],
-                               b["null_cond"], key, pipe.schedule, o.cond_dropout)
+      return loss(materialize(trainable, base), b, key)
 
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
+    (value, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    m = dict(m, loss=value, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads, tx, config.ema_decay), m
 
   return _jit(update, placement, state, base, 4)
+
+
+def sampler_kwargs(pipe, sampler: SamplerConfig) -> dict:
+  """The rollout settings a reward_backprop objective's differentiable rollout takes
+  (the keywords of rft.diffusion.sampling.truncated_rollout besides the truncation)."""
+  return dict(sampler=sampler.build(pipe.schedule), num_steps=sampler.num_steps,
+              guidance_scale=sampler.guidance_scale)
 
 
 # ------------------------------------------------------------------------ helpers
@@ -264,51 +232,64 @@ def _take(placement: Placement, batch: dict, idx: np.ndarray, per_sample: tuple)
   return {k: taken.get(k, v) for k, v in batch.items()}
 
 
+def rows_per_prompt(config, obj: registry.DiffusionObjective) -> tuple[int, str]:
+  """Rows each prompt adds to an update batch, and the config key(s) they come from."""
+  if obj.rows_per_prompt is not None:
+    return obj.rows_per_prompt(config)
+  if obj.kind == "reward_backprop":
+    return 1, ""
+  return config.samples_per_prompt, "config.samples_per_prompt"
+
+
 def check_rows(config, placement: Placement) -> None:
   """Every batch the loop builds splits evenly over the mesh's data-parallel devices."""
-  o, B = config.objective, config.samples_per_prompt
-  if o.name in BACKPROP_OBJECTIVES:
-    placement.check_rows(config.prompts_per_update, "config.prompts_per_update")
-  elif o.name == "raft":
-    placement.check_rows(config.prompts_per_update * o.keep,
-                         "config.prompts_per_update * config.objective.keep")
-  else:
-    placement.check_rows(config.prompts_per_update * B,
-                         "config.prompts_per_update * config.samples_per_prompt")
-  if o.name not in BACKPROP_OBJECTIVES:
-    placement.check_rows(config.prompts_per_epoch * B,
+  obj = registry.diffusion(config.objective.name)
+  rows, key = rows_per_prompt(config, obj)
+  placement.check_rows(config.prompts_per_update * rows,
+                       "config.prompts_per_update" + (f" * {key}" if key else ""))
+  if obj.kind != "reward_backprop":
+    placement.check_rows(config.prompts_per_epoch * config.samples_per_prompt,
                          "config.prompts_per_epoch * config.samples_per_prompt")
 
 
-def validate(config):
+def validate(config) -> registry.DiffusionObjective:
+  """The objective's record, after the checks of its kind, its needs and its own."""
   o = config.objective
-  if o.name not in OBJECTIVES:
-    raise ValueError(f"config.objective.name={o.name!r}; known: {list(OBJECTIVES)}")
+  obj = registry.diffusion(o.name)  # an unknown name lists the registered ones
+  if config.sampler.get("name", "ddim") not in sampling.SAMPLERS:
+    raise ValueError(f"config.sampler.name={config.sampler.name!r} is not a registered "
+                     f"sampler; known: {sorted(sampling.SAMPLERS)}")
   if config.prompts_per_epoch % config.prompts_per_update:
     raise ValueError(f"config.prompts_per_epoch={config.prompts_per_epoch} must be a multiple "
                      f"of config.prompts_per_update={config.prompts_per_update}")
-  if o.name == "prdp" and config.samples_per_prompt < 2:
-    raise ValueError("PRDP needs config.samples_per_prompt >= 2 (pairs of the same prompt)")
-  if o.name in TRAJECTORY_OBJECTIVES:
+  if obj.needs_groups and config.samples_per_prompt < 2:
+    raise ValueError(f"{o.name} needs config.samples_per_prompt >= 2 (pairs or groups of the "
+                     f"same prompt), got {config.samples_per_prompt}")
+  if obj.kind == "trajectory":
     step_baselines.check_kind(o.get("step_baseline", "none"))
   elif o.get("step_baseline", "none") != "none":
     raise ValueError(f"config.objective.step_baseline={o.step_baseline!r}: per-step baselines "
-                     f"apply to {list(TRAJECTORY_OBJECTIVES)}, not {o.name!r}")
-  if config.get("share_initial_noise") and (o.name in BACKPROP_OBJECTIVES
+                     f"apply to trajectory objectives "
+                     f"({[n for n in registry.diffusion_names() if registry.diffusion(n).kind == 'trajectory']}), "
+                     f"not {o.name!r}")
+  if config.get("share_initial_noise") and (obj.kind == "reward_backprop"
                                             or config.samples_per_prompt < 2):
     raise ValueError("config.share_initial_noise=True needs groups: several samples per prompt "
                      f"(config.samples_per_prompt={config.samples_per_prompt}, objective "
                      f"{o.name!r})")
-  if o.name in TRAJECTORY_OBJECTIVES and config.sampler.eta <= 0:
+  if obj.kind == "trajectory" and config.sampler.eta <= 0:
     raise ValueError(f"{o.name} needs a stochastic sampler: config.sampler.eta must be > 0 "
                      f"(log-probs are undefined at eta=0), got {config.sampler.eta}")
+  if obj.check is not None:
+    obj.check(config)
+  return obj
 
 
 # ------------------------------------------------------------------------ main
 
 
 def train_and_evaluate(config, workdir: str):
-  validate(config)
+  obj = validate(config)
   o = config.objective
   t_start = time.time()
   # ---------------------------------------------------------------- world and base model
@@ -317,13 +298,13 @@ def train_and_evaluate(config, workdir: str):
   world = diffusion_worlds.build(config, workdir)
   pipe, tokens_all = world.pipe, world.tokens
   base_params = placement.put_frozen(world.base_params)
-  schedule = pipe.schedule
   sampler = SamplerConfig(**dict(config.sampler))
+  step_sampler = sampler.build(pipe.schedule)  # the registered sampler (config.sampler.name)
   B = config.samples_per_prompt
   # ---------------------------------------------------------------- reward
   reward = rewards_lib.build(config.reward, options=config.get("reward_options"),
                              **world.reward_kwargs)
-  if o.name in BACKPROP_OBJECTIVES and not reward.differentiable:
+  if obj.differentiable_reward and not reward.differentiable:
     raise ValueError(f"{o.name} backpropagates through the reward, but config.reward "
                      f"{config.reward!r} is not differentiable")
   reward_params = placement.put_reward(reward.params)
@@ -353,15 +334,15 @@ def train_and_evaluate(config, workdir: str):
   state = placement.create_state(
       lambda p: TrainState.create(p, tx, ema=config.ema_decay > 0), trainable)
   del trainable
-  tracker = None
-  if o.name == "ddpo" and o.per_prompt_stats:
-    tracker = ddpo.PerPromptStatTracker(len(world.texts), o.buffer_size, o.min_count)
+  # The objective's host-side statistics (e.g. DDPO's per-prompt reward buffers), kept
+  # in the checkpoint.
+  stats = obj.make_stats(config, len(world.texts)) if obj.make_stats else None
   logging.info("objective %s, finetune %s: %d trainable params", o.name, config.finetune.mode,
                sum(x.size for x in jax.tree.leaves(state.params)))
 
   # ---------------------------------------------------------------- checkpoint / resume
   def ckpt_tree(st):
-    return {"state": st, "tracker": tracker.state() if tracker else {}}
+    return {"state": st, "tracker": stats.state() if stats else {}}
 
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
   # history: evaluations by epoch; curve: per-epoch training metrics; seconds_before: wall
@@ -370,8 +351,8 @@ def train_and_evaluate(config, workdir: str):
   if ckpt.latest_step() is not None:
     restored, ck_meta = ckpt.restore(ckpt_tree(state))
     state = restored["state"]
-    if tracker:
-      tracker.load_state(restored["tracker"])
+    if stats:
+      stats.load_state(restored["tracker"])
     start_epoch = ckpt.latest_step()
     ck_meta = ck_meta or {}
     history, curve = ck_meta.get("history", {}), ck_meta.get("curve", {})
@@ -390,25 +371,25 @@ def train_and_evaluate(config, workdir: str):
 
   @jax.jit
   def ref_log_probs(base, traj, cond, null):
-    return ddim.trajectory_log_probs(pipe.eps_fn, base, traj, cond, null,
-                                     schedule=schedule, eta=sampler.eta,
-                                     guidance_scale=sampler.guidance_scale,
-                                     clip_x0=sampler.clip_x0)
+    return sampling.trajectory_log_probs(pipe.eps_fn, base, step_sampler, traj, cond, null,
+                                         guidance_scale=sampler.guidance_scale)
 
   @jax.jit
   def conditions(base, tokens):
     return pipe.conditions(base, tokens)  # the text encoder is frozen
 
-  if o.name in TRAJECTORY_OBJECTIVES:
-    scorer = trajectory.StepScorer(pipe.eps_fn, schedule, sampler.eta, sampler.guidance_scale,
-                                   sampler.clip_x0, reduce="mean")
-    update = make_trajectory_update(config, scorer, materialize, tx, placement, state,
-                                    base_params)
-  elif o.name in BACKPROP_OBJECTIVES:
-    update = make_backprop_update(config, pipe, sampler, reward, materialize, tx, placement,
-                                  state, base_params)
+  if obj.kind == "trajectory":
+    scorer = trajectory.StepScorer(pipe.eps_fn, step_sampler, sampler.guidance_scale,
+                                   reduce="mean")
+    update = make_trajectory_update(config, scorer, obj.make_loss(config), materialize, tx,
+                                    placement, state, base_params)
+  elif obj.kind == "reward_backprop":
+    update = make_backprop_update(config, pipe, sampler, reward,
+                                  obj.make_loss(config, sampler_kwargs(pipe, sampler)),
+                                  materialize, tx, placement, state, base_params)
   else:
-    update = make_raft_update(config, pipe, materialize, tx, placement, state, base_params)
+    update = make_sft_update(config, obj.make_loss(config, pipe), materialize, tx, placement,
+                             state, base_params)
 
   # ---------------------------------------------------------------- evaluation
   writer = metrics.create_writer(workdir)
@@ -478,23 +459,17 @@ def train_and_evaluate(config, workdir: str):
       m["baseline_corr_first_step"] = float(corr[0])
       m["baseline_corr_mid_step"] = float(corr[len(corr) // 2])
       values = step_baselines.lambda_baselines(scores, values, o.get("baseline_lambda", 1.0))
-    if o.name == "prdp" or config.kl_metric:
+    if obj.needs_ref_log_probs or config.kl_metric:
       ref = ref_log_probs(base_params, traj, cond, null)
       batch["ref_log_probs"] = ref
       # On the host: op-by-op math on multi-device arrays is what can stall XLA:CPU's
       # collectives (rft.parallel.split_cpu).
       m["kl_to_ref"] = float(np.mean(np.sum(placement.gather(traj.log_probs)
                                             - placement.gather(ref), axis=1)))
-    if o.name == "prdp" and values is not None:
-      batch["step_baselines"] = placement.batch(values)
-    if o.name == "ddpo":
-      adv, scale = (tracker.update(ids, scores, with_scale=True) if tracker
-                    else ddpo.batch_advantages(scores, with_scale=True))
-      if values is not None:
-        adv = step_baselines.step_advantages(adv, scale, values, B)
-      batch["advantages"] = placement.batch(np.asarray(adv, np.float32))
-    per_sample = ("latents", "log_probs", "rewards", "ref_log_probs", "advantages", "cond",
-                  "step_baselines")
+    entries, m_prep = obj.prepare(config, ids, scores, values, stats)  # on the host
+    m.update(m_prep)
+    batch.update({k: placement.batch(np.asarray(v)) for k, v in entries.items()})
+    per_sample = ("latents", "log_probs", "rewards", "ref_log_probs", "cond") + tuple(entries)
     groups = np.random.default_rng([config.seed, epoch, 1]).permutation(config.prompts_per_epoch)
     ms = []
     for k, g in enumerate(minibatches(groups, config.prompts_per_update,
@@ -505,15 +480,16 @@ def train_and_evaluate(config, workdir: str):
       ms.append(um)
     return state, m, ms
 
-  def raft_epoch(state, epoch, ids, k_epoch):
+  def select_sft_epoch(state, epoch, ids, k_epoch):
     traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch)
-    keep = raft.select_top(scores, B, o.keep)
-    m["kept_reward_mean"] = float(scores[keep].mean())
+    entries, m_prep = obj.prepare(config, ids, scores, None, stats)
+    m.update(m_prep)
+    keep = np.asarray(entries["keep"])
     kept = dict(placement.take_rows({"images": traj.sample, "cond": cond}, keep),
                 null_cond=null)
     order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(keep))
     ms = []
-    for k, sel in enumerate(minibatches(order, config.prompts_per_update * o.keep,
+    for k, sel in enumerate(minibatches(order, config.prompts_per_update * rows_per_update,
                                         config.updates_per_epoch)):
       b = _take(placement, kept, sel, ("images", "cond"))
       state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
@@ -534,8 +510,9 @@ def train_and_evaluate(config, workdir: str):
     # Reward of the samples each update drew (one device sync per epoch, not per update).
     return state, {"reward_mean": float(np.mean([u["reward"] for u in jax.device_get(ms)]))}, ms
 
-  epoch_fn = (trajectory_epoch if o.name in TRAJECTORY_OBJECTIVES else
-              backprop_epoch if o.name in BACKPROP_OBJECTIVES else raft_epoch)
+  epoch_fn = {"trajectory": trajectory_epoch, "reward_backprop": backprop_epoch,
+              "select_sft": select_sft_epoch}[obj.kind]
+  rows_per_update = rows_per_prompt(config, obj)[0]
 
   # ---------------------------------------------------------------- loop
   if start_epoch == 0:
@@ -545,16 +522,17 @@ def train_and_evaluate(config, workdir: str):
       logging.info("epoch 0 (base) eval: %s", history["0"])
   bar = metrics.ProgressBar(config.epochs, initial=start_epoch, desc=o.name)
   # Reward backprop samples one image for each of its fresh prompts inside every update.
-  prompts_per_epoch = (config.prompts_per_update * config.updates_per_epoch
-                       if o.name in BACKPROP_OBJECTIVES else config.prompts_per_epoch)
-  samples_per_epoch = prompts_per_epoch * (1 if o.name in BACKPROP_OBJECTIVES else B)
+  backprop = obj.kind == "reward_backprop"
+  prompts_per_epoch = (config.prompts_per_update * config.updates_per_epoch if backprop
+                       else config.prompts_per_epoch)
+  samples_per_epoch = prompts_per_epoch * (1 if backprop else B)
   t_loop = time.time()
   for epoch in range(start_epoch, config.epochs):
     t0 = time.time()
     k_epoch = jax.random.fold_in(key, epoch)
     rng = np.random.default_rng([config.seed, epoch])
     ids = world.sample_prompt_ids(rng, prompts_per_epoch, "train")
-    if o.name not in BACKPROP_OBJECTIVES:
+    if not backprop:
       ids = np.repeat(ids, B)
     state, m, ums = epoch_fn(state, epoch, ids, k_epoch)
     ums = jax.device_get(ums)

@@ -39,6 +39,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rft.objectives import registry
+
 
 def pair_mask(rewards: jax.Array, drop_ties: bool = False) -> jax.Array:
   """[G, B, B] bool: the pairs i < j within each group (and r_i != r_j if drop_ties)."""
@@ -120,3 +122,39 @@ def rdp_loss(log_probs: jax.Array, old_log_probs: jax.Array, ref_log_probs: jax.
       "log_ratio_to_old": jnp.mean(lp - old),
   }
   return loss, metrics
+
+
+# ------------------------------------------------------------------------ registration
+
+
+def _make_loss(config) -> registry.TrajectoryLoss:
+  o, B = config.objective, config.samples_per_prompt
+
+  def loss(lp, b):
+    return rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"], group_size=B,
+                    beta=o.beta, clip_eps=o.clip_eps if o.clip_eps > 0 else None,
+                    reduce=o.reduce, drop_ties=o.drop_ties,
+                    step_baselines=b.get("step_baselines"))
+
+  return registry.TrajectoryLoss(per_step=False, fn=loss)
+
+
+def _prepare(config, ids, scores, step_values, stats):
+  del config, ids, scores, stats
+  return ({} if step_values is None else {"step_baselines": step_values}), {}
+
+
+def _check(config):
+  o = config.objective
+  if o.reduce not in ("sum", "mean"):
+    raise ValueError(f"config.objective.reduce={o.reduce!r}; use 'sum' or 'mean'")
+  if o.beta <= 0:
+    raise ValueError(f"config.objective.beta={o.beta}: PRDP's targets are (r(a) - r(b)) / "
+                     f"beta, so beta must be > 0")
+
+
+registry.register_diffusion(registry.DiffusionObjective(
+    name="prdp", kind="trajectory",
+    summary="pair regression of implicit reward differences, proximal clip (Deng et al. 2024)",
+    make_loss=_make_loss, prepare=_prepare, check=_check,
+    needs_ref_log_probs=True, needs_groups=True))

@@ -18,11 +18,11 @@ The "Adam-like" column first divides every coordinate by its rms over the m esti
 Adam moves every coordinate by about lr, so what matters for it is the per-coordinate
 signal, not the few large coordinates that dominate the raw norm.
 
-The gradient is PRDP's (`rft.objectives.rdp`, the config's β, B samples per prompt) at
+The gradient is PRDP's (`rft.objectives.prdp`, the config's β, B samples per prompt) at
 the config's base model, on fresh rollouts, one transition at a time, so any range of
 steps can be summed afterwards (e.g. what `skip_last_steps` leaves):
 
-    python -m rft.train.noise_scale --config=prdp --estimates 8 --prompts 128
+    python -m rft.tools.noise_scale --config=prdp --estimates 8 --prompts 128
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rft import config as config_lib
 from rft import parallel
-from rft.diffusion.pipeline import SamplerConfig
-from rft.objectives import rdp, step_baselines, trajectory
+from rft.diffusion.sampling import SamplerConfig
+from rft.objectives import prdp, step_baselines, trajectory
 from rft.rewards import base as rewards_lib
 
 
@@ -98,7 +98,7 @@ def step_gradients(config, num_estimates: int, prompts: int, seed: int = 0,
   the config's sampler (fresh noise), scores them with config.reward and takes
   d loss / d params of each transition separately (their sum is the full gradient).
   """
-  from rft.train import diffusion_worlds, online
+  from rft.train import diffusion_rl, diffusion_worlds
   o = config.objective
   if o.name != "prdp":
     raise ValueError(f"noise_scale measures PRDP's gradient; config.objective.name={o.name!r}")
@@ -111,10 +111,10 @@ def step_gradients(config, num_estimates: int, prompts: int, seed: int = 0,
                              **world.reward_kwargs)
   if reward.host:
     raise ValueError(f"noise_scale needs a jitted reward, got {config.reward!r}")
-  mask = jax.tree.leaves(online.trainable_mask(params, config.finetune.trainable))
+  mask = jax.tree.leaves(diffusion_rl.trainable_mask(params, config.finetune.trainable))
   B = config.samples_per_prompt
-  scorer = trajectory.StepScorer(pipe.eps_fn, pipe.schedule, sampler.eta,
-                                 sampler.guidance_scale, sampler.clip_x0, reduce="mean")
+  scorer = trajectory.StepScorer(pipe.eps_fn, sampler.build(pipe.schedule),
+                                 sampler.guidance_scale, reduce="mean")
 
   with_values = o.get("step_baseline", "none") != "none"
   share = B if config.get("share_initial_noise") else 1
@@ -134,7 +134,7 @@ def step_gradients(config, num_estimates: int, prompts: int, seed: int = 0,
       values = lambda_baselines_jnp(r, values, o.get("baseline_lambda", 1.0))
 
     def loss(lp_):
-      return rdp.rdp_loss(lp_, lp, lp, r, group_size=B, beta=o.beta, clip_eps=None,
+      return prdp.rdp_loss(lp_, lp, lp, r, group_size=B, beta=o.beta, clip_eps=None,
                           reduce=o.reduce, drop_ties=o.drop_ties, step_baselines=values)[0]
 
     batch = {"latents": traj.latents, "timesteps": traj.timesteps,
