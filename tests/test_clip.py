@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from rft.models import clip as mclip  # noqa: E402
+from rft.models import open_clip as moc  # noqa: E402
 from rft.weights import clip as wclip  # noqa: E402
 from rft.weights import io  # noqa: E402
 from tests.helpers import import_open_clip  # noqa: E402
@@ -342,7 +343,7 @@ def test_open_clip_matches_reference(open_clip_models, name):
   ref_model, path = open_clip_models[name]
   cfg = _OPEN_CLIP[name]
   model, params = wclip.load_open_clip(path, cfg, allow_pickle=path.endswith(".pt"))
-  assert model.config == mclip.OpenCLIPConfig.from_open_clip(cfg)
+  assert model.config == moc.OpenCLIPConfig.from_open_clip(cfg)
   images = _images(2, cfg["vision_cfg"]["image_size"], seed=5)
   ids = _open_clip_text(name)
   with torch.no_grad():
@@ -366,14 +367,14 @@ def test_open_clip_builtin_configs_match_open_clip():
   open_clip = import_open_clip()
   for name in ("ViT-H-14", "ViT-L-14"):
     cfg = open_clip.get_model_config(name)
-    ours = mclip.OpenCLIPConfig.named(name)
-    assert ours == mclip.OpenCLIPConfig.from_open_clip(cfg)
+    ours = moc.OpenCLIPConfig.named(name)
+    assert ours == moc.OpenCLIPConfig.from_open_clip(cfg)
     with torch.device("meta"):
       ref = open_clip.CLIP(**cfg)
     state = {k: np.lib.stride_tricks.as_strided(np.zeros((), np.float32), tuple(v.shape),
                                                  [0] * v.dim())
              for k, v in ref.state_dict().items()}
-    model = mclip.OpenCLIPModel(ours)
+    model = moc.OpenCLIPModel(ours)
     c = ours.vision
     expected = io.eval_shapes(lambda: model.init(  # noqa: B023
         jax.random.PRNGKey(0), jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32),
@@ -388,7 +389,7 @@ def test_open_clip_builtin_configs_match_open_clip():
       mapped[path] = k
       assert wclip.path_to_torch_key(path) == k
     assert set(mapped) == set(expected)
-  h = mclip.OPEN_CLIP_CONFIGS["ViT-H-14"]
+  h = moc.OPEN_CLIP_CONFIGS["ViT-H-14"]
   assert (h.embed_dim, h.vision.width, h.vision.layers, h.vision.heads, h.vision.patch_size,
           h.text.width, h.text.layers, h.text.heads, h.quick_gelu) == (
               1024, 1280, 32, 16, 14, 1024, 24, 16, False)
@@ -482,7 +483,7 @@ def test_loader_errors(hf_text, hf_vision, open_clip_models, tmp_path):
                                                  context_length=13))
     wclip.load_open_clip(st, cfg_h)
   with pytest.raises(ValueError, match=r"attentional_pool=True"):
-    mclip.OpenCLIPConfig.from_open_clip(
+    moc.OpenCLIPConfig.from_open_clip(
         dict(_OPEN_CLIP["h"], vision_cfg=dict(_OPEN_CLIP["h"]["vision_cfg"],
                                               attentional_pool=True)))
   with pytest.raises(ValueError, match=r"unknown open_clip model 'ViT-X'"):

@@ -17,7 +17,7 @@ Both formats are the same pre-LN ViT / causal text transformer (Radford et al. 2
   position embedding, ``pre_layrnorm``, encoder, ``post_layernorm`` on the class token.
 * :class:`CLIPModel` / :class:`CLIPVisionModelWithProjection` add bias-free
   ``text_projection`` / ``visual_projection`` and ``logit_scale`` (stored as its log).
-* :class:`OpenCLIPModel` (:mod:`rft.models.open_clip`, re-exported here) is
+* :class:`OpenCLIPModel` (in :mod:`rft.models.open_clip`, which builds on this module) is
   ``open_clip.CLIP`` (ViT towers): fused ``in_proj`` q/k/v,
   ``proj`` / ``text_projection`` matrices (``x @ proj``), optional LayerScale, text
   pooled at ``argmax(ids)``; built-in configs for ViT-H-14 (HPSv2) and ViT-L-14.
@@ -48,11 +48,6 @@ __all__ = [
     "CLIPVisionModel",
     "CLIPModel",
     "CLIPVisionModelWithProjection",
-    "OpenCLIPVisionConfig",
-    "OpenCLIPTextConfig",
-    "OpenCLIPConfig",
-    "OpenCLIPModel",
-    "OPEN_CLIP_CONFIGS",
     "prompt_embeds",
 ]
 
@@ -509,8 +504,3 @@ class CLIPModel(nn.Module):
     logits = jnp.exp(self.logit_scale) * i @ t.T
     return dict(text_embeds=t, image_embeds=i, logits_per_image=logits,
                 logits_per_text=logits.T)
-
-
-# OpenCLIP's format lives in rft/models/open_clip.py; re-exported here.
-from rft.models.open_clip import (  # noqa: E402  pylint: disable=wrong-import-position
-    OPEN_CLIP_CONFIGS, OpenCLIPConfig, OpenCLIPModel, OpenCLIPTextConfig, OpenCLIPVisionConfig)

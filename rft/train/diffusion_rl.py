@@ -15,7 +15,6 @@ theta_old == theta, so a resumed run continues the same curve bit for bit.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import time
@@ -36,7 +35,7 @@ from rft.models import lora
 from rft.objectives import draft as draft_lib
 from rft.objectives import registry, step_baselines, trajectory
 from rft.rewards import base as rewards_lib
-from rft.train import diffusion_worlds
+from rft.train import diffusion_worlds, loop
 from rft.train.batching import group_rows, minibatches
 from rft.train.state import TrainState, make_optimizer
 
@@ -347,17 +346,12 @@ def train_and_evaluate(config, workdir: str):
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
   # history: evaluations by epoch; curve: per-epoch training metrics; seconds_before: wall
   # time of earlier runs of this workdir (all three kept in the checkpoint's metadata).
-  start_epoch, history, curve, seconds_before = 0, {}, {}, 0.0
-  if ckpt.latest_step() is not None:
-    restored, ck_meta = ckpt.restore(ckpt_tree(state))
-    state = restored["state"]
-    if stats:
-      stats.load_state(restored["tracker"])
-    start_epoch = ckpt.latest_step()
-    ck_meta = ck_meta or {}
-    history, curve = ck_meta.get("history", {}), ck_meta.get("curve", {})
-    seconds_before = float(ck_meta.get("seconds", 0.0))
-    logging.info("resumed %s at epoch %d", workdir, start_epoch)
+  start_epoch, restored, ck_meta = loop.resume(ckpt, ckpt_tree(state), workdir, "epoch")
+  state = restored["state"]
+  if stats and start_epoch:
+    stats.load_state(restored["tracker"])
+  history, curve = ck_meta.get("history", {}), ck_meta.get("curve", {})
+  seconds_before = float(ck_meta.get("seconds", 0.0))
 
   # ---------------------------------------------------------------- rollout and updates
   step_baseline = o.get("step_baseline", "none")
@@ -535,24 +529,19 @@ def train_and_evaluate(config, workdir: str):
     if not backprop:
       ids = np.repeat(ids, B)
     state, m, ums = epoch_fn(state, epoch, ids, k_epoch)
-    ums = jax.device_get(ums)
-    for name in ums[0]:
-      m[name] = float(np.mean([u[name] for u in ums]))
-    if not np.isfinite(m["loss"]):
-      raise FloatingPointError(
-          f"{o.name} loss is {m['loss']} at epoch {epoch + 1}; nothing saved for this epoch; "
-          f"last good checkpoint: epoch {ckpt.latest_step()} in {workdir}/checkpoints")
+    m.update(loop.mean_metrics(ums))
     done = epoch + 1
+    loop.check_finite(m["loss"], f"{o.name} loss at epoch {done}", ckpt, workdir, "epoch")
     m["reward_queries"] = done * samples_per_epoch
     m["epoch_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     curve[str(done)] = {k: m[k] for k in CURVE_KEYS if k in m}
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
-    if config.eval_every and (done % config.eval_every == 0 or done == config.epochs):
+    if loop.due(done, config.eval_every, config.epochs):
       history[str(done)] = evaluate(eval_params(state), done)
       history[str(done)]["train/reward_mean_epoch"] = m["reward_mean"]
       logging.info("epoch %d eval: %s", done, history[str(done)])
-    if done % config.ckpt_every == 0 or done == config.epochs:
+    if loop.due(done, config.ckpt_every, config.epochs) or done == config.epochs:
       ckpt.save(done, ckpt_tree(state), metadata={
           "history": history, "curve": curve, "seconds": seconds_before + time.time() - t_start})
   bar.close()
@@ -567,8 +556,7 @@ def train_and_evaluate(config, workdir: str):
              "samples_per_epoch": samples_per_epoch,
              "history": history, "curve": curve}
   final = placement.gather(materialize(eval_params(state), base_params))  # all processes
+  loop.write_results(workdir, results)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
     world.export(final, workdir, o.name, results)
   return results

@@ -42,7 +42,7 @@ from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
 from rft.objectives import grpo, registry
 from rft.rewards import base as rewards_lib
-from rft.train import arith_eval
+from rft.train import arith_eval, loop
 from rft.train.batching import group_rows, minibatches
 from rft.train.pretrain_lm import load_or_pretrain_arith
 from rft.train.state import TrainState, make_optimizer
@@ -231,12 +231,8 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- checkpoint / resume
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
-  start, history = 0, {}
-  if ckpt.latest_step() is not None:
-    state, ck_meta = ckpt.restore(state)
-    start = ckpt.latest_step()
-    history = (ck_meta or {}).get("history", {})
-    logging.info("resumed %s at step %d", workdir, start)
+  start, state, ck_meta = loop.resume(ckpt, state, workdir)
+  history = ck_meta.get("history", {})
 
   # ---------------------------------------------------------------- log-probs and updates
   update = make_update(lm_config, config, tx, placement, state)
@@ -341,15 +337,10 @@ def train_and_evaluate(config, workdir: str):
       logging.warning("step %d: every sampled group's rewards agree after %d rounds; no "
                       "update", step + 1, o.max_rounds)
       ums = [{"loss": 0.0}]
-    ums = jax.device_get(ums)
-    for name in ums[0]:
-      m[name] = float(np.mean([u[name] for u in ums]))
-    m["first_update_ratio_mean"] = float(ums[0].get("ratio_mean", 1.0))
-    if not np.isfinite(m["loss"]):
-      raise FloatingPointError(
-          f"loss is {m['loss']} at step {step + 1}; nothing saved for this step; last good "
-          f"checkpoint: step {ckpt.latest_step()} in {workdir}/checkpoints")
+    m.update(loop.mean_metrics(ums))
+    m["first_update_ratio_mean"] = float(jax.device_get(ums[0]).get("ratio_mean", 1.0))
     done = step + 1
+    loop.check_finite(m["loss"], f"{o.name} loss at step {done}", ckpt, workdir)
     m["step_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     if done % config.log_every == 0 or done == config.steps:
@@ -357,11 +348,11 @@ def train_and_evaluate(config, workdir: str):
           f"{world.prompts[i]}{world.completion_separator}{t}  (reward {r:.2f})"
           for i, t, r in zip(b["ids"][:G * 2], b["texts"][:G * 2], rewards[:G * 2]))})
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
-    if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+    if loop.due(done, config.eval_every, config.steps):
       history[str(done)] = evaluate(state.params, done)
       history[str(done)]["train/reward_mean_step"] = m["reward_mean"]
       logging.info("step %d eval: %s", done, history[str(done)])
-    if done % config.ckpt_every == 0 or done == config.steps:
+    if loop.due(done, config.ckpt_every, config.steps) or done == config.steps:
       ckpt.save(done, state, metadata={"history": history})
   bar.close()
   ckpt.close()
@@ -372,9 +363,8 @@ def train_and_evaluate(config, workdir: str):
              "train_seconds_this_run": round(time.time() - t_loop, 1),
              "total_seconds_this_run": round(time.time() - t_start, 1), "history": history}
   final = placement.gather(state.params)  # on every process (a collective)
+  loop.write_results(workdir, results)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
     if config.model_path:
       export_hf(workdir, lm_config, final, meta["model_dir"],
                 {"command": pretrained.invocation(), "objective": o.name,

@@ -20,7 +20,7 @@ from rft.diffusion import training
 from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
 from rft.diffusion.schedules import make_schedule
 from rft.models.t2i import TextToImage
-from rft.train import shapes_eval
+from rft.train import loop, shapes_eval
 from rft.train.state import TrainState, make_optimizer
 
 
@@ -98,11 +98,8 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- checkpoint / resume
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)  # mismatching checkpoint: a clear error, never a restart
-    start = int(jax.device_get(state.step))
-    logging.info("resumed from step %d of %s", start, workdir)
+  # A mismatching checkpoint is a clear error, never a restart.
+  start, state, _ = loop.resume(ckpt, state, workdir)
 
   # ---------------------------------------------------------------- update step
   train_step = jax.jit(make_train_step(pipe, tx, config), donate_argnums=(0,))
@@ -146,15 +143,13 @@ def train_and_evaluate(config, workdir: str):
       done = step + 1
       if done % config.log_every == 0 or done == config.steps:
         m = jax.device_get(m)
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"loss is {m['loss']} at step {done}; last good checkpoint: "
-                                   f"step {ckpt.latest_step()} in {workdir}/checkpoints")
+        loop.check_finite(float(m["loss"]), f"pretrain loss at step {done}", ckpt, workdir)
         m["steps_per_sec"] = (done - start) / (time.time() - t0)
         writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
         bar.update(done, loss=float(m["loss"]))
-      if done % config.ckpt_every == 0 or done == config.steps:
+      if loop.due(done, config.ckpt_every, config.steps) or done == config.steps:
         ckpt.save(done, state)
-      if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+      if loop.due(done, config.eval_every, config.steps):
         eval_params = state.ema_params if state.ema_params is not None else state.params
         results = evaluate(eval_params, done)
         logging.info("step %d eval: %s", done, results)

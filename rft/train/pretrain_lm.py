@@ -21,7 +21,7 @@ from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
 from rft.models import lm
 from rft.objectives import grpo
-from rft.train import arith_eval
+from rft.train import arith_eval, loop
 from rft.train.state import TrainState, make_optimizer
 
 
@@ -92,11 +92,8 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- checkpoint / resume
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
-    start = int(jax.device_get(state.step))
-    logging.info("resumed from step %d of %s", start, workdir)
+  # A mismatching checkpoint is a clear error, never a restart.
+  start, state, _ = loop.resume(ckpt, state, workdir)
 
   # ---------------------------------------------------------------- update step
   def train_step(state, batch):
@@ -124,14 +121,12 @@ def train_and_evaluate(config, workdir: str):
     done = step + 1
     if done % config.log_every == 0 or done == config.steps:
       m = jax.device_get(m)
-      if not np.isfinite(m["loss"]):
-        raise FloatingPointError(f"loss is {m['loss']} at step {done}; last good checkpoint: "
-                                 f"step {ckpt.latest_step()} in {workdir}/checkpoints")
+      loop.check_finite(float(m["loss"]), f"pretrain_arith loss at step {done}", ckpt, workdir)
       writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
       bar.update(done, loss=float(m["loss"]))
-    if done % config.ckpt_every == 0 or done == config.steps:
+    if loop.due(done, config.ckpt_every, config.steps) or done == config.steps:
       ckpt.save(done, state)
-    if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+    if loop.due(done, config.eval_every, config.steps):
       results = evaluate(state.params, done)
       logging.info("step %d eval: %s", done, results)
   bar.close()

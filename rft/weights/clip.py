@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rft.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-                             CLIPVisionConfig, CLIPVisionModelWithProjection, OpenCLIPConfig,
-                             OpenCLIPModel)
+                             CLIPVisionConfig, CLIPVisionModelWithProjection)
+from rft.models.open_clip import OpenCLIPConfig, OpenCLIPModel
 from rft.weights import io
 
 __all__ = [
