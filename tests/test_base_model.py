@@ -9,7 +9,7 @@ from rft.data import shapes
 from rft.diffusion import sampling
 from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
 from rft.diffusion.schedules import make_schedule
-from rft.train import shapes_eval
+from rft.worlds import shapes_eval
 
 
 @pytest.fixture(scope="module")

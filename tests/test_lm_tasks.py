@@ -12,7 +12,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from rft import config as config_lib  # noqa: E402
 from rft.data import lm_tasks  # noqa: E402
 from rft.data.lm_tasks import HFTokenizer, PromptFileTask  # noqa: E402
-from rft.train import arith_eval  # noqa: E402
+from rft.worlds import arith_eval  # noqa: E402
 from rft.weights import hf_lm  # noqa: E402
 from tests.helpers import run_main  # noqa: E402
 

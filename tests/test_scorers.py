@@ -6,7 +6,7 @@ import pytest
 from rft import pretrained
 from rft.data import shapes
 from rft.train import scorers as scorer_training
-from rft.train import shapes_eval
+from rft.worlds import shapes_eval
 from tests.helpers import run_main
 
 

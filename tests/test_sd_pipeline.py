@@ -156,7 +156,7 @@ def test_load_sd_errors(tmp_path, tiny_sd):
 def test_paper_configs_name_missing_model(tmp_path, monkeypatch):
   """A paper config without the model files fails at once, naming what is missing."""
   from rft import config as config_lib
-  from rft.train import diffusion_worlds
+  from rft.worlds import diffusion_worlds
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
   monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_home"))
   for name, arg in [("prdp", "sd14_hpsv2"), ("prdp", "sd14_pickscore"), ("prdp", "hpdv2_hpsv2"),

@@ -98,7 +98,8 @@ def step_gradients(config, num_estimates: int, prompts: int, seed: int = 0,
   the config's sampler (fresh noise), scores them with config.reward and takes
   d loss / d params of each transition separately (their sum is the full gradient).
   """
-  from rft.train import diffusion_rl, diffusion_worlds
+  from rft.train import diffusion_rl
+  from rft.worlds import diffusion_worlds
   o = config.objective
   if o.name != "prdp":
     raise ValueError(f"noise_scale measures PRDP's gradient; config.objective.name={o.name!r}")

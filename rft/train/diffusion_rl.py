@@ -35,7 +35,8 @@ from rft.models import lora
 from rft.objectives import draft as draft_lib
 from rft.objectives import registry, step_baselines, trajectory
 from rft.rewards import base as rewards_lib
-from rft.train import diffusion_worlds, loop
+from rft.train import loop
+from rft.worlds import diffusion_worlds
 from rft.train.batching import group_rows, minibatches
 from rft.train.state import TrainState, make_optimizer
 

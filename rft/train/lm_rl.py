@@ -42,7 +42,8 @@ from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
 from rft.objectives import grpo, registry
 from rft.rewards import base as rewards_lib
-from rft.train import arith_eval, loop
+from rft.train import loop
+from rft.worlds import arith_eval
 from rft.train.batching import group_rows, minibatches
 from rft.train.pretrain_lm import load_or_pretrain_arith
 from rft.train.state import TrainState, make_optimizer

@@ -12,7 +12,7 @@ def base() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.trainer = "diffusion_rl"
   c.seed = 0
-  # What is finetuned (rft/train/diffusion_worlds.py): "shapes" (ShapesWorld) or "sd"
+  # What is finetuned (rft/worlds/diffusion_worlds.py): "shapes" (ShapesWorld) or "sd"
   # (a Stable Diffusion diffusers folder, see sd_world()).
   c.world = "shapes"
   c.base_dir = ""  # shapes: "" = the base model shipped in rft/assets (pretrained if absent)

@@ -20,7 +20,8 @@ from rft.diffusion import training
 from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
 from rft.diffusion.schedules import make_schedule
 from rft.models.t2i import TextToImage
-from rft.train import loop, shapes_eval
+from rft.train import loop
+from rft.worlds import shapes_eval
 from rft.train.state import TrainState, make_optimizer
 
 

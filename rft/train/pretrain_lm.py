@@ -21,7 +21,8 @@ from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
 from rft.models import lm
 from rft.objectives import grpo
-from rft.train import arith_eval, loop
+from rft.train import loop
+from rft.worlds import arith_eval
 from rft.train.state import TrainState, make_optimizer
 
 

@@ -31,7 +31,7 @@ from rft.diffusion.pipeline import shapes_pipeline
 from rft.diffusion.schedules import make_schedule
 from rft.objectives import reno, trajectory
 from rft.rewards import base as rewards_base
-from rft.train import shapes_eval
+from rft.worlds import shapes_eval
 
 _CURVES = ("rewards", "regs", "grad_norms")  # [iterations, B] outputs of reno.optimize
 

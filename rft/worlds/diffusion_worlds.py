@@ -77,7 +77,7 @@ class ShapesSetup:
 
   def evaluate(self, sample_images: Callable, ids, key, batch_size: int):
     """(metrics, images): the independent evaluator's alignment (None without a judge)."""
-    from rft.train import shapes_eval
+    from rft.worlds import shapes_eval
     if self.judge is None:
       return None
     return shapes_eval.evaluate_alignment(sample_images, self.judge, self.world, ids, key,
