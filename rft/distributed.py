@@ -37,8 +37,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rft.sharding import DATA  # the mesh axis names are defined once, in rft.sharding
+
 MODES = ("auto", "on", "off")
-DATA = "data"  # same axis name as rft.parallel.DATA
 _RFT_VARS = ("RFT_COORDINATOR", "RFT_NUM_PROCESSES", "RFT_PROCESS_ID")
 
 

@@ -14,9 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rft import sharding
-
-DATA = "data"
-FSDP = "fsdp"
+from rft.sharding import DATA, FSDP  # noqa: F401  (the axis names are defined there, once)
 
 
 def split_cpu(num_devices: int) -> bool:

@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import traverse_util
 from flax.core import unfreeze
@@ -137,8 +136,7 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, loss: registry
   def update(state, base, b, key, on_policy):
     mat = lambda tr: materialize(tr, base)
     value, m, grads = grads_fn(state.params, mat, b, key, on_policy)
-    m = dict(m, loss=value, grad_norm=optax.global_norm(grads))
-    return state.apply_gradients(grads, tx, config.ema_decay), m
+    return loop.apply_update(state, grads, tx, dict(m, loss=value), config.ema_decay)
 
   return _jit(update, placement, state, base, 4, static_argnames=("on_policy",))
 
@@ -166,8 +164,7 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, rollout, 
   def update(state, base, b, key, reward_params):
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, base, b, key,
                                                                  reward_params)
-    m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.apply_gradients(grads, tx, config.ema_decay), m
+    return loop.apply_update(state, grads, tx, dict(m, loss=loss), config.ema_decay)
 
   return _jit(update, placement, state, base, 5)
 
@@ -181,8 +178,7 @@ def make_sft_update(config, loss, materialize, tx, placement: Placement | None =
       return loss(materialize(trainable, base), b, key)
 
     (value, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    m = dict(m, loss=value, grad_norm=optax.global_norm(grads))
-    return state.apply_gradients(grads, tx, config.ema_decay), m
+    return loop.apply_update(state, grads, tx, dict(m, loss=value), config.ema_decay)
 
   return _jit(update, placement, state, base, 4)
 

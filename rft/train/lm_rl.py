@@ -31,7 +31,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from rft import checkpoint, metrics, pretrained
@@ -106,8 +105,7 @@ def make_update(lm_config, config, tx, placement: Placement | None = None, state
 
   def update(state, mb):
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
-    m = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
-    return state.apply_gradients(grads, tx), m
+    return loop.apply_update(state, grads, tx, dict(m, loss=loss))
 
   if placement is None:
     return jax.jit(update, donate_argnums=(0,))

@@ -5,6 +5,7 @@ due: whether a periodic action (eval, checkpoint, log) falls on this step.
 mean_metrics: per-key means of the metrics dicts of several updates (one device sync).
 check_finite: stop on a non-finite loss, naming the last good checkpoint.
 write_results: results.json in the workdir (process 0 only).
+apply_update: the optimizer step with the gradient, parameter and update norms.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 
 
@@ -57,3 +59,16 @@ def write_results(workdir: str, results: dict) -> None:
     return
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
+
+
+def apply_update(state, grads, tx, metrics: dict, *args):
+  """(new state, metrics + grad_norm, param_norm and update_norm): one optimizer step
+  (`state.apply_gradients(grads, tx, *args)`) inside a jitted update. The update norm
+  ‖θ_new − θ‖ beside the gradient norm shows what the optimizer actually did (Adam's
+  steps stay near lr per coordinate whatever the gradient's scale)."""
+  new = state.apply_gradients(grads, tx, *args)
+  delta = jax.tree.map(lambda a, b: a.astype(jax.numpy.float32) - b.astype(jax.numpy.float32),
+                       new.params, state.params)
+  return new, dict(metrics, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(new.params),
+                   update_norm=optax.global_norm(delta))
