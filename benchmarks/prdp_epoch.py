@@ -9,7 +9,7 @@ images per epoch (64 prompts x 8), so samples/s compare directly.
 Settings:
   before      configs/prdp.py's defaults: 1 XLA CPU device, the whole UNet trained, final
               4 of 10 steps out of the gradient, no step baselines (the main job)
-  devices     the same on 8 XLA CPU devices (config.cpu_devices = 8; rft.parallel.split_cpu)
+  devices     the same on 8 XLA CPU devices (config.cpu_devices = 8; rft.placement.split_cpu)
   lowres      8 devices, only the low-resolution UNet blocks trained (the backward pass
               stops at the first frozen layer; `rft.repro`'s T1 cpu preset trains these)
   after       lowres plus the variance levers of the paper-table presets: shared initial

@@ -12,7 +12,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rft import checkpoint, distributed, parallel
+from rft import checkpoint, distributed, placement
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).",
                                           lock_config=True)
@@ -50,7 +50,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  parallel.split_cpu(config.get("cpu_devices", 0))  # before JAX starts its CPU backend
+  placement.split_cpu(config.get("cpu_devices", 0))  # before JAX starts its CPU backend
   info = distributed.initialize(_DISTRIBUTED.value)  # before anything touches jax devices
   if info.process_index != 0:  # one log per job: the others report warnings and errors only
     logging.set_verbosity(logging.WARNING)

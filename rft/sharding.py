@@ -37,7 +37,7 @@ Built-in rule sets:
 Specs are only placement: under ``jit`` any sharding computes the same function (GSPMD
 inserts the collectives), so the rules trade memory and communication, never results.
 
-    mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+    mesh = placement.make_mesh({"fsdp": 4, "tensor": 2})
     params = init_sharded(lambda k: model.init(k, x)["params"], LM_RULES, mesh, key)
     specs = jax.tree.map(lambda a: a.sharding.spec, params)
     opt_sh = opt_state_shardings(tx, params, specs, mesh)

@@ -43,12 +43,12 @@ def _train(mesh, batch):
   import jax
   import jax.numpy as jnp
   import optax
-  from rft import parallel
+  from rft import placement
 
-  params = parallel.replicate({"w": np.full((3, 2), 0.1, np.float32),
+  params = placement.replicate({"w": np.full((3, 2), 0.1, np.float32),
                                "b": np.zeros((2,), np.float32)}, mesh)
   opt = optax.adamw(0.1, weight_decay=0.01)
-  opt_state = jax.jit(opt.init, out_shardings=parallel.replicated(mesh))(params)
+  opt_state = jax.jit(opt.init, out_shardings=placement.replicated(mesh))(params)
 
   @jax.jit
   def step(params, opt_state, batch):
@@ -81,9 +81,9 @@ def _worker(role: str, outdir: str) -> None:
   info = distributed.initialize("auto")  # RFT_* variables for "dist"; none for "single"
   import jax
   from jax.sharding import PartitionSpec as P
-  from rft import checkpoint, parallel
+  from rft import checkpoint, placement
 
-  mesh = parallel.make_mesh()
+  mesh = placement.make_mesh()
   assert len(mesh.devices.flat) == 8, mesh
   x, y = _data()
   rows = distributed.process_rows(GLOBAL_BATCH, mesh, P("data"))
@@ -222,14 +222,14 @@ def test_initialize_single_process_and_argument_errors():
 
 def test_global_batch_in_one_process_is_the_whole_batch():
   import jax
-  from rft import distributed, parallel
-  mesh = parallel.make_mesh()
+  from rft import distributed, placement
+  mesh = placement.make_mesh()
   n = len(jax.devices())
   x = np.arange(4 * n * 3, dtype=np.float32).reshape(4 * n, 3)
   assert distributed.process_rows(4 * n, mesh) == slice(0, 4 * n)
   assert distributed.local_batch_size(4 * n) == 4 * n
   out = distributed.global_batch({"x": x}, mesh)
-  assert out["x"].sharding == parallel.batch_sharding(mesh)
+  assert out["x"].sharding == placement.batch_sharding(mesh)
   np.testing.assert_array_equal(np.asarray(out["x"]), x)
   assert distributed.is_main_process()
   with pytest.raises(ValueError, match="leading batch dimension"):

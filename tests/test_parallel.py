@@ -4,12 +4,12 @@ import textwrap
 import jax
 import pytest
 
-from rft import parallel
+from rft import placement
 from tests.helpers import run_python
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from rft import parallel
+    from rft import placement
     from rft.data import shapes
     from rft.diffusion.pipeline import shapes_pipeline
     from rft.diffusion.schedules import make_schedule
@@ -33,12 +33,12 @@ SCRIPT = textwrap.dedent("""
              "tokens": tok.encode([world.texts[i] for i in ids])}
     step = pretrain.make_train_step(pipe, tx, config)
     results = []
-    for mesh in (parallel.make_mesh({"data": 1}, jax.devices()[:1]), parallel.make_mesh()):
-      state = parallel.replicate(TrainState.create(params, tx, ema=True), mesh)
-      b = parallel.shard_batch(batch, mesh)
-      with parallel.use_mesh(mesh):
-        fn = jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh),
-                                          parallel.replicated(mesh)), donate_argnums=(0,))
+    for mesh in (placement.make_mesh({"data": 1}, jax.devices()[:1]), placement.make_mesh()):
+      state = placement.replicate(TrainState.create(params, tx, ema=True), mesh)
+      b = placement.shard_batch(batch, mesh)
+      with placement.use_mesh(mesh):
+        fn = jax.jit(step, in_shardings=(placement.replicated(mesh), placement.batch_sharding(mesh),
+                                          placement.replicated(mesh)), donate_argnums=(0,))
         for i in range(2):
           state, m = fn(state, b, jax.random.key(i))
       assert len(b["cells"].sharding.device_set) == mesh.size
@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
     print("MAXDIFF", diff)
     assert diff < 1e-5, diff
     try:
-      parallel.shard_batch({"x": np.zeros((12, 2))}, parallel.make_mesh())
+      placement.shard_batch({"x": np.zeros((12, 2))}, placement.make_mesh())
       raise SystemExit("indivisible batch accepted")
     except ValueError as e:
       assert "not divisible by the 8 devices" in str(e), e
@@ -64,17 +64,17 @@ def test_sharded_train_step_equals_single_device():
 
 
 def test_make_mesh_sizes_and_errors():
-  m = parallel.make_mesh({"data": -1})
+  m = placement.make_mesh({"data": -1})
   assert m.shape["data"] == jax.device_count()
   with pytest.raises(ValueError, match="at most one size may be -1"):
-    parallel.make_mesh({"data": -1, "fsdp": -1})
+    placement.make_mesh({"data": -1, "fsdp": -1})
   with pytest.raises(ValueError, match="need 3 devices"):
-    parallel.make_mesh({"data": 3}, jax.devices()[:1])
+    placement.make_mesh({"data": 3}, jax.devices()[:1])
 
 
 def test_shard_batch_places_on_mesh():
   import numpy as np
-  m = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-  out = parallel.shard_batch({"x": np.arange(6.0).reshape(3, 2)}, m)
+  m = placement.make_mesh({"data": 1}, jax.devices()[:1])
+  out = placement.shard_batch({"x": np.arange(6.0).reshape(3, 2)}, m)
   np.testing.assert_array_equal(out["x"], np.arange(6.0).reshape(3, 2))
-  assert out["x"].sharding == parallel.batch_sharding(m)
+  assert out["x"].sharding == placement.batch_sharding(m)

@@ -112,7 +112,8 @@ def test_full_cfg_ddim_step_and_decode_match_diffusers(tiny_sd):
     if i not in (0, 5, 9):
       continue
     key = jax.random.key(i)
-    ours, _ = sampling.model_step(pipe.eps_fn, sd.params, ddim.DDIMSampler(pipe.schedule, 1.0),
+    ours, _ = sampling.model_step(pipe.model_fn, sd.params,
+                                  ddim.DDIMSampler(pipe.schedule, 1.0, prediction=pipe.prediction),
                                   jnp.asarray(x), int(t), int(prev_t), cond, null, 5.0, key=key)
     noise = np.asarray(jax.random.normal(key, x.shape, jnp.float32))
     with torch.no_grad():

@@ -197,7 +197,7 @@ def test_bytes_per_device_from_shapes():
 INIT_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from rft import parallel, sharding as S
+    from rft import placement, sharding as S
     from rft.models.lm import DecoderLM, LMConfig
     from rft.train.state import make_optimizer
     assert jax.device_count() == 8
@@ -210,7 +210,7 @@ INIT_SCRIPT = textwrap.dedent("""
     tx = make_optimizer(1e-3, 10, 1, weight_decay=0.1)
     for axes, rules in (({"fsdp": 8}, S.LM_RULES.replace(min_size=2 ** 12)),
                         ({"data": 2, "fsdp": 2, "tensor": 2}, S.LM_RULES.replace(min_size=0))):
-      mesh = parallel.make_mesh(axes)
+      mesh = placement.make_mesh(axes)
       params = S.init_sharded(init, rules, mesh, key)
       specs = S.param_specs(params, rules, mesh)
       got = jax.tree.map(lambda a: a.sharding.spec, params)
@@ -249,7 +249,7 @@ STEP_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from rft import parallel, sharding as S
+    from rft import placement, sharding as S
     from rft.models import sd_unet
     from rft.models.lm import DecoderLM, LMConfig
     assert jax.device_count() == 8
@@ -300,9 +300,9 @@ STEP_SCRIPT = textwrap.dedent("""
         loss, g = jax.value_and_grad(loss_fn)(p, b)
         upd, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, upd), opt, loss
-      with parallel.use_mesh(mesh):
+      with placement.use_mesh(mesh):
         fn = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh),
-                     out_shardings=(p_sh, o_sh, parallel.replicated(mesh)),
+                     out_shardings=(p_sh, o_sh, placement.replicated(mesh)),
                      donate_argnums=(0, 1), compiler_options=FAST)
         losses = []
         for _ in range(2):
@@ -315,9 +315,9 @@ STEP_SCRIPT = textwrap.dedent("""
       n_split = sum(a.sharding.spec != P() for a in jax.tree.leaves(p))
       return losses, jax.device_get(p), n_split
 
-    base, p1, _ = run(parallel.make_mesh({"data": 1}, jax.devices()[:1]))
+    base, p1, _ = run(placement.make_mesh({"data": 1}, jax.devices()[:1]))
     for axes in ({"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}):
-      losses, p8, n_split = run(parallel.make_mesh(axes))
+      losses, p8, n_split = run(placement.make_mesh(axes))
       dl = max(abs(a - b) for a, b in zip(base, losses))
       dp = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
       print("STEP", sys.argv[1], axes, "sharded params", n_split, "/", len(jax.tree.leaves(p8)),

@@ -3,8 +3,8 @@
 One subprocess per update with 8 fake CPU devices. The update builders are used
 unchanged (`diffusion_rl.make_trajectory_update`, `diffusion_rl.make_backprop_update`,
 `lm_rl.make_update`, each a `jax.jit` with no explicit shardings): the state, the frozen
-base params and the batch are placed with `parallel.shard_tree` /
-`parallel.shard_batch_axes` and GSPMD propagates those placements through the update.
+base params and the batch are placed with `placement.shard_tree` /
+`placement.shard_batch_axes` and GSPMD propagates those placements through the update.
 Meshes: {data: 8} (params replicated), {fsdp: 8} and {data: 2, fsdp: 2, tensor: 2}
 (params FSDP-sharded, attention tensor-parallel); loss (relative) and every new param
 must match the one-device run to 1e-5, and the params must really be split.
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rft import parallel
+from rft import placement
 from rft import sharding as S
 from tests.helpers import run_python
 
@@ -31,7 +31,7 @@ COMMON = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import PartitionSpec as P
-    from rft import config as config_lib, parallel, pretrained, sharding as S
+    from rft import config as config_lib, placement, pretrained, sharding as S
     from rft.train.state import TrainState
     assert jax.device_count() == 8
     MESHES = ({"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2})
@@ -47,11 +47,11 @@ COMMON = textwrap.dedent("""
     def compare(name, run):
       # run(mesh) -> (losses, new params on host, #sharded input params, #sharded output params)
       t0 = time.time()
-      l1, p1, _, _ = run(parallel.make_mesh({"data": 1}, jax.devices()[:1]))
+      l1, p1, _, _ = run(placement.make_mesh({"data": 1}, jax.devices()[:1]))
       print("TIME", name, "one device", round(time.time() - t0, 1), flush=True)
       for axes in MESHES:
         t1 = time.time()
-        ln, pn, s_in, s_out = run(parallel.make_mesh(axes))
+        ln, pn, s_in, s_out = run(placement.make_mesh(axes))
         print("TIME", name, axes, round(time.time() - t1, 1), flush=True)
         dl = max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(l1, ln))  # relative
         dp = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1),
@@ -100,13 +100,13 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
 
     def run_update(update, state, batch, extra, mesh, keys):
       # The trainable tree is a subtree of the base tree: both follow the same rules.
-      base_s = parallel.shard_tree(base, RULES, mesh)
-      st = parallel.shard_tree(state, RULES, mesh)
-      b = parallel.shard_batch_axes(batch, mesh, batch_size=N)
+      base_s = placement.shard_tree(base, RULES, mesh)
+      st = placement.shard_tree(state, RULES, mesh)
+      b = placement.shard_batch_axes(batch, mesh, batch_size=N)
       s_in = n_split(st.params, mesh)
       assert jax.tree.leaves(b)[0].sharding.spec == S.batch_spec(mesh, jax.tree.leaves(b)[0].ndim)
       losses = []
-      with parallel.use_mesh(mesh):
+      with placement.use_mesh(mesh):
         for i, k in enumerate(keys):
           st, m = update(st, base_s, b, k, *extra(i, mesh))
           losses.append(float(m["loss"]))
@@ -164,7 +164,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
       P0["draft"] = state.params
       def draft_run(mesh):
         return run_update(update, state, batch,
-                          lambda i, m: (parallel.replicate(reward_params, m),), mesh,
+                          lambda i, m: (placement.replicate(reward_params, m),), mesh,
                           [jax.random.key(20)])
       compare("draft", draft_run)
     assert not FAILED, FAILED
@@ -199,18 +199,18 @@ LM_SCRIPT = COMMON + textwrap.dedent("""
     RULES = S.LM_RULES.replace(min_size=2 ** 10)
 
     def grpo_run(mesh):
-      st = parallel.shard_tree(state, RULES, mesh)
-      b = parallel.shard_batch_axes(batch, mesh)
+      st = placement.shard_tree(state, RULES, mesh)
+      b = placement.shard_batch_axes(batch, mesh)
       s_in = n_split(st.params, mesh)
       losses = []
-      with parallel.use_mesh(mesh):
+      with placement.use_mesh(mesh):
         for _ in range(2):
           st, m = update(st, b)
           losses.append(float(m["loss"]))
       return losses, jax.device_get(st.params), s_in, n_split(st.params)
     compare("grpo", grpo_run)
     try:
-      parallel.shard_batch_axes({"x": np.zeros((6, 2))}, parallel.make_mesh(MESHES[2]))
+      placement.shard_batch_axes({"x": np.zeros((6, 2))}, placement.make_mesh(MESHES[2]))
       raise SystemExit("indivisible batch accepted")
     except ValueError as e:
       assert "not divisible by the 4 devices of mesh axes ('data', 'fsdp')" in str(e), e
@@ -229,24 +229,24 @@ def test_sharded_update_equals_one_device(update):
 
 def test_shard_tree_and_batch_axes_one_device():
   """The helpers' placement rules on a 1-device mesh (specs only) and their errors."""
-  mesh = parallel.make_mesh({"fsdp": 1}, jax.devices()[:1])
+  mesh = placement.make_mesh({"fsdp": 1}, jax.devices()[:1])
   params = {"w": np.ones((64, 32), np.float32), "b": np.zeros(32, np.float32)}
-  out = parallel.shard_tree(params, S.DEFAULT_RULES.replace(min_size=0), mesh)
+  out = placement.shard_tree(params, S.DEFAULT_RULES.replace(min_size=0), mesh)
   assert all(x.sharding.spec == P() for x in jax.tree.leaves(out))  # fsdp=1: nothing to split
   specs = {"w": P("fsdp"), "b": P()}
-  out = parallel.shard_tree(params, specs, mesh)
+  out = placement.shard_tree(params, specs, mesh)
   assert out["w"].sharding.spec == P("fsdp") and out["b"].sharding.spec == P()
   import optax
   from rft.train.state import TrainState
-  st = parallel.shard_tree(TrainState.create(params, optax.adam(1e-3)), specs, mesh)
+  st = placement.shard_tree(TrainState.create(params, optax.adam(1e-3)), specs, mesh)
   assert st.params["w"].sharding.spec == P("fsdp") and st.step.sharding.spec == P()
   assert st.opt_state[0].mu["w"].sharding.spec == P("fsdp") and st.ema_params is None
   np.testing.assert_array_equal(st.params["w"], params["w"])
-  b = parallel.shard_batch_axes({"x": np.arange(8.0).reshape(4, 2), "t": np.arange(3)}, mesh,
+  b = placement.shard_batch_axes({"x": np.arange(8.0).reshape(4, 2), "t": np.arange(3)}, mesh,
                                 batch_size=4)
   assert b["x"].sharding.spec == P(("fsdp",), None) and b["t"].sharding.spec == P()
   with pytest.raises(ValueError, match="no batch dimension"):
-    parallel.shard_batch_axes({"s": np.float32(1.0)}, mesh)
-  m2 = parallel.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-  assert parallel.shard_batch_axes({"x": np.zeros((3, 2))}, m2)["x"].sharding.spec == \
+    placement.shard_batch_axes({"s": np.float32(1.0)}, mesh)
+  m2 = placement.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+  assert placement.shard_batch_axes({"x": np.zeros((3, 2))}, m2)["x"].sharding.spec == \
       P(("data", "fsdp"), None)

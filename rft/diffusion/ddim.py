@@ -224,32 +224,58 @@ def ddim_step(schedule: Schedule, eps: jax.Array, t, prev_t, x_t: jax.Array, eta
 # --------------------------------------------------------------------------- sampler
 
 
+def v_to_eps(v, x_t, alphas_cumprod_t):
+  """eps from a v-prediction (Salimans & Ho 2022): v = sqrt(ab) eps - sqrt(1-ab) x0, so
+  eps = sqrt(ab) v + sqrt(1 - ab) x_t. ``alphas_cumprod_t`` is per example [B]."""
+  ab = alphas_cumprod_t.astype(jnp.float32).reshape((-1,) + (1,) * (x_t.ndim - 1))
+  return (jnp.sqrt(ab) * v.astype(jnp.float32)
+          + jnp.sqrt(1.0 - ab) * x_t.astype(jnp.float32)).astype(v.dtype)
+
+
+PREDICTIONS = ("eps", "v")
+
+
 @dataclasses.dataclass(frozen=True)
 class DDIMSampler:
-  """DDIM as a sampler plug-in (rft.diffusion.sampling): the model output is eps.
+  """DDIM as a sampler plug-in (rft.diffusion.sampling).
 
-  eta may be a Python number or traced; clip_x0 None leaves x0 predictions unclipped.
+  prediction: what the model outputs, "eps" or "v" (converted to eps after guidance, as
+  diffusers' DDIMScheduler does). eta may be a Python number or traced; clip_x0 None
+  leaves x0 predictions unclipped.
   """
   schedule: Schedule
   eta: Any = 1.0
   clip_x0: Optional[float] = None
   steps_offset: int = 1
+  prediction: str = "eps"
+
+  def __post_init__(self):
+    if self.prediction not in PREDICTIONS:
+      raise ValueError(f"DDIM takes model predictions {PREDICTIONS}, got {self.prediction!r}")
 
   @classmethod
-  def build(cls, schedule: Schedule, *, eta=1.0, clip_x0: Optional[float] = None):
-    return cls(schedule, eta, clip_x0)
+  def build(cls, schedule: Schedule, *, eta=1.0, clip_x0: Optional[float] = None,
+            prediction: str = "eps"):
+    return cls(schedule, eta, clip_x0, prediction=prediction)
 
   def timesteps(self, num_steps: int):
     return ddim_timesteps(self.schedule.num_train_timesteps, num_steps, self.steps_offset)
 
+  def eps(self, model_out, t, x):
+    """The model output as an eps prediction."""
+    if self.prediction == "eps":
+      return model_out
+    t = timesteps_vector(t, x.shape[0])
+    return v_to_eps(model_out, x, self.schedule.alphas_cumprod[t])
+
   def step(self, model_out, t, t_prev, x, *, key=None, prev_sample=None, log_prob=True):
-    x_prev, lp_mean, lp_sum = ddim_step(self.schedule, model_out, t, t_prev, x, self.eta,
-                                        key=key, prev_sample=prev_sample,
+    x_prev, lp_mean, lp_sum = ddim_step(self.schedule, self.eps(model_out, t, x), t, t_prev, x,
+                                        self.eta, key=key, prev_sample=prev_sample,
                                         clip_x0=self.clip_x0, log_prob=log_prob)
     return x_prev, (None if lp_mean is None else (lp_mean, lp_sum))
 
   def predicted_x0(self, model_out, t, x):
-    return predicted_x0(self.schedule, model_out, t, x, self.clip_x0)
+    return predicted_x0(self.schedule, self.eps(model_out, t, x), t, x, self.clip_x0)
 
   def add_noise(self, x0, noise, t):
     return add_noise(self.schedule, x0, noise, t)

@@ -14,23 +14,43 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from rft.diffusion import sampling
+from rft.diffusion import ddim, sampling
 from rft.diffusion.sampling import SamplerConfig  # noqa: F401  (re-exported)
 from rft.diffusion.schedules import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class Text2ImagePipeline:
-  """encode(params, tokens) -> cond; eps_fn(params, x, t, cond) -> eps."""
+  """encode(params, tokens) -> cond; model_fn(params, x, t, cond) -> the model's output,
+  a `prediction` ("eps" or "v") that the sampler (`sampler(cfg)`) interprets; `eps_fn`
+  is the same model as an eps prediction (denoising losses, eps-only callers)."""
 
   encode: Callable[[Any, jax.Array], Any]
-  eps_fn: Callable
+  model_fn: Callable
   schedule: Schedule
   sample_shape: tuple[int, ...]  # per-example latent shape, e.g. (16, 16, 3)
   # decode(params, latents) -> images in [-1, 1]; None: the latents are the images.
   decode: Callable[[Any, jax.Array], jax.Array] | None = None
   # Token ids [1, L] of the empty prompt (CFG's unconditional branch); None: all pad (0).
   null_tokens: Any = None
+  prediction: str = "eps"
+
+  def sampler(self, cfg: SamplerConfig):
+    """The configured sampler for this model's prediction type."""
+    return cfg.build(self.schedule, prediction=self.prediction)
+
+  @property
+  def eps_fn(self) -> Callable:
+    """model_fn as an eps prediction (v converted with the schedule's alphas_cumprod)."""
+    if self.prediction == "eps":
+      return self.model_fn
+    if self.prediction != "v":
+      raise ValueError(f"no eps form for prediction {self.prediction!r}")
+    model_fn, ac = self.model_fn, self.schedule.alphas_cumprod
+
+    def eps_fn(params, x, t, cond):
+      return ddim.v_to_eps(model_fn(params, x, t, cond), x, ac[jnp.asarray(t, jnp.int32)])
+    return eps_fn
 
   def conditions(self, params, tokens):
     """(cond for each prompt, null cond of the empty prompt with batch dim 1)."""
@@ -65,7 +85,7 @@ class Text2ImagePipeline:
     cond, null = self.conditions(params, tokens)
     k_init, k_steps = jax.random.split(key)
     x_T = self.initial_noise(k_init, tokens.shape[0], share_within)
-    traj = sampling.rollout(self.eps_fn, params, cfg.build(self.schedule), x_T, cond, null,
+    traj = sampling.rollout(self.model_fn, params, self.sampler(cfg), x_T, cond, null,
                             num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                             key=k_steps, record_x0=record_x0)
     return traj, cond, null
@@ -77,26 +97,19 @@ def shapes_pipeline(model, schedule: Schedule, image_size: int = 16) -> Text2Ima
                             (image_size, image_size, 3))
 
 
-def v_to_eps(v, x_t, alphas_cumprod_t):
-  """eps from a v-prediction (Salimans & Ho 2022): v = sqrt(ab) eps - sqrt(1-ab) x0, so
-  eps = sqrt(ab) v + sqrt(1 - ab) x_t. ``alphas_cumprod_t`` is per example [B]."""
-  ab = alphas_cumprod_t.astype(jnp.float32).reshape((-1,) + (1,) * (x_t.ndim - 1))
-  return (jnp.sqrt(ab) * v.astype(jnp.float32)
-          + jnp.sqrt(1.0 - ab) * x_t.astype(jnp.float32)).astype(v.dtype)
-
-
 def sd_pipeline(sd) -> Text2ImagePipeline:
   """Stable Diffusion (``rft.weights.sd.load_sd``) as a Text2ImagePipeline.
 
   params = {"unet", "text_encoder", "vae"}. cond = the text encoder's last hidden state
   [B, 77, D] (diffusers' StableDiffusionPipeline); the null cond encodes the empty
-  prompt ""; eps_fn converts v-predictions to eps; ``images`` decodes latents / scaling
+  prompt ""; model_fn is the UNet (its prediction type from the scheduler config: "eps" or
+  "v", which the sampler converts after guidance, as diffusers does); ``images`` decodes latents / scaling
   factor with the VAE, clipped to [-1, 1], under ``jax.checkpoint`` (reward backprop
   keeps only the latents, not the decoder's activations).
   """
   unet, vae, text = sd.unet, sd.vae, sd.text_encoder
   schedule = sd.scheduler.schedule
-  v_pred = sd.scheduler.prediction_type == "v_prediction"
+  prediction = "v" if sd.scheduler.prediction_type == "v_prediction" else "eps"
   if sd.scheduler.steps_offset != 1:
     raise ValueError(f"{sd.path}: scheduler steps_offset={sd.scheduler.steps_offset}; rft's "
                      "DDIM sampler uses steps_offset=1 (Stable Diffusion's)")
@@ -104,16 +117,13 @@ def sd_pipeline(sd) -> Text2ImagePipeline:
   def encode(params, tokens):
     return text.apply({"params": params["text_encoder"]}, tokens)["last_hidden_state"]
 
-  def eps_fn(params, x, t, cond):
-    out = unet.apply({"params": params["unet"]}, x, t, cond)
-    if v_pred:
-      out = v_to_eps(out, x, schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)])
-    return out
+  def model_fn(params, x, t, cond):
+    return unet.apply({"params": params["unet"]}, x, t, cond)
 
   @jax.checkpoint
   def decode(params, latents):
     images = vae.apply({"params": params["vae"]}, latents, method=vae.latents_to_images)
     return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
-  return Text2ImagePipeline(encode, eps_fn, schedule, sd.latent_shape, decode=decode,
-                            null_tokens=sd.tokenize([""]))
+  return Text2ImagePipeline(encode, model_fn, schedule, sd.latent_shape, decode=decode,
+                            null_tokens=sd.tokenize([""]), prediction=prediction)

@@ -33,7 +33,7 @@ from flax import struct
 
 from rft.diffusion.guidance import guided_eps
 
-# name -> factory(schedule, *, eta, clip_x0) -> sampler
+# name -> factory(schedule, *, eta, clip_x0, prediction) -> sampler
 SAMPLERS: dict[str, Callable[..., Any]] = {}
 
 
@@ -47,12 +47,14 @@ def register(name: str):
   return deco
 
 
-def build(name: str, schedule, *, eta=1.0, clip_x0: Optional[float] = None):
-  """The sampler registered as `name` on `schedule`."""
+def build(name: str, schedule, *, eta=1.0, clip_x0: Optional[float] = None,
+          prediction: str = "eps"):
+  """The sampler registered as `name` on `schedule`, for a model whose output is
+  `prediction` (the pipeline's: "eps", "v", ...)."""
   if name not in SAMPLERS:
     raise ValueError(f"config.sampler.name={name!r} is not a registered sampler; known: "
                      f"{sorted(SAMPLERS)}")
-  return SAMPLERS[name](schedule, eta=eta, clip_x0=clip_x0)
+  return SAMPLERS[name](schedule, eta=eta, clip_x0=clip_x0, prediction=prediction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +67,9 @@ class SamplerConfig:
   clip_x0: float | None = 1.0
   name: str = "ddim"
 
-  def build(self, schedule):
-    return build(self.name, schedule, eta=self.eta, clip_x0=self.clip_x0)
+  def build(self, schedule, prediction: str = "eps"):
+    return build(self.name, schedule, eta=self.eta, clip_x0=self.clip_x0,
+                 prediction=prediction)
 
 
 # --------------------------------------------------------------------------- one step

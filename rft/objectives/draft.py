@@ -58,9 +58,9 @@ def _make_draft(config, sampler_kw):
   o = config.objective
   unroll = trajectory.auto_unroll(config.unroll)
 
-  def rollout(eps_fn, params, x_T, cond, null, key, key_extra):
+  def rollout(model_fn, params, x_T, cond, null, key, key_extra):
     del key_extra
-    x0 = sampling.truncated_rollout(eps_fn, params, x_T=x_T, cond=cond, null_cond=null,
+    x0 = sampling.truncated_rollout(model_fn, params, x_T=x_T, cond=cond, null_cond=null,
                                     key=key, grad_steps=o.grad_steps, unroll=unroll,
                                     **sampler_kw)
     return x0, {"grad_steps": jnp.float32(o.grad_steps)}
@@ -71,9 +71,9 @@ def _make_draft(config, sampler_kw):
 def _make_draft_lv(config, sampler_kw):
   o = config.objective
 
-  def rollout(eps_fn, params, x_T, cond, null, key, key_extra):
+  def rollout(model_fn, params, x_T, cond, null, key, key_extra):
     del key_extra
-    _, renoised = lv_rollout(eps_fn, params, x_T=x_T, cond=cond, null=null, key=key,
+    _, renoised = lv_rollout(model_fn, params, x_T=x_T, cond=cond, null=null, key=key,
                              num_renoise=o.num_renoise, **sampler_kw)
     return renoised, {}
 
@@ -84,9 +84,9 @@ def _make_alignprop(config, sampler_kw):
   o = config.objective
   unroll = trajectory.auto_unroll(config.unroll)
 
-  def rollout(eps_fn, params, x_T, cond, null, key, key_extra):
+  def rollout(model_fn, params, x_T, cond, null, key, key_extra):
     k = jax.random.randint(key_extra, (), o.min_grad_steps, sampler_kw["num_steps"] + 1)
-    x0 = sampling.truncated_rollout(eps_fn, params, x_T=x_T, cond=cond, null_cond=null,
+    x0 = sampling.truncated_rollout(model_fn, params, x_T=x_T, cond=cond, null_cond=null,
                                     key=key, grad_steps=k, random_truncation=True,
                                     unroll=unroll, **sampler_kw)
     return x0, {"grad_steps": k.astype(jnp.float32)}

@@ -17,7 +17,7 @@ Diffusion kinds, i.e. what an epoch does with its samples (`KINDS`):
 * "reward_backprop": no stored samples; each update draws fresh x_T and runs a
   differentiable rollout inside the loss, whose value is − mean reward of what it
   returns. `make_loss(config, sampler_kw)` returns
-  `rollout(eps_fn, params, x_T, cond, null, key, key_extra) -> (x, metrics)`, x [..., B,
+  `rollout(model_fn, params, x_T, cond, null, key, key_extra) -> (x, metrics)`, x [..., B,
   *latent] (extra leading dims are averaged by the reward).
 * "select_sft": sample (no log-probs), `prepare` picks sample indices, and the updates
   minimise a supervised loss on the picked (image, condition) pairs. `make_loss(config,

@@ -51,7 +51,7 @@ class Preset:
   common: Mapping[str, object]  # overrides every row gets
   rows: Mapping[str, Mapping[str, object]]  # row name -> its own overrides (present = run)
   note: str  # hardware and budget, for the README
-  cpu_devices: int = 0  # split a CPU host into this many devices (rft.parallel.split_cpu)
+  cpu_devices: int = 0  # split a CPU host into this many devices (rft.placement.split_cpu)
   config_arg: str = ""  # a variant added to every row's config, e.g. "smoke"
   # What this preset measures when it differs from the table's (Stable Diffusion has no
   # independent evaluator: its metrics are the configured rewards).

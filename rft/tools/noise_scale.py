@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rft import config as config_lib
-from rft import parallel
+from rft import placement
 from rft.diffusion.sampling import SamplerConfig
 from rft.objectives import prdp, step_baselines, trajectory
 from rft.rewards import base as rewards_lib
@@ -114,7 +114,7 @@ def step_gradients(config, num_estimates: int, prompts: int, seed: int = 0,
     raise ValueError(f"noise_scale needs a jitted reward, got {config.reward!r}")
   mask = jax.tree.leaves(diffusion_rl.trainable_mask(params, config.finetune.trainable))
   B = config.samples_per_prompt
-  scorer = trajectory.StepScorer(pipe.eps_fn, sampler.build(pipe.schedule),
+  scorer = trajectory.StepScorer(pipe.model_fn, pipe.sampler(sampler),
                                  sampler.guidance_scale, reduce="mean")
 
   with_values = o.get("step_baseline", "none") != "none"
@@ -149,7 +149,7 @@ def step_gradients(config, num_estimates: int, prompts: int, seed: int = 0,
     return jnp.concatenate([x.ravel() for x, keep in zip(jax.tree.leaves(g), mask) if keep])
 
   # Rows split over every device (data parallel), params replicated.
-  rows = NamedSharding(parallel.make_mesh(), P(parallel.DATA))
+  rows = NamedSharding(placement.make_mesh(), P(placement.DATA))
   put_rows = lambda tree: jax.device_put(tree, rows)
   params = jax.device_put(params, NamedSharding(rows.mesh, P()))
   out, corrs = [], []
@@ -206,9 +206,9 @@ def main(argv=None) -> None:
                   help="config override, e.g. --set share_initial_noise=true "
                        "--set objective.step_baseline=x0_reward (repeatable)")
   ap.add_argument("--cpu_devices", type=int, default=8,
-                  help="split a CPU host into this many devices (rft.parallel.split_cpu)")
+                  help="split a CPU host into this many devices (rft.placement.split_cpu)")
   args = ap.parse_args(argv)
-  parallel.split_cpu(args.cpu_devices)
+  placement.split_cpu(args.cpu_devices)
   name, _, arg = args.config.partition(":")
   config = config_lib.apply_overrides(config_lib.load(name, arg or None), args.set)
   per_step, n = step_gradients(config, args.estimates, args.prompts, args.seed)

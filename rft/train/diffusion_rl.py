@@ -157,7 +157,7 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, rollout, 
     x_T = jax.random.normal(k_init, (b["tokens"].shape[0], *pipe.sample_shape), jnp.float32)
     decoded_reward = lambda latents, prompts: reward(pipe.images(base, latents), prompts,
                                                      reward_params)
-    x, m_extra = rollout(pipe.eps_fn, params, x_T, b["cond"], b["null_cond"], k_chain, k_extra)
+    x, m_extra = rollout(pipe.model_fn, params, x_T, b["cond"], b["null_cond"], k_chain, k_extra)
     loss, m = draft_lib.reward_loss(decoded_reward, x, b["prompts"])
     return loss, dict(m, **m_extra)
 
@@ -186,7 +186,7 @@ def make_sft_update(config, loss, materialize, tx, placement: Placement | None =
 def sampler_kwargs(pipe, sampler: SamplerConfig) -> dict:
   """The rollout settings a reward_backprop objective's differentiable rollout takes
   (the keywords of rft.diffusion.sampling.truncated_rollout besides the truncation)."""
-  return dict(sampler=sampler.build(pipe.schedule), num_steps=sampler.num_steps,
+  return dict(sampler=pipe.sampler(sampler), num_steps=sampler.num_steps,
               guidance_scale=sampler.guidance_scale)
 
 
@@ -295,7 +295,7 @@ def train_and_evaluate(config, workdir: str):
   pipe, tokens_all = world.pipe, world.tokens
   base_params = placement.put_frozen(world.base_params)
   sampler = SamplerConfig(**dict(config.sampler))
-  step_sampler = sampler.build(pipe.schedule)  # the registered sampler (config.sampler.name)
+  step_sampler = pipe.sampler(sampler)  # the registered sampler (config.sampler.name)
   B = config.samples_per_prompt
   # ---------------------------------------------------------------- reward
   reward = rewards_lib.build(config.reward, options=config.get("reward_options"),
@@ -362,7 +362,7 @@ def train_and_evaluate(config, workdir: str):
 
   @jax.jit
   def ref_log_probs(base, traj, cond, null):
-    return sampling.trajectory_log_probs(pipe.eps_fn, base, step_sampler, traj, cond, null,
+    return sampling.trajectory_log_probs(pipe.model_fn, base, step_sampler, traj, cond, null,
                                          guidance_scale=sampler.guidance_scale)
 
   @jax.jit
@@ -370,7 +370,7 @@ def train_and_evaluate(config, workdir: str):
     return pipe.conditions(base, tokens)  # the text encoder is frozen
 
   if obj.kind == "trajectory":
-    scorer = trajectory.StepScorer(pipe.eps_fn, step_sampler, sampler.guidance_scale,
+    scorer = trajectory.StepScorer(pipe.model_fn, step_sampler, sampler.guidance_scale,
                                    reduce="mean")
     update = make_trajectory_update(config, scorer, obj.make_loss(config), materialize, tx,
                                     placement, state, base_params)
@@ -454,7 +454,7 @@ def train_and_evaluate(config, workdir: str):
       ref = ref_log_probs(base_params, traj, cond, null)
       batch["ref_log_probs"] = ref
       # On the host: op-by-op math on multi-device arrays is what can stall XLA:CPU's
-      # collectives (rft.parallel.split_cpu).
+      # collectives (rft.placement.split_cpu).
       m["kl_to_ref"] = float(np.mean(np.sum(placement.gather(traj.log_probs)
                                             - placement.gather(ref), axis=1)))
     entries, m_prep = obj.prepare(config, ids, scores, values, stats)  # on the host

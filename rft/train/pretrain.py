@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rft import checkpoint, metrics, parallel, pretrained
+from rft import checkpoint, metrics, placement, pretrained
 from rft.data import shapes
 from rft.diffusion import training
 from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
@@ -72,7 +72,9 @@ def make_train_step(pipe, tx, config):
 
 def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- mesh and data
-  mesh = parallel.make_mesh(dict(config.mesh))
+  # The RL loops' placement (config.mesh); the small model is replicated, batches split.
+  place = placement.Placement.from_config(config, trained="replicate", frozen="replicate")
+  mesh = place.mesh
   world = shapes.ShapesWorld(config.holdout_fraction, config.split_seed)
   tok = shapes.tokenizer()
   prompt_tokens = tok.encode(world.texts)  # [num_prompts, L]
@@ -95,7 +97,8 @@ def train_and_evaluate(config, workdir: str):
   params = jax.jit(model.init)(key, jnp.zeros((1, h, h, 3)), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, tok.max_len), jnp.int32))["params"]
   logging.info("model params: %d", sum(x.size for x in jax.tree.leaves(params)))
-  state = parallel.replicate(TrainState.create(params, tx, ema=config.ema_decay > 0), mesh)
+  state = place.create_state(lambda p: TrainState.create(p, tx, ema=config.ema_decay > 0),
+                             params)
 
   # ---------------------------------------------------------------- checkpoint / resume
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
@@ -137,9 +140,9 @@ def train_and_evaluate(config, workdir: str):
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
   bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain")
   t0, results = time.time(), {}
-  with parallel.use_mesh(mesh):
+  with placement.use_mesh(mesh):
     for step in range(start, config.steps):
-      batch = parallel.shard_batch(host_batch(step), mesh)
+      batch = place.batch(host_batch(step))
       state, m = train_step(state, batch, jax.random.fold_in(key, step))
       done = step + 1
       if done % config.log_every == 0 or done == config.steps:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rft import checkpoint, metrics, parallel, pretrained
+from rft import checkpoint, metrics, placement, pretrained
 from rft.data import shapes
 from rft.models import scorers as scorer_models
 from rft.rewards import shapes_alignment as align
@@ -78,12 +78,12 @@ def evaluate_scorer(apply_fn, params, world: shapes.ShapesWorld, n: int, seed: i
   return {k: float(np.concatenate(v).mean()) for k, v in hits.items()}
 
 
-def _train_one(name: str, cfg, config, world, mesh, workdir, writer) -> tuple[dict, dict]:
+def _train_one(name: str, cfg, config, world, place, workdir, writer) -> tuple[dict, dict]:
   model = scorer_models.make_scorer(cfg.arch)
   tx = make_optimizer(config.lr, config.steps, config.warmup, config.weight_decay)
   key = jax.random.key(cfg.seed)
   params = model.init(key, jnp.zeros((1, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3)))["params"]
-  state = parallel.replicate(TrainState.create(params, tx), mesh)
+  state = place.create_state(lambda p: TrainState.create(p, tx), params)
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints_{name}", max_to_keep=1)
   start = 0
   if ckpt.latest_step() is not None:
@@ -100,14 +100,14 @@ def _train_one(name: str, cfg, config, world, mesh, workdir, writer) -> tuple[di
     return state.apply_gradients(grads, tx), m
 
   bar = metrics.ProgressBar(config.steps, initial=start, desc=name)
-  with parallel.use_mesh(mesh):
+  with placement.use_mesh(place.mesh):
     for step in range(start, config.steps):
       rng = np.random.default_rng([cfg.seed, step])
       half = config.batch_size // 2
       ids = world.sample_prompt_ids(rng, config.batch_size - half, "train")
       cells = np.concatenate([shapes.random_scenes(rng, half), world.sample_scenes(rng, ids)])
       offsets = shapes.sample_offsets(rng, cells)
-      batch = parallel.shard_batch({"cells": cells, "offsets": offsets}, mesh)
+      batch = place.batch({"cells": cells, "offsets": offsets})
       state, m = train_step(state, batch["cells"], batch["offsets"],
                             jax.random.fold_in(key, step))
       if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
@@ -131,14 +131,15 @@ def _train_one(name: str, cfg, config, world, mesh, workdir, writer) -> tuple[di
 
 def train_and_evaluate(config, workdir: str):
   """Train the reward scorer and the evaluator; export both as pretrained bundles."""
-  mesh = parallel.make_mesh(dict(config.mesh))
+  # The RL loops' placement (config.mesh); the small scorers are replicated.
+  place = placement.Placement.from_config(config, trained="replicate", frozen="replicate")
   world = shapes.ShapesWorld(config.holdout_fraction, config.split_seed)
   writer = metrics.create_writer(workdir)
   summary = {}
   for name in ("reward", "evaluator"):
     cfg = config[name]
     t0 = time.time()
-    params, results = _train_one(name, cfg, config, world, mesh, workdir, writer)
+    params, results = _train_one(name, cfg, config, world, place, workdir, writer)
     results["train_seconds_this_run"] = round(time.time() - t0, 1)
     meta = {"arch": cfg.arch, "seed": cfg.seed, "steps": config.steps,
             "results": results, "command": pretrained.invocation()}
