@@ -3,7 +3,9 @@
 eps_guided = eps(x, t, null) + s * (eps(x, t, cond) - eps(x, t, null)).
 
 A denoiser is any ``eps_fn(params, x_t, t, cond) -> eps`` with x_t ``[B, ...]``, t int32
-``[B]`` and cond a pytree whose leaves have leading batch dim B.
+``[B]`` and cond a pytree whose leaves have leading batch dim B. The combination is
+linear, so it applies unchanged to other model outputs (v, flow velocity): the samplers
+guide the raw model output and convert it afterwards (rft.diffusion.sampling).
 """
 from __future__ import annotations
 
