@@ -126,7 +126,8 @@ def test_a_sampler_registered_here_is_built_by_name():
       return super().step(*args, **kw)
 
   sampling.register("counting_ddim")(
-      lambda schedule, eta, clip_x0: CountingDDIM(schedule, eta, clip_x0))
+      lambda schedule, eta, clip_x0, prediction: CountingDDIM(schedule, eta, clip_x0,
+                                                              prediction=prediction))
   try:
     sched = make_schedule("scaled_linear", 1000)
     eps = lambda p, x, t, c: jnp.tanh(p * x + c)
