@@ -156,7 +156,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
                               "prompts": {"ids": ids, "tokens": tokens,
                                           "assignments": world.assignments(ids)}})
       rollout = registry.diffusion("draft").make_loss(
-          config, diffusion_rl.sampler_kwargs(pipe, sampler))
+          config, diffusion_rl.sampler_kwargs(pipe.sampler(sampler), sampler))
       update = diffusion_rl.make_backprop_update(config, pipe, sampler, reward, rollout,
                                                  materialize, tx)
       state = jax.device_get(TrainState.create(trainable, tx))

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rft.diffusion import ddim
 from rft.diffusion.guidance import guided_eps
 
 # name -> factory(schedule, *, eta, clip_x0, prediction) -> sampler
@@ -267,6 +268,4 @@ def renoised_last_step(model_fn: Callable, params: Any, sampler, x0: jax.Array, 
   return jax.vmap(one)(jax.random.split(key, copies))
 
 
-from rft.diffusion import ddim as _ddim  # noqa: E402  (registers "ddim"; it imports nothing here)
-
-register("ddim")(_ddim.DDIMSampler.build)
+register("ddim")(ddim.DDIMSampler.build)

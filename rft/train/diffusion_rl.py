@@ -183,10 +183,11 @@ def make_sft_update(config, loss, materialize, tx, placement: Placement | None =
   return _jit(update, placement, state, base, 4)
 
 
-def sampler_kwargs(pipe, sampler: SamplerConfig) -> dict:
+def sampler_kwargs(step_sampler, sampler: SamplerConfig) -> dict:
   """The rollout settings a reward_backprop objective's differentiable rollout takes
-  (the keywords of rft.diffusion.sampling.truncated_rollout besides the truncation)."""
-  return dict(sampler=pipe.sampler(sampler), num_steps=sampler.num_steps,
+  (the keywords of rft.diffusion.sampling.truncated_rollout besides the truncation):
+  the run's built sampler and the configured steps and guidance scale."""
+  return dict(sampler=step_sampler, num_steps=sampler.num_steps,
               guidance_scale=sampler.guidance_scale)
 
 
@@ -376,7 +377,7 @@ def train_and_evaluate(config, workdir: str):
                                     placement, state, base_params)
   elif obj.kind == "reward_backprop":
     update = make_backprop_update(config, pipe, sampler, reward,
-                                  obj.make_loss(config, sampler_kwargs(pipe, sampler)),
+                                  obj.make_loss(config, sampler_kwargs(step_sampler, sampler)),
                                   materialize, tx, placement, state, base_params)
   else:
     update = make_sft_update(config, obj.make_loss(config, pipe), materialize, tx, placement,

@@ -336,8 +336,9 @@ def train_and_evaluate(config, workdir: str):
       logging.warning("step %d: every sampled group's rewards agree after %d rounds; no "
                       "update", step + 1, o.max_rounds)
       ums = [{"loss": 0.0}]
+    ums = jax.device_get(ums)  # one device sync for every update's metrics
     m.update(loop.mean_metrics(ums))
-    m["first_update_ratio_mean"] = float(jax.device_get(ums[0]).get("ratio_mean", 1.0))
+    m["first_update_ratio_mean"] = float(ums[0].get("ratio_mean", 1.0))
     done = step + 1
     loop.check_finite(m["loss"], f"{o.name} loss at step {done}", ckpt, workdir)
     m["step_seconds"] = time.time() - t0
