@@ -26,8 +26,9 @@ def get_config(arg=None):
   # Model (TextToImage.from_config keys; text.vocab_size comes from the tokenizer).
   c.model = config_dict.ConfigDict({
       "text": {"width": 64, "depth": 2, "num_heads": 4},
+      # pos_emb: learned per-position embeddings at the attention inputs (rft.models.unet).
       "unet": {"channels": (32, 64, 64), "num_res_blocks": 1, "attn_levels": (1, 2),
-               "emb_dim": 128},
+               "emb_dim": 128, "pos_emb": False},
   })
   # Diffusion.
   c.schedule = "cosine"

@@ -38,7 +38,7 @@ _UNET_KEYS = {
     "attn_levels": "attn_levels", "self_attn_levels": "self_attn_levels",
     "mid_attn": "mid_attn", "full_skips": "full_skips", "num_heads": "num_heads",
     "emb_dim": "emb_dim",
-    "num_groups": "num_groups", "out_channels": "out_channels",
+    "num_groups": "num_groups", "out_channels": "out_channels", "pos_emb": "pos_emb",
 }
 
 
@@ -64,6 +64,7 @@ class TextToImage(nn.Module):
   emb_dim: int = 128
   num_groups: int = 8
   out_channels: int = 3
+  pos_emb: bool = False
 
   def setup(self):
     self.text = TextEncoder(
@@ -76,7 +77,7 @@ class TextToImage(nn.Module):
         self_attn_levels=tuple(self.self_attn_levels), mid_attn=self.mid_attn,
         full_skips=self.full_skips,
         num_heads=self.num_heads, emb_dim=self.emb_dim, num_groups=self.num_groups,
-        out_channels=self.out_channels)
+        out_channels=self.out_channels, pos_emb=self.pos_emb)
 
   def encode(self, tokens):
     """``tokens [B, L] -> (states [B, L, text_width], mask [B, L] bool)``."""

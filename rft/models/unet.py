@@ -120,19 +120,29 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  """Optional self-attention over pixels, then cross-attention to the text; residual."""
+  """Optional self-attention over pixels, then cross-attention to the text; residual.
+
+  pos_emb: a learned embedding per pixel position [H*W, C] (init N(0, 0.02^2)) is added
+  to the normalised attention inputs (queries and self-attention keys), not to the
+  residual stream: a query then knows where it is, so a caption's position words ("at
+  the top left", "to the left of") can be matched by location. Without it the only
+  position signal is the convolutions' zero padding.
+  """
 
   num_heads: int = 4
   self_attn: bool = False
+  pos_emb: bool = False
 
   @nn.compact
   def __call__(self, x, context, context_mask):
     b, hh, ww, c = x.shape
     tokens = x.reshape(b, hh * ww, c)
+    pe = (self.param("pos_emb", nn.initializers.normal(0.02), (hh * ww, c), jnp.float32)
+          .astype(x.dtype) if self.pos_emb else 0.0)
     if self.self_attn:
-      h = nn.LayerNorm(name="ln_self")(tokens)
+      h = nn.LayerNorm(name="ln_self")(tokens) + pe
       tokens = tokens + MultiHeadAttention(self.num_heads, name="self_attn")(h, h)
-    h = nn.LayerNorm(name="ln_cross")(tokens)
+    h = nn.LayerNorm(name="ln_cross")(tokens) + pe
     tokens = tokens + MultiHeadAttention(self.num_heads, name="cross_attn")(
         h, context, context_mask)
     return tokens.reshape(b, hh, ww, c)
@@ -173,6 +183,7 @@ class UNet(nn.Module):
   emb_dim: int = 128
   num_groups: int = 8
   out_channels: int = 3
+  pos_emb: bool = False  # learned position embeddings in every attention block
 
   @nn.compact
   def __call__(self, x, t, context, context_mask):
@@ -202,7 +213,7 @@ class UNet(nn.Module):
 
     def attn(h, level, name):
       if level in self.attn_levels:
-        return AttentionBlock(self.num_heads, level in self.self_attn_levels,
+        return AttentionBlock(self.num_heads, level in self.self_attn_levels, self.pos_emb,
                               name=name)(h, context, context_mask)
       return h
 
@@ -222,7 +233,8 @@ class UNet(nn.Module):
     # Middle.
     h = ResBlock(chans[-1], self.num_groups, name="mid_res0")(h, emb)
     if self.mid_attn:
-      h = AttentionBlock(self.num_heads, True, name="mid_attn")(h, context, context_mask)
+      h = AttentionBlock(self.num_heads, True, self.pos_emb, name="mid_attn")(
+          h, context, context_mask)
     h = ResBlock(chans[-1], self.num_groups, name="mid_res1")(h, emb)
 
     # Up path.
