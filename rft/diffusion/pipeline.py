@@ -45,7 +45,8 @@ class Text2ImagePipeline:
     if self.prediction == "eps":
       return self.model_fn
     if self.prediction != "v":
-      raise ValueError(f"no eps form for prediction {self.prediction!r}")
+      raise ValueError(f"no eps form for prediction {self.prediction!r} (a flow model: use "
+                       "its sampler's predicted_x0 / the flow loss)")
     model_fn, ac = self.model_fn, self.schedule.alphas_cumprod
 
     def eps_fn(params, x, t, cond):
@@ -95,6 +96,14 @@ def shapes_pipeline(model, schedule: Schedule, image_size: int = 16) -> Text2Ima
   from rft.models.t2i import make_encode_fn, make_eps_fn
   return Text2ImagePipeline(make_encode_fn(model), make_eps_fn(model), schedule,
                             (image_size, image_size, 3))
+
+
+def flow_pipeline(model, schedule, image_size: int = 16) -> Text2ImagePipeline:
+  """A ShapesWorld rectified-flow model (rft.models.dit.TextToImageDiT; velocity output,
+  model time sigma * 1000) on a rft.diffusion.flow.FlowSchedule: use the "flow" sampler."""
+  from rft.models.t2i import make_encode_fn, make_eps_fn
+  return Text2ImagePipeline(make_encode_fn(model), make_eps_fn(model), schedule,
+                            (image_size, image_size, 3), prediction="velocity")
 
 
 def sd_pipeline(sd) -> Text2ImagePipeline:

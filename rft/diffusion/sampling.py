@@ -2,7 +2,9 @@
 
 A sampler is an object with
 
-    timesteps(num_steps) -> (t [S], t_prev [S])        int32 numpy, high noise first
+    timesteps(num_steps) -> (t [S], t_prev [S])        numpy, high noise first (the model's
+                                                       timesteps: int32 for DDPM, float32
+                                                       sigma * 1000 for flows)
     step(model_out, t, t_prev, x, *, key=None, prev_sample=None, log_prob=True)
         -> (x_prev, (log_prob_mean [B], log_prob_sum [B]) or None)
     predicted_x0(model_out, t, x) -> x0 estimate       (per-step value baselines)
@@ -12,7 +14,8 @@ A sampler is an object with
 (prev_sample given: its log-density under this step's Gaussian), through the same code,
 so a recomputed log-prob equals the sampled one bit for bit. `model_out` is the
 (guided) model output at (x, t). Registered samplers are built by name from
-`config.sampler` (`build`); "ddim" is rft.diffusion.ddim.DDIMSampler.
+`config.sampler` (`build`); "ddim" is rft.diffusion.ddim.DDIMSampler, "flow" and
+"flow_cps" are rft.diffusion.flow.FlowSampler (rectified flow: Flow-GRPO SDE / CPS).
 
 Written once over that interface (a `model_fn(params, x, t, cond)` and a sampler):
 `rollout` (a trajectory with per-step log-probs, optional x0 predictions),
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rft.diffusion import ddim
+from rft.diffusion import ddim, flow
 from rft.diffusion.guidance import guided_eps
 
 # name -> factory(schedule, *, eta, clip_x0, prediction) -> sampler
@@ -95,7 +98,7 @@ class Trajectory:
   """A sampled chain.
 
   latents: [B, S+1, ...] (x_T first, final sample last); timesteps / prev_timesteps:
-  [S] int32 (the t and prev_t of each transition); log_probs / log_probs_sum: [B, S]
+  [S] (the t and prev_t of each transition; int32 DDPM / float32 flow timesteps); log_probs / log_probs_sum: [B, S]
   float32 log p(latents[:, i+1] | latents[:, i]) averaged / summed over latent dims;
   x0_preds: None, or [B, S, ...] the sampler's x0 prediction at latents[:, i].
   """
@@ -256,16 +259,18 @@ def renoised_last_step(model_fn: Callable, params: Any, sampler, x0: jax.Array, 
   """[copies, B, ...]: x0 re-noised `copies` times to the last step's level (the
   sampler's forward process), each denoised by one differentiable step (DRaFT-LV)."""
   ts, prev_ts = sampler.timesteps(num_steps)
-  t, prev_t = int(ts[-1]), int(prev_ts[-1])
+  t, prev_t = ts[-1].item(), prev_ts[-1].item()
   step = _remat_step(model_fn, sampler, guidance_scale)
 
   def one(k):
     k_noise, k_step = jax.random.split(k)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_t = sampler.add_noise(x0, noise, jnp.full((x0.shape[0],), t, jnp.int32))
+    x_t = sampler.add_noise(x0, noise, jnp.full((x0.shape[0],), t, ts.dtype))
     return step(params, x_t, t, prev_t, cond, null_cond, k_step)
 
   return jax.vmap(one)(jax.random.split(key, copies))
 
 
 register("ddim")(ddim.DDIMSampler.build)
+register("flow")(flow.factory("sde"))
+register("flow_cps")(flow.factory("cps"))

@@ -120,7 +120,7 @@ def make_encode_fn(model: TextToImage) -> Callable[[Any, jnp.ndarray], dict]:
   """``encode(params, tokens) -> {"states": [B,L,D], "mask": [B,L]}``."""
 
   def encode(params, tokens):
-    states, mask = model.apply({"params": params}, tokens, method=TextToImage.encode)
+    states, mask = model.apply({"params": params}, tokens, method="encode")
     return {"states": states, "mask": mask}
 
   return encode
@@ -132,6 +132,6 @@ def make_eps_fn(model: TextToImage) -> Callable[[Any, jnp.ndarray, jnp.ndarray, 
 
   def eps_fn(params, x_t, t, cond):
     return model.apply({"params": params}, x_t, t, cond["states"], cond["mask"],
-                       method=TextToImage.denoise)
+                       method="denoise")
 
   return eps_fn
