@@ -78,19 +78,28 @@ def load_bundle(name: str, template: Any = None, directory: str | None = None) -
 
 
 def load_shapes_base(directory: str | None = None):
-  """The shipped ShapesWorld base model: (TextToImage module, params, meta).
+  """The shipped ShapesWorld base model: (module, params, meta).
 
-  meta["schedule"] and meta["sampler"] hold the noise schedule and the default sampler
-  settings it was evaluated with; meta["results"] its measured alignment.
+  meta["model"]["family"] says which module: "unet" (rft.models.t2i.TextToImage, the
+  default for bundles without it) or "dit" (rft.models.dit.TextToImageDiT, a rectified
+  flow). meta["schedule"] and meta["sampler"] hold the noise schedule and the default
+  sampler settings it was evaluated with (rft.diffusion.pipeline.world_pipeline builds
+  its pipeline); meta["results"] its measured alignment.
   """
   import jax
   import jax.numpy as jnp
 
+  from rft.models.dit import TextToImageDiT
   from rft.models.t2i import TextToImage
 
   meta = load_meta("shapes_base", directory)
   cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
-  model = TextToImage(**cfg)
+  family = cfg.pop("family", "unet")
+  families = {"unet": TextToImage, "dit": TextToImageDiT}
+  if family not in families:
+    raise ValueError(f"{directory or ASSETS}/shapes_base.json: model family {family!r}; "
+                     f"known: {sorted(families)}")
+  model = families[family](**cfg)
   template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
                             jnp.zeros((1,), jnp.int32),
                             jnp.zeros((1, model.max_len), jnp.int32))["params"]

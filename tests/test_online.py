@@ -39,7 +39,7 @@ def test_smoke_run_writes_results_checkpoint_and_model(name, tmp_path):
   moved = max(float(np.max(np.abs(a - b)))
               for a, b in zip(jax.tree.leaves(base["unet"]), jax.tree.leaves(tuned["unet"])))
   assert moved > 0
-  # The text encoder is frozen (finetune.trainable = ^unet/).
+  # The text encoder is frozen (finetune.trainable = ^(unet|dit)/).
   for a, b in zip(jax.tree.leaves(base["text"]), jax.tree.leaves(tuned["text"])):
     np.testing.assert_array_equal(a, b)
 

@@ -98,6 +98,19 @@ def shapes_pipeline(model, schedule: Schedule, image_size: int = 16) -> Text2Ima
                             (image_size, image_size, 3))
 
 
+def world_pipeline(model, schedule: dict, image_size: int = 16) -> Text2ImagePipeline:
+  """A ShapesWorld base model's pipeline from its bundle's meta["schedule"]: {"name":
+  "flow", ...FlowSchedule fields} for a rectified-flow model, else a DDPM schedule
+  (rft.diffusion.schedules.make_schedule keys) for an eps-prediction UNet."""
+  schedule = dict(schedule)
+  if schedule.get("name") == "flow":
+    from rft.diffusion.flow import FlowSchedule
+    schedule.pop("name")
+    return flow_pipeline(model, FlowSchedule(**schedule), image_size)
+  from rft.diffusion.schedules import make_schedule
+  return shapes_pipeline(model, make_schedule(**schedule), image_size)
+
+
 def flow_pipeline(model, schedule, image_size: int = 16) -> Text2ImagePipeline:
   """A ShapesWorld rectified-flow model (rft.models.dit.TextToImageDiT; velocity output,
   model time sigma * 1000) on a rft.diffusion.flow.FlowSchedule: use the "flow" sampler."""

@@ -34,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Sensible targets for ``rft.models.t2i.TextToImage``: the UNet's self-/cross-attention
-# projections and its residual-block 3x3 convs. The text encoder stays frozen.
+# Sensible targets for the ShapesWorld models (rft.models.t2i / rft.models.dit): the
+# denoiser's self-/cross-attention projections and the UNet's residual-block 3x3 convs.
+# The text encoder stays frozen.
 DEFAULT_TARGETS = (
-    r"^unet/.*/(self_attn|cross_attn)/(q|k|v|out)/kernel$",
+    r"^(unet|dit)/.*/(self_attn|cross_attn)/(q|k|v|out)/kernel$",
     r"^unet/.*_res\d+/conv[12]/kernel$",
 )
 

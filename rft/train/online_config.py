@@ -60,12 +60,13 @@ def base() -> config_dict.ConfigDict:
   # EMA of the trained params (0 = off). When on, evaluation and the exported model use
   # the EMA; rollouts stay on-policy with the raw params.
   c.ema_decay = 0.0
-  # What is trained: full finetuning of the params matching `trainable`, or LoRA.
+  # What is trained: full finetuning of the params matching `trainable` (default: the
+  # denoiser, a UNet or a DiT; the text encoder stays frozen), or LoRA.
   c.finetune = config_dict.ConfigDict({
-      "mode": "full", "trainable": "^unet/",
+      "mode": "full", "trainable": "^(unet|dit)/",
       "lora_rank": 4, "lora_alpha": 4.0,
-      # UNet attention projections and res-block convs (rft.models.lora.DEFAULT_TARGETS).
-      "lora_targets": r"^unet/.*/(self_attn|cross_attn)/(q|k|v|out)/kernel$|"
+      # Attention projections and UNet res-block convs (rft.models.lora.DEFAULT_TARGETS).
+      "lora_targets": r"^(unet|dit)/.*/(self_attn|cross_attn)/(q|k|v|out)/kernel$|"
                       r"^unet/.*_res\d+/conv[12]/kernel$",
   })
   # Unrolling of the differentiated step scans: "auto" = full on CPU (XLA:CPU runs backward

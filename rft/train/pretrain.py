@@ -1,4 +1,6 @@
-"""Pretrain the ShapesWorld text-to-image base model (eps-prediction, CFG dropout).
+"""Pretrain the ShapesWorld text-to-image base model (CFG dropout): an eps-prediction
+UNet on a DDPM schedule, or (config.model.family = "dit", config.schedule = "flow") a
+rectified-flow DiT trained with the flow-matching loss.
 
 Sections: mesh -> data -> model -> optimizer/state -> checkpoint/resume -> update step
 -> evaluation -> loop -> export. Data is a pure function of (seed, step), the update
@@ -16,26 +18,42 @@ from absl import logging
 
 from rft import checkpoint, metrics, placement, pretrained
 from rft.data import shapes
-from rft.diffusion import training
-from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
-from rft.diffusion.schedules import make_schedule
+from rft.diffusion import flow, training
+from rft.diffusion.pipeline import SamplerConfig, world_pipeline
+from rft.models.dit import TextToImageDiT
 from rft.models.t2i import TextToImage
 from rft.train import loop
 from rft.worlds import shapes_eval
 from rft.train.state import TrainState, make_optimizer
 
 
-def build_model(model_cfg, vocab_size: int) -> TextToImage:
+def build_model(model_cfg, vocab_size: int):
+  """config.model -> TextToImage (family "unet", the default) or TextToImageDiT ("dit")."""
   text = dict(model_cfg.text)
   text.setdefault("vocab_size", vocab_size)
-  return TextToImage.from_config(text=text, unet=dict(model_cfg.unet))
+  family = model_cfg.get("family", "unet")
+  if family == "unet":
+    return TextToImage.from_config(text=text, unet=dict(model_cfg.unet))
+  if family == "dit":
+    return TextToImageDiT.from_config(text=text, dit=dict(model_cfg.dit))
+  raise ValueError(f"config.model.family={family!r}; use 'unet' or 'dit'")
 
 
-def model_meta(model: TextToImage, config) -> dict:
+def schedule_meta(config) -> dict:
+  """config.schedule as a bundle's meta["schedule"] (rft.diffusion.pipeline.world_pipeline)."""
+  if config.schedule == "flow":
+    return {"name": "flow", "num_train_timesteps": config.num_train_timesteps,
+            "shift": float(config.get("flow_shift", 1.0))}
+  return {"name": config.schedule, "num_train_timesteps": config.num_train_timesteps}
+
+
+def model_meta(model, config) -> dict:
   """What load_base_model needs to rebuild the model and its sampler."""
+  family = "dit" if isinstance(model, TextToImageDiT) else "unet"
   return {
-      "model": {k: list(v) if isinstance(v, tuple) else v for k, v in model.config().items()},
-      "schedule": {"name": config.schedule, "num_train_timesteps": config.num_train_timesteps},
+      "model": dict({k: list(v) if isinstance(v, tuple) else v
+                     for k, v in model.config().items()}, family=family),
+      "schedule": schedule_meta(config),
       "sampler": dict(config.sampler),
       "holdout_fraction": config.holdout_fraction, "split_seed": config.split_seed,
   }
@@ -53,13 +71,17 @@ def load_judge(scorer_dir: str | None):
 
 
 def make_train_step(pipe, tx, config):
-  """(state, batch, key) -> (state, metrics): render the batch's scenes, eps loss, AdamW."""
+  """(state, batch, key) -> (state, metrics): render the batch's scenes, the eps loss (or
+  the flow-matching loss for a velocity model), AdamW."""
 
   def train_step(state, batch, step_key):
     x0 = shapes.render(batch["cells"], batch["offsets"])
 
     def loss_fn(p):
       cond, null = pipe.conditions(p, batch["tokens"])
+      if pipe.prediction == "velocity":
+        return flow.flow_loss(pipe.model_fn, p, x0, cond, null, step_key, pipe.schedule,
+                              config.cond_dropout, config.get("flow_weighting", "logit_normal"))
       return training.eps_loss(pipe.eps_fn, p, x0, cond, null, step_key, pipe.schedule,
                                config.cond_dropout, config.snr_gamma or None)
 
@@ -88,8 +110,7 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- model and state
   model = build_model(config.model, tok.vocab_size)
-  pipe = shapes_pipeline(model, make_schedule(config.schedule, config.num_train_timesteps),
-                         shapes.IMAGE_SIZE)
+  pipe = world_pipeline(model, schedule_meta(config), shapes.IMAGE_SIZE)
   tx = make_optimizer(config.lr, config.steps, config.warmup, config.weight_decay,
                       config.grad_clip)
   key = jax.random.key(config.seed)

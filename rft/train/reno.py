@@ -27,8 +27,7 @@ from absl import logging
 
 from rft import metrics, pretrained
 from rft.data import shapes
-from rft.diffusion.pipeline import shapes_pipeline
-from rft.diffusion.schedules import make_schedule
+from rft.diffusion.pipeline import world_pipeline
 from rft.objectives import reno, trajectory
 from rft.rewards import base as rewards_base
 from rft.worlds import shapes_eval
@@ -40,8 +39,7 @@ def run(config, workdir: str) -> dict:
   t_start = time.time()
   # ---------------------------------------------------------------- base model and sampler
   model, params, meta = pretrained.load_shapes_base(config.base_dir or None)
-  schedule = make_schedule(**meta["schedule"])
-  pipe = shapes_pipeline(model, schedule, shapes.IMAGE_SIZE)
+  pipe = world_pipeline(model, meta["schedule"], shapes.IMAGE_SIZE)
   clip_x0 = meta["sampler"].get("clip_x0")
   world = shapes.ShapesWorld(meta["holdout_fraction"], meta["split_seed"])
   prompt_tokens = shapes.tokenizer().encode(world.texts)

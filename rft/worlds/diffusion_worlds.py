@@ -27,8 +27,7 @@ from absl import logging
 
 from rft import pretrained
 from rft.data import shapes
-from rft.diffusion.pipeline import Text2ImagePipeline, shapes_pipeline
-from rft.diffusion.schedules import make_schedule
+from rft.diffusion.pipeline import Text2ImagePipeline, world_pipeline
 
 SPLITS = ("train", "heldout")
 
@@ -42,8 +41,8 @@ class ShapesSetup:
     from rft.train.pretrain import load_judge, load_or_pretrain_base
     self.model, self.base_params, self.meta = load_or_pretrain_base(workdir,
                                                                     config.base_dir or None)
-    schedule = make_schedule(**self.meta["schedule"])
-    self.pipe: Text2ImagePipeline = shapes_pipeline(self.model, schedule, shapes.IMAGE_SIZE)
+    self.pipe: Text2ImagePipeline = world_pipeline(self.model, self.meta["schedule"],
+                                                   shapes.IMAGE_SIZE)
     self.world = shapes.ShapesWorld(self.meta["holdout_fraction"], self.meta["split_seed"])
     self.texts = self.world.texts
     self.tokens = shapes.tokenizer().encode(self.texts)

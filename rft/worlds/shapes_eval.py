@@ -90,8 +90,7 @@ def sweep_samplers(samplers: list[str], base_dir: str | None = None, prompts: in
   """
   import time
 
-  from rft.diffusion.pipeline import SamplerConfig, shapes_pipeline
-  from rft.diffusion.schedules import make_schedule
+  from rft.diffusion.pipeline import SamplerConfig, world_pipeline
 
   model, params, meta = pretrained.load_shapes_base(base_dir)
   if unet_noise:
@@ -99,14 +98,15 @@ def sweep_samplers(samplers: list[str], base_dir: str | None = None, prompts: in
     params = dict(params, unet=jax.tree.map(
         lambda x: x + np.float32(unet_noise) * rng.randn(*x.shape).astype(np.float32),
         params["unet"]))
-  pipe = shapes_pipeline(model, make_schedule(**meta["schedule"]))
+  pipe = world_pipeline(model, meta["schedule"])
   world = shapes.ShapesWorld(meta["holdout_fraction"], meta["split_seed"])
   tokens = shapes.tokenizer().encode(world.texts)
   judge = make_judge(Scorer.load("shapes_evaluator"), Scorer.load("shapes_reward"))
   results = {}
   for spec in samplers:
     steps, eta, cfg_scale = spec.split(",")
-    cfg = SamplerConfig(int(steps), float(eta), float(cfg_scale), meta["sampler"]["clip_x0"])
+    cfg = SamplerConfig(int(steps), float(eta), float(cfg_scale), meta["sampler"]["clip_x0"],
+                        meta["sampler"].get("name", "ddim"))
     sample = jax.jit(lambda p, t, k, cfg=cfg: pipe.sample(p, t, k, cfg)[0].sample)
     fn = lambda ids, key, sample=sample: sample(params, jnp.asarray(tokens[ids]), key)
     t0, out = time.time(), {}
