@@ -81,7 +81,8 @@ def captions(a) -> dict:
     count = np.bincount((cells[j] > 0).sum(1), minlength=5)
     rows.append((float(aligned[j].mean()), s.families(s.ids[j:j + 1])[0], has_position(text),
                  text))
-    print(f"{aligned[j].mean():.2f}  {rows[-1][1]:8s}  cells {dict(zip(CELLS, np.round(occ, 2)))}"
+    where = " ".join(f"{c} {o:.2f}" for c, o in zip(CELLS, occ))
+    print(f"{aligned[j].mean():.2f}  {rows[-1][1]:8s}  cells [{where}]"
           f"  objects {count.tolist()}  {text}")
   pos = np.array([r[2] for r in rows])
   rate = np.array([r[0] for r in rows])
