@@ -65,7 +65,7 @@ def run(config, workdir: str) -> dict:
     cond, null = pipe.conditions(p, tokens)
 
     def generate(z):
-      return reno.ddim_generate(pipe.eps_fn, p, z, cond, null, schedule=schedule,
+      return reno.ddim_generate(pipe.eps_fn, p, z, cond, null, schedule=pipe.schedule,
                                 num_steps=config.num_steps, guidance_scale=guidance,
                                 clip_x0=clip_x0, unroll=unroll)
 
