@@ -5,6 +5,10 @@ as configs/pretrain_shapes.py (data, text encoder, CFG dropout, EMA, evaluation)
 COMMAND:
   python -m rft.main --config=configs/pretrain_flow_shapes.py --workdir=workdirs/pretrain_flow
 
+EXPECTED: 2,500 steps at batch 64 in about 20 minutes on a 2-core CPU (1,184 s measured,
+CPU partly shared). The evaluator then judges 18 % of samples aligned on training
+captions and 9 % on held-out captions (the UNet config: 43 % / 28 % at the same steps);
+the loss is still falling at the end: not yet a usable base.
 Samples for evaluation: 20 steps of the Flow-GRPO SDE (noise level 0.7, the sampler the
 flow RL objectives train with), CFG 1.5. `:smoke` runs in seconds.
 """

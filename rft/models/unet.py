@@ -20,7 +20,13 @@ by default: on CPU it costs more than it buys at 16x16. A prompt with no real to
 (all pad: the CFG "empty prompt") contributes exactly nothing: zero cross-attention
 output and a zero pooled vector.
 
-Resolution-agnostic: any H, W divisible by ``2 ** (len(channels) - 1)`` works.
+``pos_emb=True`` adds a learned embedding per pixel position to every attention block's
+normalised inputs (see ``AttentionBlock``); off in the shipped base. Measured at 2,500
+pretraining steps it did not help captions with positions (README, "Where the headroom
+is").
+
+Resolution-agnostic (without ``pos_emb``): any H, W divisible by
+``2 ** (len(channels) - 1)`` works.
 Speeds: ``benchmarks/unet_speed.py``.
 """
 
