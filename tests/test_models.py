@@ -290,3 +290,28 @@ def test_standalone_modules():
   eps, _ = jax.eval_shape(unet.init_with_output, jax.random.PRNGKey(0), _x(2, 8),
                           jnp.ones((2,)), states, mask)
   assert eps.shape == (2, 8, 8, 4)
+
+
+def test_pos_emb_option_adds_one_table_per_attention_block_and_moves_the_output():
+  """pos_emb=False keeps the parameter tree of the shipped base; True adds a [H*W, C]
+  table to each attention block (at its resolution), and the tables change the output."""
+  cfg = dict(SMALL, mid_attn=True, vocab_size=16)
+  x, t = jnp.ones((2, 16, 16, 3)), jnp.array([10, 500])
+  tokens = jnp.ones((2, 12), jnp.int32)
+  plain = TextToImage(**cfg).init(jax.random.key(0), x, t, tokens)["params"]
+  model = TextToImage(**cfg, pos_emb=True)
+  params = model.init(jax.random.key(0), x, t, tokens)["params"]
+  tables = {"/".join(str(getattr(p, "key", p)) for p in path): v.shape
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+            if str(getattr(path[-1], "key", "")) == "pos_emb"}
+  assert tables == {"unet/down1_attn0/pos_emb": (64, 16), "unet/mid_attn/pos_emb": (64, 16),
+                    "unet/up1_attn0/pos_emb": (64, 16)}
+  n_plain = sum(v.size for v in jax.tree.leaves(plain))
+  assert sum(v.size for v in jax.tree.leaves(params)) == n_plain + 3 * 64 * 16
+  # Give the zero-init output conv weights so the output can move at all.
+  params["unet"]["conv_out"]["kernel"] = 0.1 * jnp.ones_like(params["unet"]["conv_out"]["kernel"])
+  out = model.apply({"params": params}, x, t, tokens)
+  shuffled = jax.tree_util.tree_map_with_path(
+      lambda p, v: v[::-1] if str(getattr(p[-1], "key", "")) == "pos_emb" else v, params)
+  assert not np.allclose(np.asarray(out), np.asarray(model.apply({"params": shuffled}, x, t,
+                                                                 tokens)))
