@@ -276,8 +276,10 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   assert meta["schedule"] == {"name": "flow", "num_train_timesteps": 1000, "shift": 1.0}
   assert "dit" in params and "unet" not in params
   run = tmp_path / "prdp"
+  # An untrained base draws noise, whose alignment reward is exactly 0 for every sample
+  # (all pairs tied, no gradient); brightness differs between any two samples.
   run_main("configs/prdp.py:smoke", run, f"--config.base_dir={base}",
-           "--config.sampler.name=flow", "--config.sampler.eta=0.7")
+           "--config.sampler.name=flow", "--config.sampler.eta=0.7", "--config.reward=brightness")
   results = json.load(open(run / "results.json"))
   assert results["epochs"] == 2 and results["reward_queries"] > 0
   tuned, tuned_params, tuned_meta = pretrained.load_shapes_base(str(run))

@@ -148,5 +148,5 @@ def test_a_sampler_registered_here_is_built_by_name():
   finally:
     sampling.SAMPLERS.pop("counting_ddim", None)
   with pytest.raises(ValueError, match=r"config.sampler.name='counting_ddim' is not a "
-                                       r"registered sampler; known: \['ddim'\]"):
+                                       r"registered sampler; known: \['ddim', 'flow', 'flow_cps'\]"):
     sampling.SamplerConfig(name="counting_ddim").build(sched)
