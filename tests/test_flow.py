@@ -289,6 +289,53 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   assert max(jax.tree.leaves(moved)) > 0  # the DiT was trained
   np.testing.assert_array_equal(np.asarray(tuned_params["text"]["tok_embed"]["embedding"]),
                                 np.asarray(params["text"]["tok_embed"]["embedding"]))
+  # Flow-GRPO on the same base; without a base_dir its config stops at once, naming it.
+  run_main("configs/flow_grpo.py:smoke", tmp_path / "fg", f"--config.base_dir={base}",
+           "--config.reward=brightness")
+  assert json.load(open(tmp_path / "fg" / "results.json"))["objective"] == "flow_grpo"
+  p = run_main("configs/flow_grpo.py:smoke", tmp_path / "fg2", check=False)
+  assert p.returncode != 0 and "config.base_dir" in p.stderr
   # A DDPM sampler on a flow model is a clear error naming what is wrong.
   p = run_main("configs/prdp.py:smoke", tmp_path / "bad", f"--config.base_dir={base}", check=False)
   assert p.returncode != 0 and "velocity" in p.stderr
+
+
+def test_flow_grpo_group_advantages_by_hand():
+  from rft.objectives.flow_grpo import group_advantages
+  ids = np.array([3, 7, 3, 7, 3, 7])  # groups interleaved: grouping is by id, not order
+  r = np.array([1.0, 0.0, 2.0, 0.0, 3.0, 4.0])
+  adv, scale = group_advantages(ids, r)
+  s3 = np.std([1.0, 2.0, 3.0]) + 1e-4
+  s7 = np.std([0.0, 0.0, 4.0]) + 1e-4
+  np.testing.assert_allclose(adv, [-1 / s3, (0 - 4 / 3) / s7, 0, (0 - 4 / 3) / s7, 1 / s3,
+                                   (4 - 4 / 3) / s7], rtol=1e-6)
+  np.testing.assert_allclose(scale, [s3, s7, s3, s7, s3, s7], rtol=1e-6)
+  adv_g, scale_g = group_advantages(ids, r, global_std=True)
+  np.testing.assert_allclose(scale_g, np.std(r) + 1e-4, rtol=1e-6)
+  np.testing.assert_allclose(adv_g[0], (1 - 2) / (np.std(r) + 1e-4), rtol=1e-6)
+  # A group whose samples all score the same gets zero advantages, not NaN.
+  adv_t, _ = group_advantages(np.array([1, 1]), np.array([0.5, 0.5]))
+  np.testing.assert_array_equal(adv_t, 0.0)
+
+
+def test_flow_grpo_record_checks_and_on_policy_loss():
+  from rft import config as config_lib
+  from rft.objectives import registry
+  obj = registry.diffusion("flow_grpo")
+  assert obj.kind == "trajectory" and obj.needs_groups
+  c = config_lib.load("flow_grpo", "smoke")
+  obj.check(c)
+  for key, value, match in (("objective.kl_coef", 0.04, "kl_coef"),
+                            ("sampler.name", "ddim", "flow SDE")):
+    bad = config_lib.load("flow_grpo", "smoke")
+    section, name = key.split(".")
+    bad[section][name] = value
+    with pytest.raises(ValueError, match=match):
+      obj.check(bad)
+  # On-policy the ratio is 1 and the PPO surrogate is -mean(clip(A)).
+  loss = obj.make_loss(c)
+  lp = jnp.asarray(np.random.RandomState(0).randn(4, 3), jnp.float32)
+  adv = jnp.asarray([1.0, -2.0, 7.0, 0.5])
+  value, m = loss.fn(lp[:, 1], 1, {"advantages": adv, "log_probs": lp})
+  np.testing.assert_allclose(float(value), -np.mean([1.0, -2.0, 5.0, 0.5]), rtol=1e-6)
+  assert float(m["ratio"]) == 1.0

@@ -27,6 +27,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from rft import checkpoint, metrics
+from rft import config as config_lib
 from rft.placement import Placement
 from rft.diffusion import sampling
 from rft.diffusion.sampling import SamplerConfig
@@ -251,6 +252,7 @@ def check_rows(config, placement: Placement) -> None:
 
 def validate(config) -> registry.DiffusionObjective:
   """The objective's record, after the checks of its kind, its needs and its own."""
+  config_lib.check_required(config)  # e.g. a flow objective's base_dir
   o = config.objective
   obj = registry.diffusion(o.name)  # an unknown name lists the registered ones
   if config.sampler.get("name", "ddim") not in sampling.SAMPLERS:
