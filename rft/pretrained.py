@@ -95,7 +95,7 @@ def load_shapes_base(directory: str | None = None):
   meta = load_meta("shapes_base", directory)
   cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
   family = cfg.pop("family", "unet")
-  families = {"unet": TextToImage, "dit": TextToImageDiT}
+  families = {m.family: m for m in (TextToImage, TextToImageDiT)}
   if family not in families:
     raise ValueError(f"{directory or ASSETS}/shapes_base.json: model family {family!r}; "
                      f"known: {sorted(families)}")

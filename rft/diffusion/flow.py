@@ -111,6 +111,11 @@ class FlowSampler:
     if self.kind not in KINDS:
       raise ValueError(f"flow sampler kind must be one of {KINDS}, got {self.kind!r}")
 
+  @property
+  def deterministic(self) -> bool:
+    """eta the Python number 0: the Euler ODE (no noise, no density)."""
+    return isinstance(self.eta, (int, float)) and self.eta == 0
+
   def timesteps(self, num_steps: int):
     """(t, t_prev) float32 [S]: model timesteps sigma * num_train_timesteps."""
     s = self.schedule.sigmas(num_steps, self.mu) * np.float32(self.schedule.num_train_timesteps)
@@ -125,8 +130,7 @@ class FlowSampler:
     v, x = v.astype(jnp.float32), x.astype(jnp.float32)
     sigma, sigma_prev = self._sigma(t, x), self._sigma(t_prev, x)
     dt = sigma_prev - sigma
-    deterministic = isinstance(self.eta, (int, float)) and self.eta == 0
-    if deterministic:
+    if self.deterministic:
       return x + v * dt, jnp.zeros_like(sigma)
     if self.kind == "sde":
       std_t = jnp.sqrt(sigma / (1 - jnp.where(sigma == 1, sigma_prev, sigma))) * self.eta
@@ -139,9 +143,8 @@ class FlowSampler:
 
   def step(self, model_out, t, t_prev, x, *, key=None, prev_sample=None, log_prob=True):
     mean, std = self.mean_std(model_out, t, t_prev, x)
-    deterministic = isinstance(self.eta, (int, float)) and self.eta == 0
     if prev_sample is None:
-      if deterministic:
+      if self.deterministic:
         prev_sample = mean
       else:
         if key is None:
@@ -150,7 +153,7 @@ class FlowSampler:
     prev_sample = jax.lax.stop_gradient(jnp.asarray(prev_sample, jnp.float32))
     if not log_prob:
       return prev_sample, None
-    if deterministic:
+    if self.deterministic:
       nan = jnp.full((x.shape[0],), jnp.nan, jnp.float32)
       return prev_sample, (nan, nan)
     lp = (-((prev_sample - mean) ** 2) / (2 * std ** 2) - jnp.log(std)

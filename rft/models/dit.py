@@ -23,14 +23,14 @@ map and each block starts as the identity.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rft.models.text_encoder import MultiHeadAttention, TextEncoder
+from rft.models.t2i import TEXT_KEYS, fields_from_sections, module_config, text_encoder
+from rft.models.text_encoder import MultiHeadAttention
 from rft.models.unet import masked_mean, timestep_embedding
 
 
@@ -119,15 +119,14 @@ class DiT(nn.Module):
         b, hh, ww, self.out_channels)
 
 
-_TEXT_KEYS = {"vocab_size": "vocab_size", "max_len": "max_len", "width": "text_width",
-              "depth": "text_depth", "num_heads": "text_heads", "mlp_ratio": "text_mlp_ratio",
-              "pad_id": "pad_id"}
 _DIT_KEYS = {"patch": "patch", "width": "width", "depth": "depth", "num_heads": "num_heads",
              "mlp_ratio": "mlp_ratio", "out_channels": "out_channels"}
 
 
 class TextToImageDiT(nn.Module):
   """ShapesWorld text encoder + DiT (`encode` / `denoise` as TextToImage's)."""
+
+  family = "dit"  # recorded in base bundles (rft.pretrained.load_shapes_base); not a field
 
   vocab_size: int = 64
   max_len: int = 12
@@ -144,10 +143,7 @@ class TextToImageDiT(nn.Module):
   out_channels: int = 3
 
   def setup(self):
-    self.text = TextEncoder(
-        vocab_size=self.vocab_size, max_len=self.max_len, width=self.text_width,
-        depth=self.text_depth, num_heads=self.text_heads,
-        mlp_ratio=self.text_mlp_ratio, pad_id=self.pad_id)
+    self.text = text_encoder(self)
     self.dit = DiT(self.patch, self.width, self.depth, self.num_heads, self.mlp_ratio,
                    self.out_channels)
 
@@ -164,15 +160,8 @@ class TextToImageDiT(nn.Module):
   @classmethod
   def from_config(cls, text: Mapping[str, Any] | None = None,
                   dit: Mapping[str, Any] | None = None) -> "TextToImageDiT":
-    kwargs = {}
-    for section, cfg, keys in (("text", text, _TEXT_KEYS), ("dit", dit, _DIT_KEYS)):
-      for k, v in dict(cfg or {}).items():
-        if k not in keys:
-          raise ValueError(f"TextToImageDiT.from_config: unknown key {section}.{k!r}; expected "
-                           f"one of {sorted(keys)}")
-        kwargs[keys[k]] = v
-    return cls(**kwargs)
+    return cls(**fields_from_sections("TextToImageDiT", (("text", text, TEXT_KEYS),
+                                                         ("dit", dit, _DIT_KEYS))))
 
   def config(self) -> dict:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.name not in ("parent", "name")}
+    return module_config(self)

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 from rft.models.text_encoder import TextEncoder
 from rft.models.unet import UNet
 
-# Config-dict key -> TextToImage field, for from_config.
-_TEXT_KEYS = {
+# Config-dict key -> model field, for from_config (the text keys are shared by every
+# ShapesWorld text-to-image model: TextToImage here, TextToImageDiT in rft.models.dit).
+TEXT_KEYS = {
     "vocab_size": "vocab_size", "max_len": "max_len", "width": "text_width",
     "depth": "text_depth", "num_heads": "text_heads", "mlp_ratio": "text_mlp_ratio",
     "pad_id": "pad_id",
@@ -42,8 +43,37 @@ _UNET_KEYS = {
 }
 
 
+def text_encoder(m: nn.Module) -> TextEncoder:
+  """The TextEncoder of a model with the text_* fields (called in its setup)."""
+  return TextEncoder(vocab_size=m.vocab_size, max_len=m.max_len, width=m.text_width,
+                     depth=m.text_depth, num_heads=m.text_heads, mlp_ratio=m.text_mlp_ratio,
+                     pad_id=m.pad_id)
+
+
+def fields_from_sections(owner: str, sections) -> dict:
+  """Model fields from config sections ((name, dict or None, key -> field map), ...); an
+  unknown key is an error naming `owner`, the section and the valid keys; lists become
+  tuples (the fields must be hashable)."""
+  kwargs = {}
+  for section, cfg, keys in sections:
+    for k, v in dict(cfg or {}).items():
+      if k not in keys:
+        raise ValueError(f"{owner}.from_config: unknown key {section}.{k!r}; expected one of "
+                         f"{sorted(keys)}")
+      kwargs[keys[k]] = tuple(v) if isinstance(v, list) else v
+  return kwargs
+
+
+def module_config(m: nn.Module) -> dict:
+  """A module's fields as a plain dict (round-trips through ``type(m)(**cfg)``)."""
+  return {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
+          if f.name not in ("parent", "name")}
+
+
 class TextToImage(nn.Module):
   """Text encoder + text-conditioned UNet; see the module docstring."""
+
+  family = "unet"  # recorded in base bundles (rft.pretrained.load_shapes_base); not a field
 
   # Text encoder.
   vocab_size: int = 64
@@ -67,10 +97,7 @@ class TextToImage(nn.Module):
   pos_emb: bool = False
 
   def setup(self):
-    self.text = TextEncoder(
-        vocab_size=self.vocab_size, max_len=self.max_len, width=self.text_width,
-        depth=self.text_depth, num_heads=self.text_heads,
-        mlp_ratio=self.text_mlp_ratio, pad_id=self.pad_id)
+    self.text = text_encoder(self)
     self.unet = UNet(
         channels=tuple(self.channels), num_res_blocks=self.num_res_blocks,
         attn_levels=tuple(self.attn_levels),
@@ -95,22 +122,12 @@ class TextToImage(nn.Module):
   def from_config(cls, text: Mapping[str, Any] | None = None,
                   unet: Mapping[str, Any] | None = None) -> "TextToImage":
     """Build from ``text`` (TextEncoder keys) and ``unet`` (UNet keys) dicts."""
-    kwargs = {}
-    for section, cfg, keys in (("text", text, _TEXT_KEYS), ("unet", unet, _UNET_KEYS)):
-      for k, v in dict(cfg or {}).items():
-        if k not in keys:
-          raise ValueError(
-              f"TextToImage.from_config: unknown key {section}.{k!r}; expected one of "
-              f"{sorted(keys)}")
-        if isinstance(v, list):
-          v = tuple(v)
-        kwargs[keys[k]] = v
-    return cls(**kwargs)
+    return cls(**fields_from_sections("TextToImage", (("text", text, TEXT_KEYS),
+                                                      ("unet", unet, _UNET_KEYS))))
 
   def config(self) -> dict:
     """The fields as a plain dict (round-trips through ``TextToImage(**cfg)``)."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.name not in ("parent", "name")}
+    return module_config(self)
 
 
 Cond = Mapping[str, jnp.ndarray]

@@ -111,18 +111,25 @@ def batch_advantages(rewards: np.ndarray, with_scale: bool = False):
 # ------------------------------------------------------------------------ registration
 
 
-def _make_loss(config) -> registry.TrajectoryLoss:
-  o = config.objective
+def trajectory_loss(clip_range: float, adv_clip_max: float,
+                    importance_sampling: bool = True) -> registry.TrajectoryLoss:
+  """`ddpo_step_loss` per step over a batch with "advantages" ([n], or [n, T] with a step
+  baseline) and the sampler's "log_probs" [n, T] (also Flow-GRPO's loss)."""
 
   def step_loss(lp_j, j, b):
     adv = b["advantages"]
     if adv.ndim == 2:  # per-step advantages (a step baseline)
       adv = jnp.take(adv, j, axis=1)
     return ddpo_step_loss(lp_j, jnp.take(b["log_probs"], j, axis=1), adv,
-                          clip_range=o.clip_range, adv_clip_max=o.adv_clip_max,
-                          importance_sampling=o.importance_sampling)
+                          clip_range=clip_range, adv_clip_max=adv_clip_max,
+                          importance_sampling=importance_sampling)
 
   return registry.TrajectoryLoss(per_step=True, fn=step_loss)
+
+
+def _make_loss(config) -> registry.TrajectoryLoss:
+  o = config.objective
+  return trajectory_loss(o.clip_range, o.adv_clip_max, o.importance_sampling)
 
 
 def _make_stats(config, num_prompts: int):

@@ -41,16 +41,7 @@ def group_advantages(ids, rewards, global_std: bool = False, eps: float = 1e-4):
 
 
 def _make_loss(config) -> registry.TrajectoryLoss:
-  o = config.objective
-
-  def step_loss(lp_j, j, b):
-    adv = b["advantages"]
-    if adv.ndim == 2:  # per-step advantages (a step baseline)
-      adv = adv[:, j]
-    return ddpo.ddpo_step_loss(lp_j, b["log_probs"][:, j], adv, clip_range=o.clip_range,
-                               adv_clip_max=o.adv_clip_max, importance_sampling=True)
-
-  return registry.TrajectoryLoss(per_step=True, fn=step_loss)
+  return ddpo.trajectory_loss(config.objective.clip_range, config.objective.adv_clip_max)
 
 
 def _prepare(config, ids, scores, step_values, stats):

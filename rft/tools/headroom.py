@@ -52,11 +52,14 @@ class Setup:
     name = self.meta["sampler"].get("name", "ddim")  # a flow base: its own noise level
     eta = 1.0 if name == "ddim" else self.meta["sampler"]["eta"]
     self.cfg = SamplerConfig(10, eta, 1.0, 1.0, name)
+    self._samplers = {}  # share_within -> jitted sampler (compiled once per setting)
 
   def judge_samples(self, params, ids, key, share_within: int = 1, batch: int = 256):
     cells, aligned = [], []
-    sample = jax.jit(lambda p, t, k: self.pipe.sample(p, t, k, self.cfg,
-                                                      share_within=share_within)[0].sample)
+    if share_within not in self._samplers:
+      self._samplers[share_within] = jax.jit(lambda p, t, k: self.pipe.sample(
+          p, t, k, self.cfg, share_within=share_within)[0].sample)
+    sample = self._samplers[share_within]
     for i, s in enumerate(range(0, len(ids), batch)):
       chunk = ids[s:s + batch]
       im = sample(params, jnp.asarray(self.tokens[chunk]), jax.random.fold_in(key, i))
@@ -118,8 +121,8 @@ def groups(a) -> dict:
 def supervised(a) -> dict:
   import optax
 
-  from rft.diffusion import flow, training
   from rft.train.diffusion_rl import overlay, select_leaves, trainable_mask
+  from rft.train.pretrain import denoising_loss
   s = Setup(a.base_dir, a.train_prompts)
   pipe, base = s.pipe, s.params
   trained = select_leaves(base, trainable_mask(base, a.trainable))
@@ -129,11 +132,7 @@ def supervised(a) -> dict:
   @jax.jit
   def step(tr, opt, base, x0, tok, key):
     def loss_fn(tr):
-      p = overlay(tr, base)
-      cond, null = pipe.conditions(p, tok)
-      if pipe.prediction == "velocity":
-        return flow.flow_loss(pipe.model_fn, p, x0, cond, null, key, pipe.schedule, 0.1)[0]
-      return training.eps_loss(pipe.eps_fn, p, x0, cond, null, key, pipe.schedule, 0.1)[0]
+      return denoising_loss(pipe, overlay(tr, base), x0, tok, key, 0.1)[0]
     loss, g = jax.value_and_grad(loss_fn)(tr)
     u, opt = tx.update(g, opt, tr)
     return optax.apply_updates(tr, u), opt, loss

@@ -49,10 +49,9 @@ def schedule_meta(config) -> dict:
 
 def model_meta(model, config) -> dict:
   """What load_base_model needs to rebuild the model and its sampler."""
-  family = "dit" if isinstance(model, TextToImageDiT) else "unet"
   return {
       "model": dict({k: list(v) if isinstance(v, tuple) else v
-                     for k, v in model.config().items()}, family=family),
+                     for k, v in model.config().items()}, family=model.family),
       "schedule": schedule_meta(config),
       "sampler": dict(config.sampler),
       "holdout_fraction": config.holdout_fraction, "split_seed": config.split_seed,
@@ -70,6 +69,18 @@ def load_judge(scorer_dir: str | None):
   return shapes_eval.make_judge(evaluator, reward)
 
 
+def denoising_loss(pipe, params, x0, tokens, key, cond_dropout, snr_gamma=None,
+                   flow_weighting: str = "logit_normal"):
+  """(loss, metrics) of the pretraining objective on clean images x0 for `tokens`: the eps
+  loss (min-SNR weighted with snr_gamma), or the flow-matching loss for a velocity model."""
+  cond, null = pipe.conditions(params, tokens)
+  if pipe.prediction == "velocity":
+    return flow.flow_loss(pipe.model_fn, params, x0, cond, null, key, pipe.schedule,
+                          cond_dropout, flow_weighting)
+  return training.eps_loss(pipe.eps_fn, params, x0, cond, null, key, pipe.schedule,
+                           cond_dropout, snr_gamma)
+
+
 def make_train_step(pipe, tx, config):
   """(state, batch, key) -> (state, metrics): render the batch's scenes, the eps loss (or
   the flow-matching loss for a velocity model), AdamW."""
@@ -78,12 +89,9 @@ def make_train_step(pipe, tx, config):
     x0 = shapes.render(batch["cells"], batch["offsets"])
 
     def loss_fn(p):
-      cond, null = pipe.conditions(p, batch["tokens"])
-      if pipe.prediction == "velocity":
-        return flow.flow_loss(pipe.model_fn, p, x0, cond, null, step_key, pipe.schedule,
-                              config.cond_dropout, config.get("flow_weighting", "logit_normal"))
-      return training.eps_loss(pipe.eps_fn, p, x0, cond, null, step_key, pipe.schedule,
-                               config.cond_dropout, config.snr_gamma or None)
+      return denoising_loss(pipe, p, x0, batch["tokens"], step_key, config.cond_dropout,
+                            config.snr_gamma or None,
+                            config.get("flow_weighting", "logit_normal"))
 
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     m["grad_norm"] = optax.global_norm(grads)
