@@ -8,9 +8,10 @@ EXPECTED: not measured yet on a usable flow base (none is shipped; the 2,500-ste
 configs/pretrain_flow_shapes.py reaches 18 % alignment). Runs end to end in the tests
 (`:smoke` on a smoke flow base). Without --config.base_dir it stops at once naming it.
 Settings: 10 flow-SDE steps at noise level 0.7 (the paper's a), 32 prompts x 16 samples per
-epoch, group-normalised advantages, PPO clip 1e-4, advantages clipped to 5, no KL (the
-paper's closed-form KL is not implemented: kl_coef must stay 0), the whole DiT at Adam 1e-4.
-Variants: `dance` (DanceGRPO: one x_T per group, 60 % of the steps per update), `smoke`.
+epoch, group-normalised advantages, PPO clip 1e-4, advantages clipped to 5, KL coefficient 0.04
+(the paper's β, its closed-form step KL to the base), the whole DiT at Adam 1e-4.
+Variants: `fast` (Flow-GRPO-Fast: no KL), `dance` (DanceGRPO: one x_T per group, 60 % of
+the steps per update, no KL), `smoke`.
 """
 from ml_collections import config_dict
 
@@ -19,7 +20,7 @@ from rft.train import online_config
 
 
 def get_config(arg=None):
-  variants = config_lib.parse_arg(arg, ("smoke", "dance"))
+  variants = config_lib.parse_arg(arg, ("smoke", "dance", "fast"))
   c = online_config.base()
   c.base_dir = config_lib.required(
       "--config.base_dir=<a flow base folder, e.g. the workdir of configs/pretrain_flow_shapes.py>")
@@ -30,7 +31,7 @@ def get_config(arg=None):
       "clip_range": 1e-4,
       "adv_clip_max": 5.0,
       "global_std": False,  # divide by the whole batch's reward std instead of the group's
-      "kl_coef": 0.0,
+      "kl_coef": 0.04,  # β of the step KL to the base (0: Flow-GRPO-Fast, DanceGRPO)
       "timestep_fraction": 1.0,
       "skip_last_steps": 0,
       "step_baseline": "none",
@@ -44,7 +45,10 @@ def get_config(arg=None):
   c.lr = 1e-4
   c.eval_every = 10
   c.ckpt_every = 5
+  if "fast" in variants:
+    c.objective.kl_coef = 0.0
   if "dance" in variants:
+    c.objective.kl_coef = 0.0
     c.share_initial_noise = True
     c.objective.timestep_fraction = 0.6
   if "smoke" in variants:

@@ -325,7 +325,10 @@ def test_flow_grpo_record_checks_and_on_policy_loss():
   assert obj.kind == "trajectory" and obj.needs_groups
   c = config_lib.load("flow_grpo", "smoke")
   obj.check(c)
-  for key, value, match in (("objective.kl_coef", 0.04, "kl_coef"),
+  assert c.objective.kl_coef == 0.04 and config_lib.load("flow_grpo", "fast").objective.kl_coef == 0
+  assert obj.make_loss(c).kl_coef == 0.04
+  for key, value, match in (("objective.kl_coef", -0.1, "kl_coef"),
+                            ("sampler.eta", 0.0, "stochastic"),
                             ("sampler.name", "ddim", "flow SDE")):
     bad = config_lib.load("flow_grpo", "smoke")
     section, name = key.split(".")
@@ -339,3 +342,80 @@ def test_flow_grpo_record_checks_and_on_policy_loss():
   value, m = loss.fn(lp[:, 1], 1, {"advantages": adv, "log_probs": lp})
   np.testing.assert_allclose(float(value), -np.mean([1.0, -2.0, 5.0, 0.5]), rtol=1e-6)
   assert float(m["ratio"]) == 1.0
+
+
+def _linear_flow_batch(n=3, steps=4, seed=0):
+  """A toy velocity model v = w·x + b·t/1000 and a stored flow-SDE trajectory of it."""
+  from rft.diffusion import flow, sampling
+  sched = flow.FlowSchedule(num_train_timesteps=1000, shift=3.0)
+  sampler = flow.FlowSampler(sched, eta=0.7)
+  model_fn = lambda p, x, t, cond: p["w"] * x + p["b"] * (t / 1000.0)[:, None, None, None]
+  params = {"w": jnp.float32(-0.9), "b": jnp.float32(0.3)}
+  x_T = jax.random.normal(jax.random.key(seed), (n, 4, 4, 2))
+  traj = sampling.rollout(model_fn, params, sampler, x_T, None, None, num_steps=steps,
+                          guidance_scale=1.0, key=jax.random.key(seed + 1))
+  batch = {"latents": traj.latents, "timesteps": traj.timesteps,
+           "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
+           "cond": None, "null_cond": None}
+  return sampler, model_fn, params, batch
+
+
+def test_flow_step_kl_by_hand_and_as_a_gaussian_kl():
+  from rft.diffusion import flow
+  sampler, model_fn, params, batch = _linear_flow_batch()
+  x = batch["latents"][:, 1]
+  t, tp = batch["timesteps"][1], batch["prev_timesteps"][1]
+  v = model_fn(params, x, jnp.full((3,), t), None)
+  v_ref = v + 0.05 * jax.random.normal(jax.random.key(3), v.shape)
+  kl = np.asarray(sampler.step_kl(v, v_ref, t, tp, x))
+  s, sp = float(t) / 1000, float(tp) / 1000
+  a = 0.7 * np.sqrt(s / (1 - s))  # the reference code's std_dev_t
+  dt = sp - s
+  mean = lambda vv: (np.asarray(x) * (1 + a ** 2 / (2 * s) * dt)
+                     + np.asarray(vv) * (1 + a ** 2 * (1 - s) / (2 * s)) * dt)
+  hand = ((mean(v) - mean(v_ref)) ** 2).mean((1, 2, 3)) / (2 * a ** 2)
+  np.testing.assert_allclose(kl, hand, rtol=1e-4)
+  # The step's std is a·sqrt(-dt): step_kl = (-dt) · the per-dim Gaussian KL.
+  mu, std = sampler.mean_std(v, t, tp, x)
+  mu_ref, _ = sampler.mean_std(v_ref, t, tp, x)
+  gauss = (np.square(np.asarray(mu - mu_ref)) / (2 * np.square(np.asarray(std)))).mean((1, 2, 3))
+  np.testing.assert_allclose(kl, -dt * gauss, rtol=1e-4)
+  assert float(sampler.step_kl(v, v, t, tp, x).max()) == 0.0
+  with pytest.raises(ValueError, match="stochastic"):
+    flow.FlowSampler(sampler.schedule, eta=0).step_kl(v, v_ref, t, tp, x)
+
+
+def test_separable_grads_adds_the_step_kl_to_the_reference():
+  from rft.objectives import trajectory
+  sampler, model_fn, params, batch = _linear_flow_batch()
+  scorer = trajectory.StepScorer(model_fn, sampler, 1.0)
+  zero_loss = lambda lp, j, b: (0.0 * jnp.mean(lp), {"lp": jnp.mean(lp)})
+  ident = lambda tr: tr
+  theta = {"w": jnp.float32(-0.7), "b": jnp.float32(0.5)}
+  loss, m, g = trajectory.separable_grads(scorer, ident, theta, batch, zero_loss,
+                                          jax.random.key(0), kl_coef=0.5, ref_params=params)
+
+  def hand(th):  # mean over steps of 0.5 * mean_i KL_j(i), written out with step_kl
+    kls = []
+    for j in range(4):
+      x = batch["latents"][:, j]
+      t, tp = batch["timesteps"][j], batch["prev_timesteps"][j]
+      tv = jnp.full((3,), t)
+      kls.append(jnp.mean(sampler.step_kl(model_fn(th, x, tv, None), model_fn(params, x, tv, None),
+                                          t, tp, x)))
+    return 0.5 * jnp.mean(jnp.stack(kls))
+
+  value, grad = jax.value_and_grad(hand)(theta)
+  # float32 means of differences of nearby step means: agree to ~1e-4 relative.
+  np.testing.assert_allclose(float(loss), float(value), rtol=1e-3)
+  np.testing.assert_allclose(float(m["kl"]), float(value) / 0.5, rtol=1e-3)
+  for k in theta:
+    np.testing.assert_allclose(float(g[k]), float(grad[k]), rtol=1e-3)
+  # At the reference the KL and its gradient vanish, and the log-probs are the stored ones.
+  loss0, m0, g0 = trajectory.separable_grads(scorer, ident, params, batch, zero_loss,
+                                             jax.random.key(0), kl_coef=0.5, ref_params=params)
+  assert float(m0["kl"]) == 0.0 and all(float(v) == 0.0 for v in jax.tree.leaves(g0))
+  np.testing.assert_allclose(float(m0["lp"]), float(jnp.mean(batch["log_probs"])), rtol=1e-6)
+  with pytest.raises(ValueError, match="ref_params"):
+    trajectory.separable_grads(scorer, ident, params, batch, zero_loss, jax.random.key(0),
+                               kl_coef=0.5)

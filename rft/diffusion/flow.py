@@ -141,6 +141,25 @@ class FlowSampler:
     x0, eps = x - sigma * v, x + (1 - sigma) * v
     return x0 * (1 - sigma_prev) + eps * jnp.sqrt(sigma_prev ** 2 - s ** 2), s
 
+  def kl_std(self, t, t_prev, x):
+    """The per-step noise level the Flow-GRPO reference divides its KL by: the SDE's
+    a·sqrt(σ/(1−σ)) (without the sqrt(−dt) of the step's std), CPS's σ_prev·sin(aπ/2)."""
+    sigma, sigma_prev = self._sigma(t, x), self._sigma(t_prev, x)
+    if self.kind == "sde":
+      return jnp.sqrt(sigma / (1 - jnp.where(sigma == 1, sigma_prev, sigma))) * self.eta
+    return sigma_prev * jnp.sin(self.eta * jnp.pi / 2)
+
+  def step_kl(self, model_out, ref_out, t, t_prev, x):
+    """Flow-GRPO's KL penalty of one step, [B]: mean over dims of (μ_θ − μ_ref)² / 2s²
+    with s = kl_std (Liu et al. 2025, their reference code). For the SDE the step's std is
+    s·sqrt(−dt), so this is (−dt) times the per-dim KL(N(μ_θ, ·) || N(μ_ref, ·))."""
+    if self.deterministic:
+      raise ValueError("the step KL needs a stochastic flow sampler (eta > 0)")
+    mean, _ = self.mean_std(model_out, t, t_prev, x)
+    ref_mean, _ = self.mean_std(ref_out, t, t_prev, x)
+    kl = jnp.square(mean - ref_mean) / (2 * jnp.square(self.kl_std(t, t_prev, x)))
+    return kl.mean(tuple(range(1, kl.ndim)))
+
   def step(self, model_out, t, t_prev, x, *, key=None, prev_sample=None, log_prob=True):
     mean, std = self.mean_std(model_out, t, t_prev, x)
     if prev_sample is None:

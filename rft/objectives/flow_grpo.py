@@ -12,12 +12,19 @@ clipped to ±adv_clip_max, and every recorded SDE step t gets the PPO-clip surro
     L = mean_{i,t} max(−A_i ρ_t(i), −A_i clip(ρ_t(i), 1 − ε, 1 + ε)),  ρ = π_θ / π_θold,
 
 on a random `timestep_fraction` of the steps (Flow-GRPO-Fast / DanceGRPO's timestep
-subset). DanceGRPO's other settings are loop options: one shared x_T per group
-(`config.share_initial_noise`), no KL. The paper's KL term β·KL(π_θ || π_ref) between the
-step Gaussians (closed form: ‖μ_θ − μ_ref‖² / 2σ_t²) is not implemented: `kl_coef` must
-be 0 (the setting Flow-GRPO-Fast and DanceGRPO use).
+subset), plus the paper's KL penalty β·KL_t with β = `kl_coef` (0: Flow-GRPO-Fast and
+DanceGRPO), in the reference code's closed form between the step means of the trained
+model and the frozen base (`FlowSampler.step_kl`):
+
+    KL_t = mean_dims (μ_θ(x_t) − μ_ref(x_t))² / 2 s_t²,   s_t = a·sqrt(σ_t / (1 − σ_t))
+
+(the SDE step's std is s_t·sqrt(−dt); CPS uses s_t = σ_{t−1}·sin(aπ/2)). It costs one
+extra forward pass of the reference per trained step. DanceGRPO's other setting is a
+loop option: one shared x_T per group (`config.share_initial_noise`).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -41,7 +48,9 @@ def group_advantages(ids, rewards, global_std: bool = False, eps: float = 1e-4):
 
 
 def _make_loss(config) -> registry.TrajectoryLoss:
-  return ddpo.trajectory_loss(config.objective.clip_range, config.objective.adv_clip_max)
+  o = config.objective
+  return dataclasses.replace(ddpo.trajectory_loss(o.clip_range, o.adv_clip_max),
+                             kl_coef=float(o.kl_coef))
 
 
 def _prepare(config, ids, scores, step_values, stats):
@@ -56,9 +65,11 @@ def _prepare(config, ids, scores, step_values, stats):
 
 def _check(config):
   o = config.objective
-  if o.kl_coef:
-    raise ValueError(f"config.objective.kl_coef={o.kl_coef}: Flow-GRPO's closed-form step KL "
-                     "is not implemented; use 0 (Flow-GRPO-Fast / DanceGRPO)")
+  if not (o.kl_coef >= 0):
+    raise ValueError(f"config.objective.kl_coef={o.kl_coef}: must be >= 0 (the paper's β)")
+  if o.kl_coef and config.sampler.eta == 0:
+    raise ValueError("config.objective.kl_coef > 0 needs a stochastic sampler: "
+                     f"config.sampler.eta={config.sampler.eta}")
   if not config.sampler.name.startswith("flow"):
     raise ValueError(f"config.sampler.name={config.sampler.name!r}: flow_grpo trains the flow "
                      "SDE ('flow' or 'flow_cps') of a flow base (config.base_dir)")

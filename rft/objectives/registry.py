@@ -51,9 +51,13 @@ class TrajectoryLoss:
   per_step=True:  fn(lp_j [n], j, batch) -> (loss_j, metrics); the loss is the mean of
                   the selected steps' terms (DDPO).
   per_step=False: fn(lp [n, T], batch) -> (loss, metrics), coupled over steps (PRDP).
+  kl_coef (per_step only): adds kl_coef · mean_i KL_j(i), the sampler's step KL between
+                  the trained and the frozen base params (`StepScorer.step_kl`, a
+                  sampler with `step_kl`: Flow-GRPO's β).
   """
   per_step: bool
   fn: Callable
+  kl_coef: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from rft.diffusion import sampling
+from rft.diffusion import guidance, sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,24 @@ class StepScorer:
         self.model_fn, params, self.sampler, x_t, x_prev, t, prev_t, batch["cond"],
         batch["null_cond"], guidance_scale=self.guidance_scale)
     return lp_mean if self.reduce == "mean" else lp_sum
+
+  def step_kl(self, params, ref_params, batch, j) -> tuple[jax.Array, jax.Array]:
+    """(lp [n], kl [n]) of transition j: the log-prob as `step` computes it, and the
+    sampler's step KL (`sampler.step_kl`) to the same step under `ref_params` (no
+    gradient through the reference)."""
+    lat = batch["latents"]
+    x_t = jnp.take(lat, j, axis=1)
+    x_prev = jnp.take(lat, j + 1, axis=1)
+    t = jnp.take(batch["timesteps"], j)
+    prev_t = jnp.take(batch["prev_timesteps"], j)
+    _, (lp_mean, lp_sum), out = sampling.model_step(
+        self.model_fn, params, self.sampler, x_t, t, prev_t, batch["cond"], batch["null_cond"],
+        self.guidance_scale, prev_sample=x_prev, return_out=True)
+    ref_out = jax.lax.stop_gradient(guidance.guided_eps(
+        self.model_fn, ref_params, x_t, t, batch["cond"], batch["null_cond"],
+        self.guidance_scale))
+    kl = self.sampler.step_kl(out, ref_out, t, prev_t, x_t)
+    return (lp_mean if self.reduce == "mean" else lp_sum), kl
 
   def all_steps(self, params, batch) -> jax.Array:
     """lp [n, T] of every stored transition (forward only: a scan, no gradients kept)."""
@@ -131,14 +149,26 @@ def coupled_grads(scorer: StepScorer, materialize: Callable, trainable: Any, bat
 
 def separable_grads(scorer: StepScorer, materialize: Callable, trainable: Any, batch: dict,
                     step_loss: Callable, key, *, timestep_fraction: float = 1.0,
-                    skip_last: int = 0, unroll=1):
-  """(loss, metrics, grads) of mean over selected steps j of step_loss(lp_j [n], j, batch)."""
+                    skip_last: int = 0, unroll=1, kl_coef: float = 0.0, ref_params=None):
+  """(loss, metrics, grads) of mean over selected steps j of step_loss(lp_j [n], j, batch),
+  plus kl_coef · mean_i KL_j(i) to the steps under ref_params when kl_coef > 0 (metrics
+  then add "kl" and "policy_loss")."""
   num = batch["latents"].shape[1] - 1
   steps, _ = select_steps(key, num, timestep_fraction, skip_last)
+  if kl_coef and ref_params is None:
+    raise ValueError("separable_grads: kl_coef > 0 needs the reference params (ref_params)")
+
+  def step_terms(tr, j):
+    if not kl_coef:
+      return step_loss(scorer.step(materialize(tr), batch, j), j, batch)
+    lp, kl = scorer.step_kl(materialize(tr), ref_params, batch, j)
+    loss, m = step_loss(lp, j, batch)
+    kl = jnp.mean(kl)
+    return loss + kl_coef * kl, dict(m, kl=kl, policy_loss=loss)
 
   def body(acc, j):
     def f(tr):
-      return step_loss(scorer.step(materialize(tr), batch, j), j, batch)
+      return step_terms(tr, j)
 
     (loss, metrics), gj = jax.value_and_grad(f, has_aux=True)(trainable)
     grads, tot_loss, tot_m = acc
@@ -146,8 +176,7 @@ def separable_grads(scorer: StepScorer, materialize: Callable, trainable: Any, b
             jax.tree.map(jnp.add, tot_m, metrics)), None
 
   zeros = jax.tree.map(jnp.zeros_like, trainable)
-  m0 = jax.eval_shape(lambda: step_loss(scorer.step(materialize(trainable), batch, 0), 0,
-                                        batch)[1])
+  m0 = jax.eval_shape(lambda: step_terms(trainable, 0)[1])
   m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
   (grads, loss, metrics), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), m0), steps,
                                            unroll=unroll)

@@ -124,11 +124,12 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, loss: registry
   o = config.objective
   unroll = trajectory.auto_unroll(config.unroll)
 
-  def grads_fn(trainable, mat, b, key, on_policy):
+  def grads_fn(trainable, mat, b, key, on_policy, ref):
     if loss.per_step:
       return trajectory.separable_grads(scorer, mat, trainable, b, loss.fn, key,
                                         timestep_fraction=o.timestep_fraction,
-                                        skip_last=o.skip_last_steps, unroll=unroll)
+                                        skip_last=o.skip_last_steps, unroll=unroll,
+                                        kl_coef=loss.kl_coef, ref_params=ref)
     return trajectory.coupled_grads(scorer, mat, trainable, b, loss.fn, key,
                                     timestep_fraction=o.timestep_fraction,
                                     log_probs=b["log_probs"] if on_policy else None,
@@ -136,7 +137,9 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, loss: registry
 
   def update(state, base, b, key, on_policy):
     mat = lambda tr: materialize(tr, base)
-    value, m, grads = grads_fn(state.params, mat, b, key, on_policy)
+    # The reference of a step KL is the frozen base (full finetuning overlays the trained
+    # leaves on it; LoRA merges adapters into it).
+    value, m, grads = grads_fn(state.params, mat, b, key, on_policy, base)
     return loop.apply_update(state, grads, tx, dict(m, loss=value), config.ema_decay)
 
   return _jit(update, placement, state, base, 4, static_argnames=("on_policy",))
