@@ -81,3 +81,77 @@ def tiny_sd_folder(path: str, *, variant: str = "sd1", seed: int = 0) -> str:
                                  requires_safety_checker=False)
   pipe.save_pretrained(path, safe_serialization=True)
   return path
+
+
+def unigram_t5_tokenizer(out_dir: str, model_max_length: int = 32):
+  """A T5 tokenizer (``tokenizer.json`` with a Unigram model, metaspace pre-tokenizer,
+  ``</s>`` appended) trained offline on a few strings: pad 0, eos 1, unk 2, as T5's.
+  Real T5 vocabularies cannot be downloaded here."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import T5TokenizerFast
+  texts = ["a photo of a cat", "a red dog on the grass", "an astronaut riding a horse",
+           "the quick brown fox jumps over the lazy dog", "a painting of a mountain lake"]
+  tok = Tokenizer(models.Unigram())
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+  tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+  tok.train_from_iterator(texts, trainers.UnigramTrainer(
+      vocab_size=64, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+      initial_alphabet=list("abcdefghijklmnopqrstuvwxyz")))
+  tok.post_processor = processors.TemplateProcessing(
+      single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+  fast = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                         pad_token="<pad>", extra_ids=0, model_max_length=model_max_length)
+  os.makedirs(out_dir, exist_ok=True)
+  fast.save_pretrained(out_dir)
+  return fast
+
+
+def tiny_sd3_folder(path: str, seed: int = 0) -> str:
+  """A tiny random ``StableDiffusion3Pipeline`` saved with ``save_pretrained``:
+  transformer/ (SD3Transformer2DModel, 16 latent channels, patch 2, joint dim 48),
+  vae/ (16 latent channels, no quant convs, shift_factor), text_encoder/ (CLIP-L-like:
+  quick_gelu, legacy eos_token_id=2, width 16), text_encoder_2/ (CLIP-G-like: gelu, eos
+  id pooling, width 24, pad "!"), text_encoder_3/ (gated-gelu T5, d_model 48,
+  d_kv * heads = 32), byte-level CLIP tokenizers (77 -> 16 tokens), a Unigram T5
+  tokenizer and FlowMatchEulerDiscreteScheduler(shift=3.0). Latents 8x8x16."""
+  import torch
+  from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
+                         SD3Transformer2DModel, StableDiffusion3Pipeline)
+  from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer,
+                            T5Config, T5EncoderModel)
+
+  torch.manual_seed(seed)
+  tok = byte_level_clip_tokenizer(os.path.join(path, "_tok"))
+  tok_2 = CLIPTokenizer.from_pretrained(os.path.join(path, "_tok"), pad_token="!")
+  tok_3 = unigram_t5_tokenizer(os.path.join(path, "_tok3"))
+
+  def clip(seed_, **kw):
+    cfg = CLIPTextConfig(vocab_size=len(tok), intermediate_size=40, num_hidden_layers=3,
+                         max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                         pad_token_id=tok.pad_token_id, **kw)
+    return perturb_(CLIPTextModelWithProjection(cfg), seed=seed_).eval()
+
+  text = clip(seed + 1, hidden_size=16, num_attention_heads=2, hidden_act="quick_gelu",
+              projection_dim=12, eos_token_id=2)
+  text_2 = clip(seed + 2, hidden_size=24, num_attention_heads=4, hidden_act="gelu",
+                layer_norm_eps=1e-6, projection_dim=20, eos_token_id=tok.eos_token_id)
+  text_3 = perturb_(T5EncoderModel(T5Config(
+      vocab_size=len(tok_3), d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+      feed_forward_proj="gated-gelu", dropout_rate=0.0)), seed=seed + 3).eval()
+  transformer = perturb_(SD3Transformer2DModel(
+      sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
+      num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
+      pooled_projection_dim=32, out_channels=16, pos_embed_max_size=8), seed=seed + 4).eval()
+  vae = perturb_(AutoencoderKL(
+      in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      layers_per_block=1, norm_num_groups=4, sample_size=16, use_quant_conv=False,
+      use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+      seed=seed + 5).eval()
+  pipe = StableDiffusion3Pipeline(
+      transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+      text_encoder=text, tokenizer=tok, text_encoder_2=text_2, tokenizer_2=tok_2,
+      text_encoder_3=text_3, tokenizer_3=tok_3)
+  pipe.save_pretrained(path, safe_serialization=True)
+  return path

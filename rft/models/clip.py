@@ -15,8 +15,9 @@ Both formats are the same pre-LN ViT / causal text transformer (Radford et al. 2
   SD 2.x OpenCLIP-H's (gelu, 23 layers); diffusers feeds ``last_hidden_state`` to the UNet.
 * Vision (``transformers.CLIPVisionModel``): patch conv (no bias), class token, learned
   position embedding, ``pre_layrnorm``, encoder, ``post_layernorm`` on the class token.
-* :class:`CLIPModel` / :class:`CLIPVisionModelWithProjection` add bias-free
-  ``text_projection`` / ``visual_projection`` and ``logit_scale`` (stored as its log).
+* :class:`CLIPModel` / :class:`CLIPVisionModelWithProjection` /
+  :class:`CLIPTextModelWithProjection` add bias-free ``text_projection`` /
+  ``visual_projection`` (and CLIPModel ``logit_scale``, stored as its log).
 * :class:`OpenCLIPModel` (in :mod:`rft.models.open_clip`, which builds on this module) is
   ``open_clip.CLIP`` (ViT towers): fused ``in_proj`` q/k/v,
   ``proj`` / ``text_projection`` matrices (``x @ proj``), optional LayerScale, text
@@ -45,6 +46,7 @@ __all__ = [
     "CLIPVisionConfig",
     "CLIPConfig",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
     "CLIPVisionModel",
     "CLIPModel",
     "CLIPVisionModelWithProjection",
@@ -396,6 +398,33 @@ def prompt_embeds(model: CLIPTextModel, params, input_ids, clip_skip: Optional[i
   if not 1 <= clip_skip < len(states):
     raise ValueError(f"clip_skip={clip_skip} must be in [1, {len(states) - 1}]")
   return model.apply({"params": params}, states[-(clip_skip + 1)], method="layer_norm")
+
+
+class CLIPTextModelWithProjection(nn.Module):
+  """``transformers.CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``, SD3's
+  ``text_encoder`` / ``text_encoder_2``): ``text_model`` + bias-free ``text_projection``
+  to ``config.projection_dim``.
+
+  ``__call__(input_ids, attention_mask=None)`` returns :class:`CLIPTextModel`'s dict plus
+  ``text_embeds [B, projection_dim]`` = ``text_projection(pooled)`` (not normalised).
+  """
+
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.text_model = CLIPTextModel(self.config, self.dtype)
+    self.text_projection = _dense(self.config.projection_dim, self.dtype, "text_projection",
+                                  use_bias=False)
+
+  def __call__(self, input_ids, attention_mask=None) -> Dict[str, Any]:
+    out = dict(self.text_model(input_ids, attention_mask))
+    out["text_embeds"] = self.text_projection(out["pooled"])
+    return out
+
+  def layer_norm(self, x):
+    """``text_model.final_layer_norm`` alone (see :func:`prompt_embeds`)."""
+    return self.text_model.layer_norm(x)
 
 
 class CLIPVisionEmbeddings(nn.Module):

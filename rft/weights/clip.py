@@ -2,6 +2,8 @@
 
 * :func:`load_clip_text_encoder` -- a ``transformers.CLIPTextModel`` folder
   (``config.json`` + ``model.safetensors``), e.g. an SD pipeline's ``text_encoder/``.
+* :func:`load_clip_text_with_projection` -- a ``CLIPTextModelWithProjection`` folder
+  (SD3's ``text_encoder`` / ``text_encoder_2``): the text tower + ``text_projection``.
 * :func:`load_clip_model` -- a ``transformers.CLIPModel`` folder (PickScore, CLIPScore).
 * :func:`load_clip_vision` -- a ``CLIPVisionModelWithProjection`` folder, or the vision
   tower + ``visual_projection`` of a full ``CLIPModel`` folder (the LAION aesthetic
@@ -37,12 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rft.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-                             CLIPVisionConfig, CLIPVisionModelWithProjection)
+                             CLIPTextModelWithProjection, CLIPVisionConfig,
+                             CLIPVisionModelWithProjection)
 from rft.models.open_clip import OpenCLIPConfig, OpenCLIPModel
 from rft.weights import io
 
 __all__ = [
     "load_clip_text_encoder",
+    "load_clip_text_with_projection",
     "load_clip_model",
     "load_clip_vision",
     "load_open_clip",
@@ -175,6 +179,38 @@ def load_clip_text_encoder(path: Any, *, subfolder: Optional[str] = None,
   model = CLIPTextModel(config, dtype=dtype)
   expected = io.eval_shapes(lambda: model.init(jax.random.PRNGKey(0), _text_ids(config)))
   params = convert(state, expected, source=model_dir, param_dtype=param_dtype, prefix=prefix)
+  return config, model, params
+
+
+def load_clip_text_with_projection(path: Any, *, subfolder: Optional[str] = None,
+                                   allow_pickle: bool = False, dtype=jnp.float32,
+                                   param_dtype=jnp.float32
+                                   ) -> Tuple[CLIPTextConfig, CLIPTextModelWithProjection,
+                                              Dict[str, Any]]:
+  """A ``transformers.CLIPTextModelWithProjection`` folder (SD3's ``text_encoder`` /
+  ``text_encoder_2``, SDXL's ``text_encoder_2``) -> ``(config, model, params)``; params
+  ``{"text_model": ..., "text_projection": {"kernel"}}``.
+
+  A full ``CLIPModel`` folder also loads (``text_model`` + ``text_projection``; the
+  vision keys are dropped). ``model.safetensors`` is read by name, so a
+  ``model.fp16.safetensors`` beside it is ignored. Arguments as
+  :func:`load_clip_text_encoder`.
+  """
+  what = "CLIPTextModelWithProjection"
+  model_dir = _resolve(path, subfolder, what)
+  d = io.read_json(os.path.join(model_dir, "config.json"), expected=_EXPECTED.format(what))
+  # model.safetensors by name first: diffusers folders (SD3's) often hold
+  # model.fp16.safetensors beside it, which a glob would also take.
+  state = io.read_named_weights(model_dir, "model", allow_pickle=allow_pickle)
+  if state is None:
+    _, state = _read(model_dir, allow_pickle, what)
+  config = _config(model_dir, CLIPTextConfig.from_hf, d)
+  if "text_config" in d:  # a full CLIPModel: keep the text tower and its projection
+    state = {k: v for k, v in state.items()
+             if k.startswith("text_model.") or k.startswith("text_projection.")}
+  model = CLIPTextModelWithProjection(config, dtype=dtype)
+  expected = io.eval_shapes(lambda: model.init(jax.random.PRNGKey(0), _text_ids(config)))
+  params = convert(state, expected, source=model_dir, param_dtype=param_dtype)
   return config, model, params
 
 
