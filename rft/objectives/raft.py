@@ -35,7 +35,7 @@ def select_top(rewards: np.ndarray, group_size: int, keep: int) -> np.ndarray:
 def _make_loss(config, pipe):
   o = config.objective
 
-  def loss(params, b, key):
+  def loss(params, b, key, **_):  # the samples' and reference params are not used
     return training.eps_loss(pipe.eps_fn, params, b["images"], b["cond"], b["null_cond"], key,
                              pipe.schedule, o.cond_dropout)
 

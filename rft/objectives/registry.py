@@ -21,8 +21,15 @@ Diffusion kinds, i.e. what an epoch does with its samples (`KINDS`):
   *latent] (extra leading dims are averaged by the reward).
 * "select_sft": sample (no log-probs), `prepare` picks sample indices, and the updates
   minimise a supervised loss on the picked (image, condition) pairs. `make_loss(config,
-  pipe)` returns `loss(params, batch, key) -> (loss, metrics)` with batch keys "images",
-  "cond", "null_cond".
+  pipe)` returns `loss(params, batch, key, *, sampling_params, ref_params) -> (loss,
+  metrics)` with batch keys "images", "cond", "null_cond" and any other per-pick entries
+  `prepare` returned; sampling_params are the params that drew the samples, ref_params
+  the frozen base.
+
+A record with `sampling_decay(config, step) -> d` samples with its own lagged policy
+θ_old (kept in the checkpoint; the loss receives it as sampling_params), moved after each
+epoch as θ_old ← d θ_old + (1 − d) θ at optimizer step `step` (DiffusionNFT); without it
+the current params sample.
 
 `prepare(config, ids, scores, step_values, stats) -> (entries, metrics)` runs on the host
 after the rewards: ids [n] prompt ids (B consecutive samples per prompt), scores [n],
@@ -30,7 +37,7 @@ step_values [n, T] (the reward of each step's x0 prediction when
 config.objective.step_baseline asks for it, else None), stats the record's checkpointable
 statistics (`make_stats(config, num_prompts)`, an object with state() / load_state(), or
 None). Trajectory entries are per-sample arrays added to the batch; select_sft's entries
-hold "keep" (flat sample indices).
+hold "keep" (flat sample indices) and optional per-kept-sample arrays.
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ class DiffusionObjective:
   check(config): raises ValueError naming the key for settings the method cannot run.
   rows_per_prompt(config) -> (rows, key): rows each prompt adds to an update batch
     (select_sft; the trajectory kind uses config.samples_per_prompt, reward_backprop 1).
+  sampling_decay(config, step) -> d: sample with a lagged policy (module docstring).
   """
   name: str
   kind: str
@@ -82,6 +90,7 @@ class DiffusionObjective:
   needs_ref_log_probs: bool = False
   needs_groups: bool = False
   differentiable_reward: bool = False
+  sampling_decay: Callable | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -89,6 +98,10 @@ class DiffusionObjective:
                        f"{sorted(KINDS)}")
     if self.kind != "reward_backprop" and self.prepare is None:
       raise ValueError(f"objective {self.name!r} of kind {self.kind!r} needs a prepare()")
+    if self.sampling_decay is not None and self.kind != "select_sft":
+      # (a trajectory objective's first update assumes θ drew its samples: ratio 1)
+      raise ValueError(f"objective {self.name!r}: a lagged sampling policy is for the "
+                       f"select_sft kind, not {self.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
