@@ -11,7 +11,9 @@ Settings: 10 flow-SDE steps at noise level 0.7 (the paper's a), 32 prompts x 16 
 epoch, group-normalised advantages, PPO clip 1e-4, advantages clipped to 5, KL coefficient 0.04
 (the paper's β, its closed-form step KL to the base), the whole DiT at Adam 1e-4.
 Variants: `fast` (Flow-GRPO-Fast: no KL), `dance` (DanceGRPO: one x_T per group, 60 % of
-the steps per update, no KL), `smoke`.
+the steps per update, no KL), `mix` (MixGRPO: only a window of 2 consecutive steps is
+stochastic and trained, the rest follow the ODE; the window starts at step 0 and moves
+one step every 3 epochs, back to 0 past the end; no KL), `smoke`.
 """
 from ml_collections import config_dict
 
@@ -20,7 +22,7 @@ from rft.train import online_config
 
 
 def get_config(arg=None):
-  variants = config_lib.parse_arg(arg, ("smoke", "dance", "fast"))
+  variants = config_lib.parse_arg(arg, ("smoke", "dance", "fast", "mix"))
   c = online_config.base()
   c.base_dir = config_lib.required(
       "--config.base_dir=<a flow base folder, e.g. the workdir of configs/pretrain_flow_shapes.py>")
@@ -51,6 +53,11 @@ def get_config(arg=None):
     c.objective.kl_coef = 0.0
     c.share_initial_noise = True
     c.objective.timestep_fraction = 0.6
+  if "mix" in variants:
+    c.objective.kl_coef = 0.0
+    c.sde_window.size = 2
+    c.sde_window.stride = 1
+    c.sde_window.every = 3
   if "smoke" in variants:
     online_config.smoke(c)
   return config_lib.lock(c)

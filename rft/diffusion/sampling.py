@@ -122,26 +122,39 @@ class Trajectory:
 
 def rollout(model_fn: Callable, params: Any, sampler, x_T: jax.Array, cond: Any,
             null_cond: Any, *, num_steps: int, guidance_scale=1.0,
-            key: Optional[jax.Array] = None, record_x0: bool = False) -> Trajectory:
+            key: Optional[jax.Array] = None, record_x0: bool = False,
+            sde_steps: Optional[jax.Array] = None) -> Trajectory:
   """num_steps transitions from x_T with CFG, recording latents and log-probs.
 
   One ``jax.lax.scan`` over steps; step i uses ``jax.random.split(key, num_steps)[i]``.
   key None: only for a deterministic sampler (DDIM with eta the Python number 0; the
   log-probs are then NaN). record_x0 also keeps each step's x0 prediction (no extra
   model call; latents and log-probs unchanged).
+
+  sde_steps: None, or bool [num_steps] (may be traced): only the marked steps are the
+  sampler's stochastic ones; the others take the same sampler's deterministic step (eta
+  0: the ODE) from the same model output, and their log-probs are recorded as 0
+  (MixGRPO's mixed ODE-SDE rollout, `sde_window`).
   """
   timesteps, prev_timesteps = sampler.timesteps(num_steps)
   keys = None if key is None else jax.random.split(key, num_steps)
+  ode = None if sde_steps is None else dataclasses.replace(sampler, eta=0)
 
   def body(x, step):
-    t, prev_t, k = step
+    t, prev_t, k, sde = step
     x_prev, (lp_mean, lp_sum), out = model_step(model_fn, params, sampler, x, t, prev_t, cond,
                                                 null_cond, guidance_scale, key=k,
                                                 return_out=True)
+    if ode is not None:
+      x_ode, _ = ode.step(out, t, prev_t, x, log_prob=False)
+      x_prev = jnp.where(sde, x_prev, x_ode)
+      lp_mean, lp_sum = jnp.where(sde, lp_mean, 0.0), jnp.where(sde, lp_sum, 0.0)
     x0 = sampler.predicted_x0(out, t, x) if record_x0 else None
     return x_prev, (x_prev, lp_mean, lp_sum, x0)
 
-  xs = (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), keys)
+  flags = (jnp.ones((num_steps,), bool) if sde_steps is None
+           else jnp.asarray(sde_steps, bool).reshape(num_steps))
+  xs = (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), keys, flags)
   _, (chain, lp_mean, lp_sum, x0) = jax.lax.scan(body, x_T, xs)
   latents = jnp.concatenate([x_T[None], chain], axis=0)
   return Trajectory(latents=jnp.moveaxis(latents, 0, 1),

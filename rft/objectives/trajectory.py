@@ -123,19 +123,47 @@ def select_steps(key, num_steps: int, fraction: float, skip_last: int = 0
   return jnp.sort(jax.random.permutation(key, n)[:k]), n / k
 
 
+def sde_window_start(epoch: int, num_steps: int, size: int, stride: int = 1, every: int = 1,
+                     roll_back: bool = True) -> int:
+  """First step of MixGRPO's SDE window at `epoch` (Li et al. 2025, progressive strategy):
+  it moves `stride` steps every `every` epochs from 0; starts past num_steps − size go
+  back to 0 and around again (roll_back) or stay at the last start."""
+  last = num_steps - size
+  start = (epoch // every) * stride
+  if start <= last:
+    return start
+  if not roll_back:
+    return last
+  period = last // stride + 1  # starts 0, stride, ..., up to last
+  return ((epoch // every) % period) * stride
+
+
+def window_mask(steps: jax.Array, num_steps: int) -> jax.Array:
+  """bool [num_steps]: True at the given step indices."""
+  return jnp.zeros((num_steps,), bool).at[steps].set(True)
+
+
 def coupled_grads(scorer: StepScorer, materialize: Callable, trainable: Any, batch: dict,
                   loss_from_log_probs: Callable, key, *, timestep_fraction: float = 1.0,
-                  log_probs: jax.Array | None = None, skip_last: int = 0, unroll=1):
+                  log_probs: jax.Array | None = None, skip_last: int = 0, unroll=1,
+                  steps: jax.Array | None = None):
   """(loss, metrics, grads) of loss_from_log_probs(lp [n, T], batch) w.r.t. `trainable`.
 
   params = materialize(trainable) (identity for full finetuning, base + LoRA otherwise).
   `log_probs`: the current lp if already known (theta == theta_old: the stored ones,
-  bitwise equal); otherwise one forward scan computes them.
+  bitwise equal); otherwise one forward scan computes them. `steps`: the only stochastic
+  steps of a mixed ODE-SDE rollout (int [k]): they alone get gradients, and the others'
+  lp are 0 (as the rollout recorded them; an ODE step has no density).
   """
   params = materialize(trainable)
   lp = scorer.all_steps(params, batch) if log_probs is None else log_probs
+  if steps is not None:
+    lp = jnp.where(window_mask(steps, lp.shape[1])[None], lp, 0.0)
   (loss, metrics), g = jax.value_and_grad(loss_from_log_probs, has_aux=True)(lp, batch)
-  steps, scale = select_steps(key, lp.shape[1], timestep_fraction, skip_last)
+  if steps is None:
+    steps, scale = select_steps(key, lp.shape[1], timestep_fraction, skip_last)
+  else:
+    scale = 1.0
 
   def body(acc, j):
     _, vjp = jax.vjp(lambda tr: scorer.step(materialize(tr), batch, j), trainable)
@@ -149,12 +177,15 @@ def coupled_grads(scorer: StepScorer, materialize: Callable, trainable: Any, bat
 
 def separable_grads(scorer: StepScorer, materialize: Callable, trainable: Any, batch: dict,
                     step_loss: Callable, key, *, timestep_fraction: float = 1.0,
-                    skip_last: int = 0, unroll=1, kl_coef: float = 0.0, ref_params=None):
+                    skip_last: int = 0, unroll=1, kl_coef: float = 0.0, ref_params=None,
+                    steps: jax.Array | None = None):
   """(loss, metrics, grads) of mean over selected steps j of step_loss(lp_j [n], j, batch),
   plus kl_coef · mean_i KL_j(i) to the steps under ref_params when kl_coef > 0 (metrics
-  then add "kl" and "policy_loss")."""
+  then add "kl" and "policy_loss"). `steps` (int [k]): these steps instead of a random
+  timestep_fraction of them (a mixed ODE-SDE rollout's stochastic ones)."""
   num = batch["latents"].shape[1] - 1
-  steps, _ = select_steps(key, num, timestep_fraction, skip_last)
+  if steps is None:
+    steps, _ = select_steps(key, num, timestep_fraction, skip_last)
   if kl_coef and ref_params is None:
     raise ValueError("separable_grads: kl_coef > 0 needs the reference params (ref_params)")
 
