@@ -295,6 +295,26 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   assert json.load(open(tmp_path / "fg" / "results.json"))["objective"] == "flow_grpo"
   p = run_main("configs/flow_grpo.py:smoke", tmp_path / "fg2", check=False)
   assert p.returncode != 0 and "config.base_dir" in p.stderr
+  # MixGRPO (a 2-step SDE window in the 3-step smoke rollout).
+  run_main("configs/flow_grpo.py:smoke,mix", tmp_path / "mix", f"--config.base_dir={base}",
+           "--config.reward=brightness", "--config.sde_window.every=1")
+  assert json.load(open(tmp_path / "mix" / "results.json"))["epochs"] == 2
+  # DiffusionNFT on the same base; with a fast-moving sampling policy (d = 0.5 after the
+  # first epoch's 2 optimizer steps) a run resumed after epoch 1 must end where an
+  # uninterrupted one does: the lagged policy is in the checkpoint.
+  nft = ("--config.reward=brightness", "--config.objective.old_decay=(0.0, 0.25, 0.5)",
+         "--config.eval_every=0")
+  run_main("configs/nft.py:smoke", tmp_path / "nft", f"--config.base_dir={base}", *nft)
+  run_main("configs/nft.py:smoke", tmp_path / "nft_r", f"--config.base_dir={base}", *nft,
+           "--config.epochs=1")
+  run_main("configs/nft.py:smoke", tmp_path / "nft_r", f"--config.base_dir={base}", *nft)
+  _, straight, _ = pretrained.load_shapes_base(str(tmp_path / "nft"))
+  _, resumed, _ = pretrained.load_shapes_base(str(tmp_path / "nft_r"))
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+      straight["dit"], params["dit"]))) > 0
   # A DDPM sampler on a flow model is a clear error naming what is wrong.
   p = run_main("configs/prdp.py:smoke", tmp_path / "bad", f"--config.base_dir={base}", check=False)
   assert p.returncode != 0 and "velocity" in p.stderr
@@ -419,3 +439,151 @@ def test_separable_grads_adds_the_step_kl_to_the_reference():
   with pytest.raises(ValueError, match="ref_params"):
     trajectory.separable_grads(scorer, ident, params, batch, zero_loss, jax.random.key(0),
                                kl_coef=0.5)
+
+
+def test_nft_loss_optimality_and_decay_by_hand():
+  from rft.objectives import nft
+  rng = np.random.RandomState(0)
+  x0, x_t, v, v_old = (jnp.asarray(rng.randn(3, 2, 2, 1), jnp.float32) for _ in range(4))
+  sigma = jnp.asarray([0.2, 0.5, 0.9], jnp.float32).reshape(3, 1, 1, 1)
+  r = jnp.asarray([1.0, 0.0, 0.25])
+  for beta in (1.0, 0.1):
+    per, m = nft.nft_loss(v, v_old, x_t, x0, sigma, r, beta, 5.0)
+    X0, XT, V, VO, S = (np.asarray(a, np.float64) for a in (x0, x_t, v, v_old, sigma))
+
+    def term(vv):
+      d = XT - S * vv - X0
+      return (d ** 2).mean((1, 2, 3)) / np.maximum(np.abs(d).mean((1, 2, 3)), 1e-5)
+
+    pos, neg = term(beta * V + (1 - beta) * VO), term((1 + beta) * VO - beta * V)
+    hand = 5.0 * (np.asarray(r) * pos + (1 - np.asarray(r)) * neg) / beta
+    np.testing.assert_allclose(np.asarray(per), hand, rtol=1e-5)
+    np.testing.assert_allclose(float(m["positive_loss"]), pos.mean(), rtol=1e-5)
+  # At beta = 1 and r = 1 the gradient is the weighted flow-matching one: toward x0.
+  g = jax.grad(lambda vv: jnp.sum(nft.nft_loss(vv, v_old, x_t, x0, sigma, jnp.ones(3), 1.0,
+                                               5.0)[0]))(v)
+  d = np.asarray(x_t - sigma * v - x0)
+  w = np.abs(d).mean((1, 2, 3), keepdims=True)
+  np.testing.assert_allclose(np.asarray(g), 5.0 * 2 * d * (-np.asarray(sigma)) / w / 4, rtol=1e-5)
+  # r = clip(clip(A, ±c) / 2c + 1/2, 0, 1).
+  np.testing.assert_allclose(nft.optimality([-7.0, -5.0, 0.0, 2.5, 9.0], 5.0),
+                             [0.0, 0.0, 0.5, 0.75, 1.0])
+  # The reference's decay types 1 and 2.
+  assert [nft.sampling_decay(s, 0, 0.001, 0.5) for s in (0, 100, 600)] == [0.0, 0.1, 0.5]
+  assert nft.sampling_decay(74, 75, 0.0075, 0.999) == 0.0
+  np.testing.assert_allclose(nft.sampling_decay(175, 75, 0.0075, 0.999), 0.75)
+  assert nft.sampling_decay(10 ** 6, 75, 0.0075, 0.999) == 0.999
+
+
+def test_nft_record_loss_on_a_toy_flow_pipeline():
+  """The registered loss: k of the sampler's T noise levels per image, the sampling and
+  reference params where the docstring puts them (checked against a hand version that
+  draws the same levels and noise)."""
+  from rft import config as config_lib
+  from rft.diffusion import flow
+  from rft.diffusion.pipeline import Text2ImagePipeline
+  from rft.objectives import nft, registry
+  obj = registry.diffusion("nft")
+  assert obj.kind == "select_sft" and obj.sampling_decay is not None
+  c = config_lib.load("nft", "smoke")
+  c.sampler.num_steps = 4
+  c.objective.timestep_fraction = 0.5
+  c.objective.kl_coef = 0.3
+  obj.check(c)
+  sched = flow.FlowSchedule(num_train_timesteps=1000, shift=3.0)
+  model_fn = lambda p, x, t, cond: p["w"] * x + p["b"] * (t / 1000.0)[:, None, None, None] + cond
+  pipe = Text2ImagePipeline(lambda p, tok: tok, model_fn, sched, (2, 2, 1),
+                            prediction="velocity")
+  loss = obj.make_loss(c, pipe)
+  rng = np.random.RandomState(1)
+  b = {"images": jnp.asarray(rng.randn(3, 2, 2, 1), jnp.float32),
+       "cond": jnp.asarray(rng.randn(3, 1, 1, 1), jnp.float32),
+       "optimality": jnp.asarray([0.9, 0.1, 0.5])}
+  theta, old, ref = ({"w": jnp.float32(w), "b": jnp.float32(bb)}
+                     for w, bb in ((-0.8, 0.2), (-0.6, 0.4), (-1.0, 0.0)))
+  key = jax.random.key(5)
+  value, m = loss(theta, b, key, sampling_params=old, ref_params=ref)
+  t_grid = np.asarray(flow.FlowSampler(sched).timesteps(4)[0])
+  k_perm, k_noise = jax.random.split(key)
+  order = np.asarray(jax.vmap(lambda kk: jax.random.permutation(kk, 4))(jax.random.split(k_perm, 3)))
+  vals = []
+  for j in range(2):  # round(0.5 * 4) levels
+    t = jnp.asarray(t_grid[order[:, j]])
+    sigma = (t / 1000).reshape(3, 1, 1, 1)
+    eps = jax.random.normal(jax.random.fold_in(k_noise, j), (3, 2, 2, 1))
+    x_t = (1 - sigma) * b["images"] + sigma * eps
+    per, _ = nft.nft_loss(model_fn(theta, x_t, t, b["cond"]), model_fn(old, x_t, t, b["cond"]),
+                          x_t, b["images"], sigma, b["optimality"], 1.0, 5.0)
+    kl = jnp.mean(jnp.square(model_fn(theta, x_t, t, b["cond"]) - model_fn(ref, x_t, t, b["cond"])))
+    vals.append(float(jnp.mean(per)) + 0.3 * float(kl))
+  np.testing.assert_allclose(float(value), np.mean(vals), rtol=1e-5)
+  assert float(m["kl"]) > 0
+  for key_, bad, match in (("objective.beta", 0.0, "beta"), ("objective.old_decay", (0, 0.1, 1.0),
+                                                              "old_decay"),
+                           ("sampler.name", "ddim", "flow")):
+    cc = config_lib.load("nft", "smoke")
+    section, name = key_.split(".")
+    cc[section][name] = bad
+    with pytest.raises(ValueError, match=match):
+      obj.check(cc)
+
+
+def test_sde_window_schedule_by_hand():
+  from rft.objectives.trajectory import sde_window_start
+  # 10 steps, window 4: starts 0..6, one step every 2 epochs, then around again.
+  starts = [sde_window_start(e, 10, 4, 1, 2, True) for e in range(16)]
+  assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 0, 0]
+  assert [sde_window_start(e, 10, 4, 1, 2, False) for e in (13, 14, 99)] == [6, 6, 6]
+  assert [sde_window_start(e, 10, 4, 3, 1, True) for e in range(5)] == [0, 3, 6, 0, 3]
+
+
+def test_mixed_ode_sde_rollout_and_window_gradients():
+  """Window steps are the SDE sampler's, the others its ODE (eta 0) from the same model
+  output, with log-probs 0; an all-SDE mask is the plain rollout bit for bit; the window's
+  gradients are those of its steps alone."""
+  import dataclasses
+
+  from rft.diffusion import sampling
+  from rft.objectives import trajectory
+  sampler, model_fn, params, _ = _linear_flow_batch()
+  x_T = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+  key = jax.random.key(1)
+  mask = jnp.asarray([False, True, True, False])
+  run = lambda m: sampling.rollout(model_fn, params, sampler, x_T, None, None, num_steps=4,
+                                   key=key, sde_steps=m)
+  plain = sampling.rollout(model_fn, params, sampler, x_T, None, None, num_steps=4, key=key)
+  full = run(jnp.ones(4, bool))
+  np.testing.assert_array_equal(np.asarray(full.latents), np.asarray(plain.latents))
+  np.testing.assert_array_equal(np.asarray(full.log_probs), np.asarray(plain.log_probs))
+  mixed = run(mask)
+  ode = dataclasses.replace(sampler, eta=0)
+  keys = jax.random.split(key, 4)
+  ts, tps = sampler.timesteps(4)
+  x = x_T
+  for j in range(4):
+    out = model_fn(params, x, jnp.full((3,), ts[j]), None)
+    if mask[j]:
+      x, (lp, _) = sampler.step(out, ts[j], tps[j], x, key=keys[j])
+      np.testing.assert_allclose(np.asarray(mixed.log_probs[:, j]), np.asarray(lp), rtol=1e-6)
+    else:
+      x, _ = ode.step(out, ts[j], tps[j], x, log_prob=False)
+      assert float(jnp.abs(mixed.log_probs[:, j]).max()) == 0.0
+    np.testing.assert_allclose(np.asarray(mixed.latents[:, j + 1]), np.asarray(x), atol=1e-5)
+  # Gradients restricted to the window's steps.
+  batch = {"latents": mixed.latents, "timesteps": mixed.timesteps,
+           "prev_timesteps": mixed.prev_timesteps, "log_probs": mixed.log_probs,
+           "cond": None, "null_cond": None}
+  scorer = trajectory.StepScorer(model_fn, sampler, 1.0)
+  step_loss = lambda lp, j, b: (-jnp.mean(lp), {})
+  theta = {"w": jnp.float32(-0.7), "b": jnp.float32(0.5)}
+  _, _, g = trajectory.separable_grads(scorer, lambda t: t, theta, batch, step_loss,
+                                       jax.random.key(2), steps=jnp.asarray([1, 2]))
+  hand = jax.grad(lambda th: -0.5 * sum(jnp.mean(scorer.step(th, batch, j)) for j in (1, 2)))(theta)
+  for k in theta:
+    np.testing.assert_allclose(float(g[k]), float(hand[k]), rtol=1e-5)
+  coupled = lambda lp, b: (-jnp.sum(lp), {})
+  _, _, gc = trajectory.coupled_grads(scorer, lambda t: t, theta, batch, coupled,
+                                      jax.random.key(2), steps=jnp.asarray([1, 2]))
+  hand_c = jax.grad(lambda th: -sum(jnp.sum(scorer.step(th, batch, j)) for j in (1, 2)))(theta)
+  for k in theta:
+    np.testing.assert_allclose(float(gc[k]), float(hand_c[k]), rtol=1e-5)

@@ -129,11 +129,13 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, loss: registry
       return trajectory.separable_grads(scorer, mat, trainable, b, loss.fn, key,
                                         timestep_fraction=o.timestep_fraction,
                                         skip_last=o.skip_last_steps, unroll=unroll,
-                                        kl_coef=loss.kl_coef, ref_params=ref)
+                                        kl_coef=loss.kl_coef, ref_params=ref,
+                                        steps=b.get("train_steps"))
     return trajectory.coupled_grads(scorer, mat, trainable, b, loss.fn, key,
                                     timestep_fraction=o.timestep_fraction,
                                     log_probs=b["log_probs"] if on_policy else None,
-                                    skip_last=o.skip_last_steps, unroll=unroll)
+                                    skip_last=o.skip_last_steps, unroll=unroll,
+                                    steps=b.get("train_steps"))
 
   def update(state, base, b, key, on_policy):
     mat = lambda tr: materialize(tr, base)
@@ -175,16 +177,19 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, rollout, 
 
 def make_sft_update(config, loss, materialize, tx, placement: Placement | None = None,
                     state=None, base=None):
-  """update(state, base, b, key) of a select_sft objective's supervised `loss`."""
+  """update(state, base, b, key, sampling) of a select_sft objective's supervised `loss`;
+  `sampling` holds the trainable leaves that drew the samples (a lagged policy's, or
+  the current ones)."""
 
-  def update(state, base, b, key):
+  def update(state, base, b, key, sampling):
     def loss_fn(trainable):
-      return loss(materialize(trainable, base), b, key)
+      return loss(materialize(trainable, base), b, key,
+                  sampling_params=materialize(sampling, base), ref_params=base)
 
     (value, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return loop.apply_update(state, grads, tx, dict(m, loss=value), config.ema_decay)
 
-  return _jit(update, placement, state, base, 4)
+  return _jit(update, placement, state, base, 5)
 
 
 def sampler_kwargs(step_sampler, sampler: SamplerConfig) -> dict:
@@ -196,6 +201,12 @@ def sampler_kwargs(step_sampler, sampler: SamplerConfig) -> dict:
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+@jax.jit
+def soft_update(old, new, decay):
+  """d · old + (1 − d) · new, leaf by leaf (a lagged policy's update)."""
+  return jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, old, new)
 
 
 def _sample_all(sample_images, ids, key, batch_size: int) -> np.ndarray:
@@ -279,6 +290,21 @@ def validate(config) -> registry.DiffusionObjective:
     raise ValueError("config.share_initial_noise=True needs groups: several samples per prompt "
                      f"(config.samples_per_prompt={config.samples_per_prompt}, objective "
                      f"{o.name!r})")
+  window = config.get("sde_window", {}).get("size", 0)
+  if window:
+    w = config.sde_window
+    if obj.kind != "trajectory":
+      raise ValueError(f"config.sde_window.size={window}: a mixed ODE-SDE rollout is for "
+                       f"trajectory objectives, not {o.name!r} ({obj.kind})")
+    if not 1 <= window <= config.sampler.num_steps:
+      raise ValueError(f"config.sde_window.size={window} must be in [1, "
+                       f"config.sampler.num_steps={config.sampler.num_steps}]")
+    if w.stride < 1 or w.every < 1:
+      raise ValueError(f"config.sde_window.stride={w.stride} and .every={w.every} must be >= 1")
+    if o.get("timestep_fraction", 1.0) != 1.0 or o.get("skip_last_steps", 0):
+      raise ValueError("config.sde_window trains exactly its window's steps: leave "
+                       "config.objective.timestep_fraction at 1 and skip_last_steps at 0 "
+                       f"(got {o.get('timestep_fraction')}, {o.get('skip_last_steps')})")
   if obj.kind == "trajectory" and config.sampler.eta <= 0:
     raise ValueError(f"{o.name} needs a stochastic sampler: config.sampler.eta must be > 0 "
                      f"(log-probs are undefined at eta=0), got {config.sampler.eta}")
@@ -343,14 +369,24 @@ def train_and_evaluate(config, workdir: str):
                sum(x.size for x in jax.tree.leaves(state.params)))
 
   # ---------------------------------------------------------------- checkpoint / resume
+  # A lagged sampling policy (DiffusionNFT's θ_old): its own copy of the trainable leaves,
+  # laid out like them, moved toward θ after every epoch and kept in the checkpoint.
+  lagged = obj.sampling_decay is not None
+  sampling_params = jax.tree.map(jnp.copy, state.params) if lagged else None
+
   def ckpt_tree(st):
-    return {"state": st, "tracker": stats.state() if stats else {}}
+    tree = {"state": st, "tracker": stats.state() if stats else {}}
+    if lagged:
+      tree["sampling_params"] = sampling_params
+    return tree
 
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
   # history: evaluations by epoch; curve: per-epoch training metrics; seconds_before: wall
   # time of earlier runs of this workdir (all three kept in the checkpoint's metadata).
   start_epoch, restored, ck_meta = loop.resume(ckpt, ckpt_tree(state), workdir, "epoch")
   state = restored["state"]
+  if lagged:
+    sampling_params = restored["sampling_params"]
   if stats and start_epoch:
     stats.load_state(restored["tracker"])
   history, curve = ck_meta.get("history", {}), ck_meta.get("curve", {})
@@ -361,10 +397,24 @@ def train_and_evaluate(config, workdir: str):
   share_within = B if config.get("share_initial_noise") else 1
 
   @functools.partial(jax.jit, static_argnames=("share", "record_x0"))
-  def rollout(trainable, base, tokens, key, share=1, record_x0=False):
+  def rollout(trainable, base, tokens, key, share=1, record_x0=False, sde_steps=None):
     traj, cond, null = pipe.sample(materialize(trainable, base), tokens, key, sampler,
-                                   share_within=share, record_x0=record_x0)
+                                   share_within=share, record_x0=record_x0,
+                                   sde_steps=sde_steps)
     return traj, cond, null
+
+  window = config.get("sde_window", {}).get("size", 0)
+
+  def sde_window(epoch):
+    """(bool [T] stochastic steps, int [size] their indices) of this epoch's MixGRPO
+    window, or (None, None) when every step is stochastic."""
+    if not window:
+      return None, None
+    w = config.sde_window
+    start = trajectory.sde_window_start(epoch, sampler.num_steps, window, w.stride, w.every,
+                                        w.roll_back)
+    steps = np.arange(start, start + window, dtype=np.int32)
+    return np.isin(np.arange(sampler.num_steps), steps), steps
 
   @jax.jit
   def ref_log_probs(base, traj, cond, null):
@@ -431,10 +481,11 @@ def train_and_evaluate(config, workdir: str):
     return out
 
   # ---------------------------------------------------------------- one epoch
-  def sample_and_score(state, ids, k_epoch, record_x0=False):
+  def sample_and_score(state, ids, k_epoch, record_x0=False, sde_steps=None):
     tokens = placement.batch(tokens_all[ids])  # each process supplies its rows
-    traj, cond, null = rollout(state.params, base_params, tokens, jax.random.fold_in(k_epoch, 0),
-                               share=share_within, record_x0=record_x0)
+    policy = sampling_params if lagged else state.params
+    traj, cond, null = rollout(policy, base_params, tokens, jax.random.fold_in(k_epoch, 0),
+                               share=share_within, record_x0=record_x0, sde_steps=sde_steps)
     scores = score(to_images(base_params, traj.sample), ids)
     return traj, cond, null, scores, group_stats(scores, B)
 
@@ -446,10 +497,15 @@ def train_and_evaluate(config, workdir: str):
 
   def trajectory_epoch(state, epoch, ids, k_epoch):
     with_values = step_baseline != "none"
-    traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch, record_x0=with_values)
+    sde_mask, train_steps = sde_window(epoch)
+    traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch, record_x0=with_values,
+                                                   sde_steps=sde_mask)
     batch = {"latents": traj.latents, "timesteps": traj.timesteps,
              "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
              "cond": cond, "null_cond": null, "rewards": placement.batch(scores)}
+    if train_steps is not None:
+      batch["train_steps"] = jnp.asarray(train_steps)
+      m["sde_window_start"] = int(train_steps[0])
     values = step_values(traj, ids) if with_values else None
     if values is not None:
       corr = step_baselines.value_correlation(scores, values)
@@ -458,6 +514,8 @@ def train_and_evaluate(config, workdir: str):
       values = step_baselines.lambda_baselines(scores, values, o.get("baseline_lambda", 1.0))
     if obj.needs_ref_log_probs or config.kl_metric:
       ref = ref_log_probs(base_params, traj, cond, null)
+      if sde_mask is not None:  # ODE steps have no density: 0, as the rollout records them
+        ref = jnp.where(jnp.asarray(sde_mask)[None], ref, 0.0)
       batch["ref_log_probs"] = ref
       # On the host: op-by-op math on multi-device arrays is what can stall XLA:CPU's
       # collectives (rft.placement.split_cpu).
@@ -482,14 +540,16 @@ def train_and_evaluate(config, workdir: str):
     entries, m_prep = obj.prepare(config, ids, scores, None, stats)
     m.update(m_prep)
     keep = np.asarray(entries["keep"])
+    extra = {k: placement.batch(np.asarray(v)) for k, v in entries.items() if k != "keep"}
     kept = dict(placement.take_rows({"images": traj.sample, "cond": cond}, keep),
-                null_cond=null)
+                null_cond=null, **extra)
     order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(keep))
+    policy = sampling_params if lagged else state.params
     ms = []
     for k, sel in enumerate(minibatches(order, config.prompts_per_update * rows_per_update,
                                         config.updates_per_epoch)):
-      b = _take(placement, kept, sel, ("images", "cond"))
-      state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k))
+      b = _take(placement, kept, sel, ("images", "cond") + tuple(extra))
+      state, um = update(state, base_params, b, jax.random.fold_in(k_epoch, 10 + k), policy)
       ms.append(um)
     return state, m, ms
 
@@ -534,6 +594,10 @@ def train_and_evaluate(config, workdir: str):
     state, m, ums = epoch_fn(state, epoch, ids, k_epoch)
     m.update(loop.mean_metrics(ums))
     done = epoch + 1
+    if lagged:  # θ_old ← d θ_old + (1 − d) θ at the optimizer steps taken so far
+      d = obj.sampling_decay(config, done * config.updates_per_epoch)
+      sampling_params = soft_update(sampling_params, state.params, d)
+      m["sampling_decay"] = d
     loop.check_finite(m["loss"], f"{o.name} loss at epoch {done}", ckpt, workdir, "epoch")
     m["reward_queries"] = done * samples_per_epoch
     m["epoch_seconds"] = time.time() - t0
