@@ -3,9 +3,10 @@
 eps_guided = eps(x, t, null) + s * (eps(x, t, cond) - eps(x, t, null)).
 
 A denoiser is any ``eps_fn(params, x_t, t, cond) -> eps`` with x_t ``[B, ...]``, t int32
-``[B]`` and cond a pytree whose leaves have leading batch dim B. The combination is
-linear, so it applies unchanged to other model outputs (v, flow velocity): the samplers
-guide the raw model output and convert it afterwards (rft.diffusion.sampling).
+``[B]`` (float32 for flow models) and cond a pytree whose leaves have leading batch dim B.
+The combination is linear, so it applies unchanged to other model outputs (v, flow
+velocity): the samplers guide the raw model output and convert it afterwards
+(rft.diffusion.sampling).
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ def broadcast_batch(tree: Any, batch_size: int) -> Any:
 
 
 def timesteps_vector(t, batch_size: int) -> jax.Array:
-  """An int scalar or int [B] timestep as an int32 vector [B]."""
-  t = jnp.asarray(t, jnp.int32)
+  """A scalar or [B] timestep as a vector [B]: int32 for integer (DDPM) timesteps,
+  float32 for floating ones (flow models' sigma * 1000, which must not be truncated)."""
+  t = jnp.asarray(t)
+  t = t.astype(jnp.float32 if jnp.issubdtype(t.dtype, jnp.floating) else jnp.int32)
   return jnp.broadcast_to(t, (batch_size,))
 
 

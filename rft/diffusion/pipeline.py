@@ -34,10 +34,22 @@ class Text2ImagePipeline:
   # Token ids [1, L] of the empty prompt (CFG's unconditional branch); None: all pad (0).
   null_tokens: Any = None
   prediction: str = "eps"
+  # Fields set on every sampler `sampler(cfg)` builds (dataclasses.replace), e.g.
+  # {"mu": ...}: a dynamically shifted flow schedule's mu for this image size.
+  sampler_fields: Any = None
 
   def sampler(self, cfg: SamplerConfig):
-    """The configured sampler for this model's prediction type."""
-    return cfg.build(self.schedule, prediction=self.prediction)
+    """The configured sampler for this model's prediction type (with `sampler_fields`)."""
+    s = cfg.build(self.schedule, prediction=self.prediction)
+    if not self.sampler_fields:
+      return s
+    fields = {f.name for f in dataclasses.fields(s)} if dataclasses.is_dataclass(s) else set()
+    missing = sorted(set(self.sampler_fields) - fields)
+    if missing:
+      raise ValueError(f"sampler {cfg.name!r} ({type(s).__name__}) has no field(s) {missing} "
+                       "that this pipeline sets (a flow model with dynamic shifting needs a "
+                       "flow sampler's mu)")
+    return dataclasses.replace(s, **dict(self.sampler_fields))
 
   @property
   def eps_fn(self) -> Callable:
@@ -77,18 +89,19 @@ class Text2ImagePipeline:
     return jnp.repeat(x, share_within, axis=0)
 
   def sample(self, params, tokens, key, cfg: SamplerConfig, *, share_within: int = 1,
-             record_x0: bool = False) -> tuple[sampling.Trajectory, Any, Any]:
+             record_x0: bool = False, sde_steps=None) -> tuple[sampling.Trajectory, Any, Any]:
     """Sample one trajectory per row of `tokens`: (trajectory, cond, null_cond).
 
     share_within: rows per shared x_T (see initial_noise); record_x0: keep each step's
-    x0 prediction in the trajectory (``Trajectory.x0_preds``).
+    x0 prediction in the trajectory (``Trajectory.x0_preds``); sde_steps: bool [steps],
+    the only stochastic steps (the rest ODE; `sampling.rollout`).
     """
     cond, null = self.conditions(params, tokens)
     k_init, k_steps = jax.random.split(key)
     x_T = self.initial_noise(k_init, tokens.shape[0], share_within)
     traj = sampling.rollout(self.model_fn, params, self.sampler(cfg), x_T, cond, null,
                             num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-                            key=k_steps, record_x0=record_x0)
+                            key=k_steps, record_x0=record_x0, sde_steps=sde_steps)
     return traj, cond, null
 
 
@@ -149,3 +162,40 @@ def sd_pipeline(sd) -> Text2ImagePipeline:
 
   return Text2ImagePipeline(encode, model_fn, schedule, sd.latent_shape, decode=decode,
                             null_tokens=sd.tokenize([""]), prediction=prediction)
+
+
+def sd3_pipeline(sd3) -> Text2ImagePipeline:
+  """Stable Diffusion 3 (``rft.weights.sd3.load_sd3``) as a Text2ImagePipeline.
+
+  params = {"transformer", "vae", "text_encoder", "text_encoder_2"[, "text_encoder_3"]};
+  tokens are ``StableDiffusion3.tokenize``'s concatenated CLIP-L / CLIP-G / T5 ids. cond =
+  {"states": prompt_embeds [B, L, J], "pooled": pooled_prompt_embeds [B, P]}
+  (diffusers' ``StableDiffusion3Pipeline.encode_prompt``); the null cond encodes the
+  empty prompt "" the same way (diffusers' default negative prompt); model_fn is the
+  MMDiT at model time t = sigma * 1000, predicting the flow velocity (use the "flow" /
+  "flow_cps" samplers; eta 0 is diffusers' Euler ODE). A dynamically shifted schedule
+  gets its mu for this resolution's image sequence length through ``sampler``.
+  ``images`` decodes latents / scaling_factor + shift_factor with the VAE, clipped to
+  [-1, 1], under ``jax.checkpoint``.
+  """
+  from rft.weights.sd3_text import encode_sd3_prompt
+  transformer, vae, encoders = sd3.transformer, sd3.vae, sd3.text.encoders
+  split = sd3.split_tokens
+
+  def encode(params, tokens):
+    states, pooled = encode_sd3_prompt(encoders, params, split(jnp.asarray(tokens)))
+    return {"states": states, "pooled": pooled}
+
+  def model_fn(params, x, t, cond):
+    return transformer.apply({"params": params["transformer"]}, x, t, cond["states"],
+                             cond["pooled"])
+
+  @jax.checkpoint
+  def decode(params, latents):
+    images = vae.apply({"params": params["vae"]}, latents, method=vae.latents_to_images)
+    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+  mu = sd3.mu
+  return Text2ImagePipeline(encode, model_fn, sd3.schedule, sd3.latent_shape, decode=decode,
+                            null_tokens=sd3.tokenize([""]), prediction="velocity",
+                            sampler_fields=None if mu is None else {"mu": mu})

@@ -12,8 +12,9 @@ def base() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.trainer = "diffusion_rl"
   c.seed = 0
-  # What is finetuned (rft/worlds/diffusion_worlds.py): "shapes" (ShapesWorld) or "sd"
-  # (a Stable Diffusion diffusers folder, see sd_world()).
+  # What is finetuned (rft/worlds/diffusion_worlds.py): "shapes" (ShapesWorld), "sd"
+  # (a Stable Diffusion 1.x / 2.x diffusers folder, see sd_world()) or "sd3" (a Stable
+  # Diffusion 3 folder, see sd3_world()).
   c.world = "shapes"
   c.base_dir = ""  # shapes: "" = the base model shipped in rft/assets (pretrained if absent)
   c.scorer_dir = ""  # shapes: "" = the scorers shipped in rft/assets
@@ -27,6 +28,10 @@ def base() -> config_dict.ConfigDict:
   c.train_prompts_seed = 0
   c.resolution = 0
   c.dtype = "float32"  # computation dtype of the SD modules (params stay float32)
+  # sd3: load T5-XXL (False: its prompt states are zeros) and its tokens per prompt
+  # (0 = diffusers' 256).
+  c.load_t5 = True
+  c.max_sequence_length = 0
   c.allow_pickle = False  # load .bin/.pt weights (unpickling can run code)
   # Reward: "name[:weight],..." (rft/rewards: shapes_alignment, shapes_alignment_log,
   # jpeg_compressibility, jpeg_incompressibility, saturation, brightness).
@@ -40,6 +45,11 @@ def base() -> config_dict.ConfigDict:
   # Samples of one prompt start from the same x_T (DanceGRPO): group rewards then differ
   # only through the step noise the log-probs score (trajectory objectives and RAFT).
   c.share_initial_noise = False
+  # MixGRPO's mixed ODE-SDE rollout (trajectory objectives): only `size` consecutive steps
+  # are stochastic (and trained), the rest follow the ODE; the window starts at step 0 and
+  # moves `stride` steps every `every` epochs, back to 0 past the last start (roll_back)
+  # or staying there. size 0: every step stochastic (off).
+  c.sde_window = config_dict.ConfigDict({"size": 0, "stride": 1, "every": 1, "roll_back": True})
   # Epoch: prompts_per_epoch prompts x samples_per_prompt samples from theta_old, then
   # updates_per_epoch updates of prompts_per_update prompts each (cycling the epoch's).
   c.epochs = 100
@@ -61,13 +71,14 @@ def base() -> config_dict.ConfigDict:
   # the EMA; rollouts stay on-policy with the raw params.
   c.ema_decay = 0.0
   # What is trained: full finetuning of the params matching `trainable` (default: the
-  # denoiser, a UNet or a DiT; the text encoder stays frozen), or LoRA.
+  # denoiser, a UNet, a DiT or SD3's MMDiT; the text encoders stay frozen), or LoRA.
   c.finetune = config_dict.ConfigDict({
-      "mode": "full", "trainable": "^(unet|dit)/",
+      "mode": "full", "trainable": "^(unet|dit|transformer)/",
       "lora_rank": 4, "lora_alpha": 4.0,
-      # Attention projections and UNet res-block convs (rft.models.lora.DEFAULT_TARGETS).
+      # Attention projections and UNet res-block convs (rft.models.lora.DEFAULT_TARGETS),
+      # and SD3's MMDiT attention projections (SD3_LORA_TARGETS).
       "lora_targets": r"^(unet|dit)/.*/(self_attn|cross_attn)/(q|k|v|out)/kernel$|"
-                      r"^unet/.*_res\d+/conv[12]/kernel$",
+                      r"^unet/.*_res\d+/conv[12]/kernel$|" + SD3_LORA_TARGETS,
   })
   # Unrolling of the differentiated step scans: "auto" = full on CPU (XLA:CPU runs backward
   # convs in rolled loops ~10x slower), rolled on GPU/TPU; or "full" / "none".
@@ -144,6 +155,34 @@ def sd_world(c: config_dict.ConfigDict, model_path: str = "CompVis/stable-diffus
 
 # LoRA on the SD UNet's attention projections (rft.models.sd_unet names).
 SD_LORA_TARGETS = r"^unet/.*/attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"
+# LoRA on SD3's MMDiT attention projections, image and text streams (rft.models.mmdit
+# names; the diffusers SD3 LoRA trainer's to_q/k/v/out + add_q/k/v_proj/to_add_out).
+SD3_LORA_TARGETS = (r"^transformer/.*/attn2?/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|"
+                    r"add_v_proj|to_add_out)/kernel$")
+
+
+def sd3_world(c: config_dict.ConfigDict, model_path: str, prompt_set: str = "animals45",
+              lora: bool = False) -> None:
+  """Stable Diffusion 3 settings: the flow sampler (Flow-GRPO's SDE; eta = its noise
+  level, kept from the config), CFG 4.5 (Flow-GRPO's SD3.5 setting), no x0 clipping, the
+  MMDiT trained (fully, or LoRA on its attention projections with ``lora``), evaluation
+  by the configured rewards on a few prompts. No base_dir is used."""
+  c.world = "sd3"
+  c.model_path = model_path
+  c.prompt_set = prompt_set
+  c.base_dir = ""
+  c.sampler.name = "flow"
+  c.sampler.guidance_scale = 4.5
+  c.sampler.clip_x0 = None
+  c.finetune.trainable = "^transformer/"
+  c.finetune.lora_targets = SD3_LORA_TARGETS
+  if lora:
+    c.finetune.mode = "lora"
+    c.finetune.lora_rank = 32
+    c.finetune.lora_alpha = 64.0
+  c.unroll = "none"
+  c.eval_prompts = 32
+  c.eval_batch_size = 8
 
 
 # Where each SD reward model's files are expected by default (override with

@@ -167,10 +167,16 @@ def load_clip_text_encoder(path: Any, *, subfolder: Optional[str] = None,
     dtype / param_dtype: compute dtype of the model / dtype of the params.
 
   Keys with or without the ``text_model.`` prefix load. A full ``CLIPModel`` folder also
-  loads (its text tower; the other keys are dropped).
+  loads (its text tower; the other keys are dropped). ``model.safetensors`` is read by
+  name when present, so a ``model.fp16.safetensors`` beside it (hub SD folders) is ignored.
   """
   model_dir = _resolve(path, subfolder, "CLIPTextModel")
-  d, state = _read(model_dir, allow_pickle, "CLIPTextModel")
+  state = io.read_named_weights(model_dir, "model", allow_pickle=allow_pickle)
+  if state is None:
+    d, state = _read(model_dir, allow_pickle, "CLIPTextModel")
+  else:
+    d = io.read_json(os.path.join(model_dir, "config.json"),
+                     expected=_EXPECTED.format("CLIPTextModel"))
   config = _config(model_dir, CLIPTextConfig.from_hf, d)
   if "text_config" in d:  # a full CLIPModel: keep the text tower
     state = {k: v for k, v in state.items() if k.startswith("text_model.")}

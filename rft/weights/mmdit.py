@@ -7,6 +7,8 @@
   ``(MMDiTConfig, SD3Transformer, params)``. ``diffusion_pytorch_model.bin`` (pickle) only
   with ``allow_pickle=True``; bf16 files are upcast.
 * :func:`mmdit_from_diffusers` -- a torch-format state dict (numpy) -> params tree.
+* :func:`save_mmdit` / :func:`mmdit_to_diffusers` -- the inverse: a params tree -> a
+  diffusers ``SD3Transformer2DModel`` folder (``from_pretrained`` loads it) / state dict.
 
 Conversion is a rename (``.N.`` -> ``_N`` for the diffusers lists ``transformer_blocks``,
 ``to_out`` and ``net``; ``weight`` -> ``kernel``, or ``scale`` for the q/k RMSNorms) plus
@@ -29,17 +31,20 @@ missing, unexpected or misshapen key is a ValueError naming it.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rft.models.mmdit import MMDiTConfig, SD3Transformer, grid_coords, sincos_1d
+from rft.models.mmdit import (MMDiTConfig, SD3Transformer, grid_coords, sincos_1d,
+                              sincos_pos_embed)
 from rft.weights import io
 
-__all__ = ["load_mmdit", "mmdit_from_diffusers", "expected_shapes", "resolve_mmdit_dir"]
+__all__ = ["load_mmdit", "mmdit_from_diffusers", "mmdit_to_diffusers", "save_mmdit",
+           "expected_shapes", "resolve_mmdit_dir"]
 
 _WEIGHTS = "diffusion_pytorch_model"
 _EXPECTED_FILES = (
@@ -204,3 +209,53 @@ def load_mmdit(path: Any, *, subfolder: Optional[str] = "transformer",
   state = _read_weights(model_dir, allow_pickle=allow_pickle, variant=variant)
   params = mmdit_from_diffusers(state, config, source=model_dir, dtype=dtype)
   return config, SD3Transformer(config, dtype=compute_dtype, **module_kw), params
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def mmdit_to_diffusers(params, config: MMDiTConfig) -> Dict[str, np.ndarray]:
+  """Our params tree -> a diffusers ``SD3Transformer2DModel`` state dict (float32 numpy,
+  torch layouts), with the ``pos_embed.pos_embed`` buffer diffusers stores when
+  ``pos_embed_max_size`` is set. The inverse of :func:`mmdit_from_diffusers`; the tree
+  is checked against the config first (ValueError naming a missing / extra / misshapen
+  param)."""
+  flat = io.check_tree(params, expected_shapes(config), "mmdit_to_diffusers")
+  state = {}
+  for path, value in flat.items():
+    w = np.asarray(value, np.float32)
+    if path[-1] == "kernel":
+      w = np.transpose(w, (3, 2, 0, 1)) if path[:-1] == _CONV else w.T
+    state[_to_torch_key(path)] = np.ascontiguousarray(w)
+  m = config.pos_embed_max_size
+  if m is not None:
+    state[_POS_EMBED_KEY] = sincos_pos_embed(m, m, config.inner_dim,
+                                             base_size=config.base_size)[None]
+  return state
+
+
+def save_mmdit(folder: Any, config: Union[MMDiTConfig, Mapping[str, Any]], params) -> str:
+  """Writes ``config.json`` + ``diffusion_pytorch_model.safetensors`` into ``folder``
+  (diffusers layout, float32; ``SD3Transformer2DModel.from_pretrained(folder)`` and
+  :func:`load_mmdit` read it). ``config`` is an :class:`MMDiTConfig` or a diffusers config
+  dict (written as given, so extra keys of the original survive). Returns the folder.
+
+  Refuses params that do not match the config or hold NaN / Inf.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if isinstance(config, MMDiTConfig):
+    cfg, d = config, config.to_diffusers()
+  else:
+    d = dict(config)
+    cfg = MMDiTConfig.from_diffusers(d)
+  state = mmdit_to_diffusers(params, cfg)
+  for k, v in state.items():
+    if not np.all(np.isfinite(v)):
+      raise ValueError(f"save_mmdit: {k} holds NaN or Inf; not writing {folder}")
+  out = os.fspath(folder)
+  os.makedirs(out, exist_ok=True)
+  d.setdefault("_class_name", "SD3Transformer2DModel")
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(d, f, indent=2, sort_keys=True)
+  save_file(state, os.path.join(out, f"{_WEIGHTS}.safetensors"), metadata={"format": "pt"})
+  return out

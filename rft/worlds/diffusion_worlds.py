@@ -9,8 +9,11 @@
   (``config.prompt_set``: "animals45", "hpdv2", "pickapic" or a prompt file), judged by
   the configured rewards on fixed train / held-out prompts (there is no independent
   evaluator for real images).
+* ``"sd3"`` -- a Stable Diffusion 3 / 3.5 diffusers folder (``config.model_path``; the
+  MMDiT is finetuned on a rectified-flow sampler: ``config.sampler.name="flow"``), with
+  prompts and rewards as ``"sd"``. ``config.load_t5=False`` skips T5-XXL (zero states).
 
-Both give the loop the same things: ``pipe`` (a Text2ImagePipeline whose ``images``
+All give the loop the same things: ``pipe`` (a Text2ImagePipeline whose ``images``
 decodes latents), the full ``base_params`` tree, the prompt ``texts`` and their ``tokens``,
 prompt sampling per split, the per-sample ``reward_prompts`` dict, the kwargs the reward
 factories get, an ``evaluate`` hook and an ``export`` of the finetuned model.
@@ -104,33 +107,31 @@ class StableDiffusionSetup:
 
   def __init__(self, config, workdir: str):
     del workdir
-    import jax.numpy as jnp
-    from rft.data import prompt_sets
     from rft.diffusion.pipeline import sd_pipeline
     from rft.weights.sd import load_sd
-    if not config.model_path:
-      raise ValueError("config.world='sd' needs config.model_path: a diffusers-format "
-                       "Stable Diffusion folder or a hub id already in the HF cache")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-             "float16": jnp.float16}.get(config.dtype)
-    if dtype is None:
-      raise ValueError(f"config.dtype={config.dtype!r}; use float32, bfloat16 or float16")
+    dtype = _model_dtype(config, "Stable Diffusion")
     self.sd = load_sd(config.model_path, allow_pickle=config.allow_pickle, dtype=dtype,
                       resolution=config.resolution or None)
     self.pipe = sd_pipeline(self.sd)
     self.base_params = self.sd.params
+    self._init_prompts(config, self.sd.tokenize)
+    self.model_path = config.model_path
+    logging.info("%s world: %s, %d x %d images, %d train / %d held-out prompts",
+                 self.name.upper(), self.sd.path, self.sd.resolution, self.sd.resolution,
+                 len(self.split_ids["train"]), len(self.split_ids["heldout"]))
+
+  def _init_prompts(self, config, tokenize: Callable):
+    """texts, split_ids, tokens (``tokenize(texts)``: one int array, row per prompt),
+    eval_splits and reward_kwargs from config.prompt_set."""
+    from rft.data import prompt_sets
     ps = prompt_sets.get_prompt_set(config.prompt_set, holdout_fraction=config.holdout_fraction,
                                     seed=config.seed)
     self.texts = list(ps.train) + list(ps.holdout)
     self.split_ids = {"train": np.arange(len(ps.train)),
                       "heldout": np.arange(len(ps.train), len(self.texts))}
-    self.tokens = self.sd.tokenize(self.texts)
+    self.tokens = tokenize(self.texts)
     self.eval_splits = tuple(k for k in SPLITS if len(self.split_ids[k]))
     self.reward_kwargs = {"prompt_texts": self.texts}
-    self.model_path = config.model_path
-    logging.info("SD world: %s, %d x %d images, %d train / %d held-out prompts",
-                 self.sd.path, self.sd.resolution, self.sd.resolution, len(ps.train),
-                 len(ps.holdout))
 
   def sample_prompt_ids(self, rng, n: int, split: str = "train") -> np.ndarray:
     pool = self._pool(split)
@@ -170,7 +171,60 @@ class StableDiffusionSetup:
     return out
 
 
-WORLDS = {"shapes": ShapesSetup, "sd": StableDiffusionSetup}
+class StableDiffusion3Setup(StableDiffusionSetup):
+  """A diffusers-format Stable Diffusion 3 / 3.5 model and a prompt set.
+
+  ``tokens`` are ``StableDiffusion3.tokenize``'s rows (CLIP-L, CLIP-G and T5 ids side by
+  side; the pipeline's encoder splits them). Prompt sampling, rewards and evaluation are
+  the "sd" world's.
+  """
+
+  name = "sd3"
+
+  def __init__(self, config, workdir: str):
+    del workdir
+    from rft.diffusion.pipeline import sd3_pipeline
+    from rft.weights.sd3 import load_sd3
+    dtype = _model_dtype(config, "Stable Diffusion 3")
+    self.sd = load_sd3(config.model_path, allow_pickle=config.allow_pickle, dtype=dtype,
+                       resolution=config.resolution or None,
+                       load_t5=bool(config.get("load_t5", True)),
+                       max_sequence_length=int(config.get("max_sequence_length", 0)) or None)
+    self.pipe = sd3_pipeline(self.sd)
+    self.base_params = self.sd.params
+    self._init_prompts(config, self.sd.tokenize)
+    self.model_path = config.model_path
+    logging.info("SD3 world: %s, %d x %d images, T5 %s, %d train / %d held-out prompts",
+                 self.sd.path, self.sd.resolution, self.sd.resolution,
+                 "on" if self.sd.text.encoders.t5 is not None else "off",
+                 len(self.split_ids["train"]), len(self.split_ids["heldout"]))
+
+  def export(self, final_params, workdir: str, objective: str, results: dict) -> str:
+    """The finetuned MMDiT as a diffusers folder ``<workdir>/transformer`` (loads with
+    ``SD3Transformer2DModel.from_pretrained`` or rft's ``load_mmdit``)."""
+    from rft.weights.mmdit import save_mmdit
+    out = os.path.join(workdir, "transformer")
+    save_mmdit(out, self.sd.transformer_config, jax.device_get(final_params["transformer"]))
+    with open(os.path.join(out, "rft_finetune.json"), "w") as f:
+      json.dump({"base_model": self.sd.path, "objective": objective,
+                 "command": pretrained.invocation(), "results": results}, f, indent=1)
+    return out
+
+
+def _model_dtype(config, what: str):
+  """config.dtype as a jnp dtype, after checking config.model_path is set."""
+  import jax.numpy as jnp
+  if not config.model_path:
+    raise ValueError(f"config.world={config.world!r} needs config.model_path: a "
+                     f"diffusers-format {what} folder or a hub id already in the HF cache")
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "float16": jnp.float16}.get(config.dtype)
+  if dtype is None:
+    raise ValueError(f"config.dtype={config.dtype!r}; use float32, bfloat16 or float16")
+  return dtype
+
+
+WORLDS = {"shapes": ShapesSetup, "sd": StableDiffusionSetup, "sd3": StableDiffusion3Setup}
 
 
 def build(config, workdir: str) -> Any:
