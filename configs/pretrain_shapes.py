@@ -15,7 +15,7 @@ from ml_collections import config_dict
 from rft import config as config_lib
 
 def get_config(arg=None):
-  variants = config_lib.parse_arg(arg, ("smoke",))
+  variants = config_lib.parse_arg(arg, ("smoke", "positions"))
   c = config_dict.ConfigDict()
   c.trainer = "pretrain_shapes"
   c.seed = 0
@@ -35,6 +35,11 @@ def get_config(arg=None):
   c.num_train_timesteps = 1000
   c.cond_dropout = 0.1
   c.snr_gamma = 5.0  # min-SNR-gamma loss weighting; 0 disables
+  # High-noise emphasis (rft.diffusion.training.eps_loss): a `frac` of the examples at
+  # t in [start * T, T), errors weighted by min(1 / alpha_bar_t, x0_weight_cap) (0: off).
+  # Off here (the shipped base); the `positions` variant turns it on.
+  c.high_noise = config_dict.ConfigDict({"frac": 0.0, "start": 0.85, "x0_weight_cap": 0.0})
+  c.init_dir = ""  # start from this base bundle's params ("" = random init; "assets" = shipped)
   # Optimisation.
   c.steps = 2500
   c.batch_size = 64
@@ -55,6 +60,15 @@ def get_config(arg=None):
   c.eval_batch_size = 256
   c.scorer_dir = ""  # "" = the bundles shipped in rft/assets
   c.export_dir = ""
+  if "positions" in variants:  # continue the shipped base with the high-noise emphasis
+    c.init_dir = "assets"
+    c.high_noise.frac = 0.5
+    c.high_noise.x0_weight_cap = 50.0
+    c.snr_gamma = 0.0
+    c.steps = 2000
+    c.lr = 3e-4
+    c.warmup = 0
+    c.eval_every = 1000
   if "smoke" in variants:
     c.steps = 6
     c.batch_size = 8

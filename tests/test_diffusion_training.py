@@ -131,3 +131,29 @@ def test_gradient_of_loss_is_finite_and_jits():
                                                 jnp.zeros((1, 3)), r, SCHED,
                                                 snr_gamma=5.0)[0]))(params, jax.random.PRNGKey(5))
   assert all(np.isfinite(float(g)) and float(g) != 0 for g in jax.tree_util.tree_leaves(grad))
+
+
+def test_high_noise_emphasis_draws_and_weights_by_hand():
+  """high_noise_frac 1: every t in [start T, T); x0_weight_cap: errors weighted by
+  min(1/alpha_bar_t, cap) over the batch mean of those weights."""
+  x0 = jnp.zeros((B, 4, 4, 2))
+  seen = {}
+
+  def eps_fn(params, x_t, t, c):
+    seen.update(x_t=x_t, t=t)
+    return jnp.zeros_like(x_t)
+
+  loss, metrics = eps_loss(eps_fn, None, x0, jnp.ones((B, 3)), None, _key(4), SCHED,
+                           cond_dropout=0.0, high_noise_frac=1.0, high_noise_start=0.9,
+                           x0_weight_cap=50.0)
+  t = np.asarray(seen["t"])
+  assert t.min() >= 900 and t.max() < 1000
+  noise = np.asarray(seen["x_t"], np.float64) / np.sqrt(1 - AB[t])[:, None, None, None]
+  per_example = np.mean(noise.reshape(B, -1) ** 2, axis=1)
+  w = np.minimum(1 / AB[t], 50.0)
+  np.testing.assert_allclose(float(loss), np.mean(w / w.mean() * per_example), rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["mse"]), per_example.mean(), rtol=1e-5)
+  # Off by default: the same key draws t over all of [0, T) and the plain mean.
+  loss0, m0 = eps_loss(eps_fn, None, x0, jnp.ones((B, 3)), None, _key(4), SCHED,
+                       cond_dropout=0.0)
+  assert float(loss0) == float(m0["mse"])

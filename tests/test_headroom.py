@@ -25,3 +25,11 @@ def test_captions_and_supervised_run_and_add_up():
                        "--trainable", "^unet/mid"])
   steps = [h["step"] for h in sup["history"]]
   assert steps == [0, 1, 2] and all(np.isfinite(h["alignment"]) for h in sup["history"])
+
+
+def test_position_swap_probe():
+  # Every "at the <cell>" caption maps to the opposite cell, and back.
+  for a, b in headroom.SWAP.items():
+    assert headroom.SWAP[b] == a and a != b
+  out = headroom.main(["positions", "--samples", "2"])  # 8 captions
+  assert sorted(out) == [850, 900, 950, 980] and all(np.isfinite(v) for v in out.values())

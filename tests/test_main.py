@@ -32,6 +32,14 @@ def test_pretrain_smoke_writes_events_checkpoint_and_bundle(tmp_path):
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 6
   meta = pretrained.load_meta("shapes_base", str(tmp_path))
   assert meta["steps"] == 6 and meta["model"]["channels"] == [16, 32, 32]
+  # Continuing from that bundle with the high-noise emphasis runs and exports; a bundle
+  # of another model (the shipped one) is an error naming config.init_dir.
+  run_main(SMOKE, tmp_path / "cont", f"--config.init_dir={tmp_path}",
+           "--config.high_noise.frac=0.5", "--config.high_noise.x0_weight_cap=50")
+  cont = pretrained.load_meta("shapes_base", str(tmp_path / "cont"))
+  assert cont["steps"] == 6
+  p = run_main(SMOKE, tmp_path / "bad", "--config.init_dir=assets", check=False)
+  assert p.returncode != 0 and "config.init_dir" in p.stderr
 
 
 def test_unknown_key_and_wrong_type_are_errors_naming_the_key(tmp_path):

@@ -17,6 +17,11 @@ training captions of rft.worlds.diffusion_worlds (seed 0 draws T1's 32):
   python -m rft.tools.headroom captions --train_prompts 32 --samples 64
   python -m rft.tools.headroom groups
   python -m rft.tools.headroom supervised --trainable '^unet/(mid|down2|up2)' --lr 3e-4
+  python -m rft.tools.headroom positions [--base_dir DIR]
+
+* `positions`: whether the denoiser reads position words at all: the eps loss on true
+  renders of "... at the <cell>" captions with the cell swapped to the opposite one,
+  relative to the true caption's, at t = 850, 900, 950, 980.
 """
 from __future__ import annotations
 
@@ -161,9 +166,45 @@ def supervised(a) -> dict:
   return {"history": history}
 
 
+SWAP = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right",
+        "bottom right": "top left"}
+
+
+def positions(a) -> dict:
+  """Does the denoiser read position words? For captions "... at the <cell>", the eps loss
+  on ground-truth renders with the caption's cell swapped to the opposite one, relative
+  to the true caption's, at high-noise timesteps (0: the words are ignored)."""
+  s = Setup(a.base_dir, a.train_prompts)
+  if s.pipe.prediction != "eps":
+    raise ValueError("headroom positions: needs an eps-prediction (UNet) base")
+  ids = np.array([i for i, t in enumerate(s.world.texts) if " at the " in t][:a.samples * 4])
+  texts = [s.world.texts[i] for i in ids]
+  swapped = [t[:-len(k)] + v for t in texts for k, v in SWAP.items() if t.endswith(k)]
+  rng = np.random.default_rng(a.seed)
+  x0 = jnp.asarray(shapes.render_np(s.world.sample_scenes(rng, ids), rng))
+  tok = shapes.tokenizer()
+  tokens = [jnp.asarray(tok.encode(x)) for x in (texts, swapped)]
+  ac = s.pipe.schedule.alphas_cumprod
+
+  @jax.jit
+  def losses(params, t, key):
+    eps = jax.random.normal(key, x0.shape)
+    x_t = jnp.sqrt(ac[t]) * x0 + jnp.sqrt(1 - ac[t]) * eps
+    tt = jnp.full((len(ids),), t)
+    return [jnp.mean((s.pipe.eps_fn(params, x_t, tt, s.pipe.encode(params, k)) - eps) ** 2)
+            for k in tokens]
+
+  out = {}
+  for t in (850, 900, 950, 980):
+    true, swap = losses(s.params, t, jax.random.key(t))
+    out[t] = float(swap / true - 1)
+  print({"captions": len(ids), "relative_loss_increase_when_swapped": out})
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("what", choices=("captions", "groups", "supervised"))
+  ap.add_argument("what", choices=("captions", "groups", "supervised", "positions"))
   ap.add_argument("--base_dir", default=None, help="base bundle folder (default: rft/assets)")
   ap.add_argument("--train_prompts", type=int, default=32)
   ap.add_argument("--samples", type=int, default=64, help="captions: samples per caption")
@@ -174,7 +215,8 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--seed", type=int, default=0)
   a = ap.parse_args(argv)
-  return {"captions": captions, "groups": groups, "supervised": supervised}[a.what](a)
+  return {"captions": captions, "groups": groups, "supervised": supervised,
+          "positions": positions}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -70,15 +70,28 @@ def load_judge(scorer_dir: str | None):
 
 
 def denoising_loss(pipe, params, x0, tokens, key, cond_dropout, snr_gamma=None,
-                   flow_weighting: str = "logit_normal"):
+                   flow_weighting: str = "logit_normal", high_noise=None):
   """(loss, metrics) of the pretraining objective on clean images x0 for `tokens`: the eps
-  loss (min-SNR weighted with snr_gamma), or the flow-matching loss for a velocity model."""
+  loss (min-SNR weighted with snr_gamma; `high_noise` = (frac, start, x0_weight_cap), see
+  training.eps_loss), or the flow-matching loss for a velocity model."""
   cond, null = pipe.conditions(params, tokens)
   if pipe.prediction == "velocity":
     return flow.flow_loss(pipe.model_fn, params, x0, cond, null, key, pipe.schedule,
                           cond_dropout, flow_weighting)
+  frac, start, cap = high_noise or (0.0, 0.85, 0.0)
   return training.eps_loss(pipe.eps_fn, params, x0, cond, null, key, pipe.schedule,
-                           cond_dropout, snr_gamma)
+                           cond_dropout, snr_gamma, frac, start, cap)
+
+
+def high_noise_settings(config):
+  """(frac, start, x0_weight_cap) of config.high_noise (all off when absent)."""
+  h = config.get("high_noise", None)
+  if not h:
+    return None
+  if not 0 <= h.frac <= 1 or not 0 <= h.start < 1 or h.x0_weight_cap < 0:
+    raise ValueError(f"config.high_noise={dict(h)}: frac in [0, 1], start in [0, 1), "
+                     "x0_weight_cap >= 0")
+  return float(h.frac), float(h.start), float(h.x0_weight_cap)
 
 
 def make_train_step(pipe, tx, config):
@@ -91,7 +104,8 @@ def make_train_step(pipe, tx, config):
     def loss_fn(p):
       return denoising_loss(pipe, p, x0, batch["tokens"], step_key, config.cond_dropout,
                             config.snr_gamma or None,
-                            config.get("flow_weighting", "logit_normal"))
+                            config.get("flow_weighting", "logit_normal"),
+                            high_noise_settings(config))
 
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     m["grad_norm"] = optax.global_norm(grads)
@@ -125,6 +139,15 @@ def train_and_evaluate(config, workdir: str):
   h = shapes.IMAGE_SIZE
   params = jax.jit(model.init)(key, jnp.zeros((1, h, h, 3)), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, tok.max_len), jnp.int32))["params"]
+  if config.get("init_dir"):  # continue from an existing base bundle
+    _, loaded, _ = pretrained.load_shapes_base(
+        None if config.init_dir == "assets" else config.init_dir)
+    want = jax.tree.map(jnp.shape, params)
+    got = jax.tree.map(jnp.shape, loaded)
+    if want != got:
+      raise ValueError(f"config.init_dir={config.init_dir!r}: its model does not match "
+                       "config.model (different parameter tree or shapes)")
+    params = jax.tree.map(jnp.asarray, loaded)
   logging.info("model params: %d", sum(x.size for x in jax.tree.leaves(params)))
   state = place.create_state(lambda p: TrainState.create(p, tx, ema=config.ema_decay > 0),
                              params)
