@@ -9,6 +9,11 @@ two evaluations included). The evaluator then judges 43 % of samples aligned on
 training captions and 28 % on held-out captions (256 captions each; 20 DDIM steps,
 eta 1, CFG 1.5). The model shipped in rft/assets is this config run for 5,000 steps
 (--config.steps=5000): 50 % train, 37 % held-out. `:smoke` runs in seconds.
+
+`:positions` continues the shipped base for 2,000 steps with the high-noise emphasis
+(half the timesteps in [850, 1000), errors weighted by min(1/alpha_bar, 50), no min-SNR,
+Adam 3e-4): 64 % train (relations 42 %), 38 % held-out, 21 min with the CPU shared; the
+denoiser then reads position words (`python -m rft.tools.headroom positions`).
 """
 from ml_collections import config_dict
 
