@@ -289,16 +289,15 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   assert max(jax.tree.leaves(moved)) > 0  # the DiT was trained
   np.testing.assert_array_equal(np.asarray(tuned_params["text"]["tok_embed"]["embedding"]),
                                 np.asarray(params["text"]["tok_embed"]["embedding"]))
-  # Flow-GRPO on the same base; without a base_dir its config stops at once, naming it.
-  run_main("configs/flow_grpo.py:smoke", tmp_path / "fg", f"--config.base_dir={base}",
-           "--config.reward=brightness")
-  assert json.load(open(tmp_path / "fg" / "results.json"))["objective"] == "flow_grpo"
-  p = run_main("configs/flow_grpo.py:smoke", tmp_path / "fg2", check=False)
-  assert p.returncode != 0 and "config.base_dir" in p.stderr
-  # MixGRPO (a 2-step SDE window in the 3-step smoke rollout).
+  # Flow-GRPO as MixGRPO on the same base (a 2-step SDE window in the 3-step smoke
+  # rollout; tests/test_sd3.py runs plain Flow-GRPO with its KL term end to end); without
+  # a base_dir its config stops at once, naming it.
   run_main("configs/flow_grpo.py:smoke,mix", tmp_path / "mix", f"--config.base_dir={base}",
            "--config.reward=brightness", "--config.sde_window.every=1")
-  assert json.load(open(tmp_path / "mix" / "results.json"))["epochs"] == 2
+  results = json.load(open(tmp_path / "mix" / "results.json"))
+  assert results["objective"] == "flow_grpo" and results["epochs"] == 2
+  p = run_main("configs/flow_grpo.py:smoke", tmp_path / "fg2", check=False)
+  assert p.returncode != 0 and "config.base_dir" in p.stderr
   # DiffusionNFT on the same base; with a fast-moving sampling policy (d = 0.5 after the
   # first epoch's 2 optimizer steps) a run resumed after epoch 1 must end where an
   # uninterrupted one does: the lagged policy is in the checkpoint.
