@@ -38,8 +38,12 @@ def test_pretrain_smoke_writes_events_checkpoint_and_bundle(tmp_path):
            "--config.high_noise.frac=0.5", "--config.high_noise.x0_weight_cap=50")
   cont = pretrained.load_meta("shapes_base", str(tmp_path / "cont"))
   assert cont["steps"] == 6
-  p = run_main(SMOKE, tmp_path / "bad", "--config.init_dir=assets", check=False)
-  assert p.returncode != 0 and "config.init_dir" in p.stderr
+  from rft import config as config_lib
+  from rft.train import pretrain
+  bad = config_lib.load("pretrain_shapes", "smoke")
+  bad.init_dir = "assets"
+  with pytest.raises(ValueError, match="config.init_dir"):
+    pretrain.train_and_evaluate(bad, str(tmp_path / "bad"))
 
 
 def test_unknown_key_and_wrong_type_are_errors_naming_the_key(tmp_path):

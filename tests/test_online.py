@@ -10,7 +10,11 @@ from rft import pretrained
 from rft.train import diffusion_rl
 from tests.helpers import run_main
 
-ONLINE_CONFIGS = ["prdp", "ddpo", "draft", "draft:lv", "alignprop", "raft"]
+# DRaFT-LV and AlignProp are variants of DRaFT's reward-backprop kind: their plain smoke
+# runs are in the slow set (DRaFT-LV's rollout and gradient are tested in
+# test_trajectory_grads.py; AlignProp runs end to end with LoRA below).
+ONLINE_CONFIGS = ["prdp", "ddpo", "draft", pytest.param("draft:lv", marks=pytest.mark.slow),
+                  pytest.param("alignprop", marks=pytest.mark.slow), "raft"]
 
 
 def _results(workdir):

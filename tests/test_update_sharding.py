@@ -5,9 +5,10 @@ unchanged (`diffusion_rl.make_trajectory_update`, `diffusion_rl.make_backprop_up
 `lm_rl.make_update`, each a `jax.jit` with no explicit shardings): the state, the frozen
 base params and the batch are placed with `placement.shard_tree` /
 `placement.shard_batch_axes` and GSPMD propagates those placements through the update.
-Meshes: {data: 8} (params replicated), {fsdp: 8} and {data: 2, fsdp: 2, tensor: 2}
-(params FSDP-sharded, attention tensor-parallel); loss (relative) and every new param
-must match the one-device run to 1e-5, and the params must really be split.
+Meshes: {data: 8} (params replicated) and {data: 2, fsdp: 2, tensor: 2} (params
+FSDP-sharded, attention tensor-parallel), plus {fsdp: 8} in the slow variant; loss
+(relative) and every new param must match the one-device run to 1e-5, and the params
+must really be split.
 
 The test optimizer is the loops' AdamW (global-norm clip, constant lr) with lr 1e-3, so
 params move ~1e-3 and the 1e-5 tolerance means something, and Adam eps 1e-5 instead of
@@ -34,7 +35,11 @@ COMMON = textwrap.dedent("""
     from rft import config as config_lib, placement, pretrained, sharding as S
     from rft.train.state import TrainState
     assert jax.device_count() == 8
-    MESHES = ({"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2})
+    MIXED = {"data": 2, "fsdp": 2, "tensor": 2}
+    # CI: data-parallel and the mixed mesh (FSDP and tensor parallelism together); the
+    # slow variant adds pure FSDP over all 8 devices.
+    MESHES = (({"data": 8}, {"fsdp": 8}, MIXED) if len(sys.argv) > 3 and sys.argv[3] == "all"
+              else ({"data": 8}, MIXED))
     N = 8  # rows per update: divisible by every mesh's data-parallel size
 
     def n_split(tree, mesh=None):
@@ -210,7 +215,7 @@ LM_SCRIPT = COMMON + textwrap.dedent("""
       return losses, jax.device_get(st.params), s_in, n_split(st.params)
     compare("grpo", grpo_run)
     try:
-      placement.shard_batch_axes({"x": np.zeros((6, 2))}, placement.make_mesh(MESHES[2]))
+      placement.shard_batch_axes({"x": np.zeros((6, 2))}, placement.make_mesh(MIXED))
       raise SystemExit("indivisible batch accepted")
     except ValueError as e:
       assert "not divisible by the 4 devices of mesh axes ('data', 'fsdp')" in str(e), e
@@ -219,12 +224,14 @@ LM_SCRIPT = COMMON + textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("meshes", ["ci", pytest.param("all", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("update", ["prdp", "draft", "grpo"])
-def test_sharded_update_equals_one_device(update):
+def test_sharded_update_equals_one_device(update, meshes):
   script = LM_SCRIPT if update == "grpo" else DIFFUSION_SCRIPT
-  p = run_python(["-c", script, update], devices=8, timeout=600)
+  p = run_python(["-c", script, update, "1e-5", meshes], devices=8, timeout=600)
   print(p.stdout)
   assert "OK" in p.stdout, p.stdout + p.stderr[-2000:]
+  assert p.stdout.count("UPDATE") == (3 if meshes == "all" else 2)  # one line per mesh
 
 
 def test_shard_tree_and_batch_axes_one_device():
