@@ -189,6 +189,42 @@ def index_shards(index: str) -> List[str]:
   return paths
 
 
+def resolve_component_dir(path: Any, subfolder: Optional[str], what: str,
+                          expected: str) -> str:
+  """The folder holding a diffusers component's ``config.json``: ``path/subfolder`` when
+  it has one, else ``path`` itself (a pipeline folder or hub id in the local HF cache,
+  or the component's own folder). FileNotFoundError names the paths tried and
+  `expected`."""
+  try:
+    root = resolve_model_dir(path, marker="model_index.json", expected=expected)
+  except FileNotFoundError:
+    root = resolve_model_dir(path, marker="config.json", expected=expected)
+  tried = []
+  if subfolder:
+    sub = os.path.join(root, subfolder)
+    if os.path.isfile(os.path.join(sub, "config.json")):
+      return sub
+    tried.append(os.path.join(sub, "config.json"))
+  if os.path.isfile(os.path.join(root, "config.json")):
+    return root
+  tried.append(os.path.join(root, "config.json"))
+  raise FileNotFoundError(f"No {what} config found for {os.fspath(path)!r}: tried {tried}. "
+                          f"Expected {expected}.")
+
+
+def read_component_weights(model_dir: str, name: str, *, allow_pickle: bool, expected: str,
+                           variant: Optional[str] = None) -> Dict[str, np.ndarray]:
+  """`read_named_weights` of ``name[.variant]``; a FileNotFoundError naming what was
+  looked for and found when there is none."""
+  name = name + (f".{variant}" if variant else "")
+  state = read_named_weights(model_dir, name, allow_pickle=allow_pickle)
+  if state is not None:
+    return state
+  raise FileNotFoundError(
+      f"{model_dir}: no {name}.safetensors (nor {name}.safetensors.index.json, nor "
+      f"{name}.bin); found {sorted(os.listdir(model_dir))}. Expected {expected}.")
+
+
 def read_named_weights(model_dir: str, name: str, *,
                        allow_pickle: bool = False) -> Optional[Dict[str, np.ndarray]]:
   """Exactly ``{name}.safetensors``, else ``{name}.safetensors.index.json``'s shards, else

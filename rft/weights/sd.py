@@ -113,9 +113,8 @@ class StableDiffusion:
 def tokenize(tokenizer, texts: Sequence[str], max_length: int | None = None) -> np.ndarray:
   """CLIP token ids [N, max_length] int32, padded to max_length and truncated, as
   diffusers' StableDiffusionPipeline tokenises prompts."""
-  n = max_length or getattr(tokenizer, "model_max_length", 77)
-  if n is None or n > 10_000:
-    n = 77
+  from rft.weights.sd3_text import clip_max_length  # pylint: disable=g-import-not-at-top
+  n = max_length or clip_max_length(tokenizer)
   out = tokenizer(list(texts), padding="max_length", max_length=n, truncation=True,
                   return_tensors="np")
   return np.asarray(out["input_ids"], np.int32)

@@ -126,31 +126,12 @@ def resolve_vae_dir(path: Any, *, subfolder: Optional[str] = "vae") -> str:
   else ``path`` itself. ``path`` may be a hub id in the local HF cache (a pipeline repo
   with ``model_index.json`` or a standalone VAE repo). FileNotFoundError names the paths
   tried and the files expected."""
-  try:
-    root = io.resolve_model_dir(path, marker="model_index.json", expected=_EXPECTED_FILES)
-  except FileNotFoundError:
-    root = io.resolve_model_dir(path, marker="config.json", expected=_EXPECTED_FILES)
-  tried = []
-  if subfolder:
-    sub = os.path.join(root, subfolder)
-    if os.path.isfile(os.path.join(sub, "config.json")):
-      return sub
-    tried.append(os.path.join(sub, "config.json"))
-  if os.path.isfile(os.path.join(root, "config.json")):
-    return root
-  tried.append(os.path.join(root, "config.json"))
-  raise FileNotFoundError(f"No VAE config found for {os.fspath(path)!r}: tried {tried}. "
-                          f"Expected {_EXPECTED_FILES}.")
+  return io.resolve_component_dir(path, subfolder, "VAE", _EXPECTED_FILES)
 
 
 def _read_weights(vae_dir: str, *, allow_pickle: bool, variant: Optional[str]):
-  name = _WEIGHTS + (f".{variant}" if variant else "")
-  state = io.read_named_weights(vae_dir, name, allow_pickle=allow_pickle)
-  if state is not None:
-    return state
-  raise FileNotFoundError(
-      f"{vae_dir}: no {name}.safetensors (nor {name}.safetensors.index.json, nor "
-      f"{name}.bin); found {sorted(os.listdir(vae_dir))}. Expected {_EXPECTED_FILES}.")
+  return io.read_component_weights(vae_dir, _WEIGHTS, allow_pickle=allow_pickle,
+                                   expected=_EXPECTED_FILES, variant=variant)
 
 
 def load_vae(path: Any, *, subfolder: Optional[str] = "vae", allow_pickle: bool = False,
