@@ -33,8 +33,19 @@ def invocation() -> str:
   return "python -m rft.main " + " ".join(argv)
 
 
+def resolve_dir(directory: str | None) -> str:
+  """The folder a bundle directory names: None, "" and "assets" are the shipped folder
+  rft/assets; "assets/<sub>" is a bundle shipped in its subfolder (e.g.
+  "assets/positions") unless a folder of that name exists here; anything else is a path."""
+  if not directory or directory == "assets":
+    return ASSETS
+  if directory.startswith("assets/") and not os.path.isdir(directory):
+    return os.path.join(ASSETS, directory[len("assets/"):])
+  return directory
+
+
 def bundle_paths(name: str, directory: str | None = None) -> tuple[str, str]:
-  d = directory or ASSETS
+  d = resolve_dir(directory)
   return os.path.join(d, f"{name}.msgpack"), os.path.join(d, f"{name}.json")
 
 

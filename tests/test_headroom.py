@@ -28,8 +28,16 @@ def test_captions_and_supervised_run_and_add_up():
 
 
 def test_position_swap_probe():
-  # Every "at the <cell>" caption maps to the opposite cell, and back.
-  for a, b in headroom.SWAP.items():
-    assert headroom.SWAP[b] == a and a != b
+  # Each swap is an involution without fixed points; "opposite" changes both words, "row"
+  # only the first (top/bottom), "column" only the second (left/right).
+  for name, swap in headroom.SWAPS.items():
+    assert sorted(swap) == sorted(shapes.POSITIONS)
+    for a, b in swap.items():
+      assert swap[b] == a and a != b
+      same = [x == y for x, y in zip(a.split(), b.split())]
+      assert same == {"opposite": [False, False], "row": [False, True],
+                      "column": [True, False]}[name], (name, a, b)
   out = headroom.main(["positions", "--samples", "2"])  # 8 captions
-  assert sorted(out) == [850, 900, 950, 980] and all(np.isfinite(v) for v in out.values())
+  assert sorted(out) == sorted(headroom.SWAPS)
+  for v in out.values():
+    assert sorted(v) == [850, 900, 950, 980] and all(np.isfinite(x) for x in v.values())

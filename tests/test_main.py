@@ -103,17 +103,36 @@ def test_mismatched_checkpoint_is_an_error_not_a_restart(tmp_path):
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 6
 
 
-def test_base_model_falls_back_to_pretraining_when_absent(tmp_path):
-  """No bundle in the given directory: pretrain (smoke) into the workdir and load it."""
+def test_base_model_falls_back_to_pretraining_when_absent(tmp_path, monkeypatch):
+  """No shipped bundle: pretrain (smoke) into the workdir and load it."""
   import jax
   from rft import config as config_lib
   from rft.train import pretrain
+  monkeypatch.setattr(pretrained, "ASSETS", str(tmp_path / "empty"))
   cfg = config_lib.load("pretrain_shapes", "smoke")
   with cfg.unlocked():
     cfg.eval_every = 0
-  model, params, meta = pretrain.load_or_pretrain_base(str(tmp_path), str(tmp_path / "empty"), cfg)
+  model, params, meta = pretrain.load_or_pretrain_base(str(tmp_path), None, cfg)
   assert meta["steps"] == 6 and pretrained.exists("shapes_base", str(tmp_path / "base_model"))
   assert model.channels == (16, 32, 32) and jax.tree.leaves(params)
+
+
+def test_a_named_base_folder_without_a_bundle_is_an_error_not_a_pretraining(tmp_path):
+  from rft.train import pretrain
+  with pytest.raises(FileNotFoundError, match="shapes_base.msgpack"):
+    pretrain.load_or_pretrain_base(str(tmp_path / "wd"), str(tmp_path / "typo"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_bundle_folder_names_resolve(tmp_path, monkeypatch):
+  A = pretrained.ASSETS
+  assert pretrained.resolve_dir(None) == pretrained.resolve_dir("") == A
+  assert pretrained.resolve_dir("assets") == A
+  assert pretrained.resolve_dir("assets/positions") == os.path.join(A, "positions")
+  assert pretrained.resolve_dir(str(tmp_path)) == str(tmp_path)
+  monkeypatch.chdir(tmp_path)  # a local folder named assets/<sub> wins over the shipped one
+  (tmp_path / "assets" / "mine").mkdir(parents=True)
+  assert pretrained.resolve_dir("assets/mine") == "assets/mine"
 
 
 def test_missing_bundle_error_names_files_and_command(tmp_path):

@@ -52,6 +52,23 @@ def test_every_table_preset_builds_valid_configs(tmp_path):
       assert len(runs) == t.preset(preset).seeds * len(t.preset(preset).rows)
 
 
+def test_every_named_base_is_shipped():
+  """A preset that starts from a bundle other than the default names one that exists
+  (rft.pretrained.resolve_dir), and T1's cpu and accelerator presets use the positions
+  base while cpu_original keeps the original one."""
+  from rft import pretrained
+  for t in tables.ALL.values():
+    for name, p in t.presets.items():
+      d = {**p.common, **{k: v for r in p.rows.values() for k, v in r.items()}}.get("base_dir")
+      if d:
+        assert pretrained.exists("shapes_base", d), (t.name, name, d)
+  t1 = tables.get("prdp_table1")
+  assert t1.preset("cpu").common["base_dir"] == "assets/positions"
+  assert t1.preset("accelerator").common["base_dir"] == "assets/positions"
+  assert "base_dir" not in t1.preset("cpu_original").common
+  assert t1.preset("cpu_original").rows["prdp"]["epochs"] == 30
+
+
 def test_plan_errors(tmp_path):
   t = tables.get("prdp_table1")
   with pytest.raises(ValueError, match="no preset 'gpu'"):

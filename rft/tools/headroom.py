@@ -166,24 +166,35 @@ def supervised(a) -> dict:
   return {"history": history}
 
 
-SWAP = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right",
-        "bottom right": "top left"}
+# The cell a caption's position is swapped to: the opposite cell, the other row (same
+# column), the other column (same row).
+SWAPS = {
+    "opposite": {"top left": "bottom right", "top right": "bottom left",
+                 "bottom left": "top right", "bottom right": "top left"},
+    "row": {"top left": "bottom left", "top right": "bottom right",
+            "bottom left": "top left", "bottom right": "top right"},
+    "column": {"top left": "top right", "top right": "top left",
+               "bottom left": "bottom right", "bottom right": "bottom left"},
+}
 
 
 def positions(a) -> dict:
   """Does the denoiser read position words? For captions "... at the <cell>", the eps loss
-  on ground-truth renders with the caption's cell swapped to the opposite one, relative
-  to the true caption's, at high-noise timesteps (0: the words are ignored)."""
+  on ground-truth renders with the caption's cell swapped (to the opposite cell, to the
+  other row, to the other column), relative to the true caption's, at high-noise
+  timesteps (0: the words are ignored). Row and column separate "reads top/bottom" from
+  "reads left/right"."""
   s = Setup(a.base_dir, a.train_prompts)
   if s.pipe.prediction != "eps":
     raise ValueError("headroom positions: needs an eps-prediction (UNet) base")
   ids = np.array([i for i, t in enumerate(s.world.texts) if " at the " in t][:a.samples * 4])
   texts = [s.world.texts[i] for i in ids]
-  swapped = [t[:-len(k)] + v for t in texts for k, v in SWAP.items() if t.endswith(k)]
+  swapped = {name: [t[:-len(k)] + v for t in texts for k, v in swap.items() if t.endswith(k)]
+             for name, swap in SWAPS.items()}
   rng = np.random.default_rng(a.seed)
   x0 = jnp.asarray(shapes.render_np(s.world.sample_scenes(rng, ids), rng))
   tok = shapes.tokenizer()
-  tokens = [jnp.asarray(tok.encode(x)) for x in (texts, swapped)]
+  tokens = [jnp.asarray(tok.encode(x)) for x in (texts, *swapped.values())]
   ac = s.pipe.schedule.alphas_cumprod
 
   @jax.jit
@@ -194,10 +205,11 @@ def positions(a) -> dict:
     return [jnp.mean((s.pipe.eps_fn(params, x_t, tt, s.pipe.encode(params, k)) - eps) ** 2)
             for k in tokens]
 
-  out = {}
+  out = {name: {} for name in SWAPS}
   for t in (850, 900, 950, 980):
-    true, swap = losses(s.params, t, jax.random.key(t))
-    out[t] = float(swap / true - 1)
+    true, *swaps = losses(s.params, t, jax.random.key(t))
+    for name, swap in zip(SWAPS, swaps):
+      out[name][t] = float(swap / true - 1)
   print({"captions": len(ids), "relative_loss_increase_when_swapped": out})
   return out
 

@@ -140,8 +140,7 @@ def train_and_evaluate(config, workdir: str):
   params = jax.jit(model.init)(key, jnp.zeros((1, h, h, 3)), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, tok.max_len), jnp.int32))["params"]
   if config.get("init_dir"):  # continue from an existing base bundle
-    _, loaded, _ = pretrained.load_shapes_base(
-        None if config.init_dir == "assets" else config.init_dir)
+    _, loaded, _ = pretrained.load_shapes_base(config.init_dir)
     want = jax.tree.map(jnp.shape, params)
     got = jax.tree.map(jnp.shape, loaded)
     if want != got:
@@ -229,12 +228,16 @@ def train_and_evaluate(config, workdir: str):
 def load_or_pretrain_base(workdir: str, directory: str | None = None, config=None):
   """The ShapesWorld base model for finetuning: (model, params, meta).
 
-  Uses the bundle shipped in rft/assets (or `directory`); when it is absent, pretrains
-  one with `config` (default: configs/pretrain_shapes.py) in `workdir`/base_model,
-  resuming there if a previous attempt was interrupted, and loads the result.
+  Uses the bundle in `directory` (rft.pretrained.resolve_dir: default the one shipped in
+  rft/assets). When the shipped one is absent, pretrains one with `config` (default:
+  configs/pretrain_shapes.py) in `workdir`/base_model, resuming there if a previous
+  attempt was interrupted, and loads the result; any other folder without a bundle is an
+  error (a mistyped --config.base_dir never starts a 20-minute pretraining).
   """
   if pretrained.exists("shapes_base", directory):
     return pretrained.load_shapes_base(directory)
+  if pretrained.resolve_dir(directory) != pretrained.ASSETS:
+    pretrained.load_meta("shapes_base", directory)  # raises, naming the missing files
   base_dir = f"{workdir}/base_model"
   logging.warning("no shipped base model in %s; pretraining one in %s (about 20 minutes on a "
                   "2-core CPU)", directory or pretrained.ASSETS, base_dir)
