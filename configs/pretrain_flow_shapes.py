@@ -28,6 +28,7 @@ def get_config(arg=None):
       "dit": {"patch": 2, "width": 96, "depth": 4, "num_heads": 4},
   })
   c.schedule = "flow"
+  # Static shift of the noise levels, for training (flow_loss) and sampling alike.
   c.flow_shift = 1.0
   c.flow_weighting = "logit_normal"  # or "uniform"
   c.lr = 1e-3

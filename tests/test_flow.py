@@ -192,6 +192,18 @@ def test_flow_loss_by_hand():
   np.testing.assert_allclose(np.asarray(seen["t"]), sigma.ravel() * 1000, rtol=1e-6)
   with pytest.raises(ValueError, match="weighting"):
     flow.sample_sigmas(key, 2, "cosine")
+  # A shifted schedule shifts the training noise levels too: s sigma / (1 + (s - 1) sigma).
+  loss3, _ = flow.flow_loss(model_fn, jnp.float32(0.5), x0, {"c": jnp.zeros((3, 1))}, None,
+                            key, FlowSchedule(shift=3.0), cond_dropout=0, weighting="logit_normal")
+  s3 = 3 * sigma / (1 + 2 * sigma)
+  x_t3 = (1 - s3) * np.asarray(x0) + s3 * eps
+  np.testing.assert_allclose(float(loss3), np.mean((0.5 * x_t3 - (eps - np.asarray(x0))) ** 2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(seen["t"]), s3.ravel() * 1000, rtol=1e-5)
+  assert (s3 > sigma).all()
+  with pytest.raises(ValueError, match="needs mu"):
+    flow.flow_loss(model_fn, jnp.float32(0.5), x0, {"c": jnp.zeros((3, 1))}, None, key,
+                   FlowSchedule(use_dynamic_shifting=True), cond_dropout=0)
 
 
 def test_sincos_2d_by_hand():

@@ -216,15 +216,22 @@ def sample_sigmas(key, batch: int, weighting: str = "logit_normal", mean: float 
 
 
 def flow_loss(model_fn, params, x0, cond, null_cond, rng, schedule: FlowSchedule,
-              cond_dropout=0.1, weighting: str = "logit_normal"):
+              cond_dropout=0.1, weighting: str = "logit_normal", mu: Optional[float] = None):
   """Conditional flow matching: mean ||v_theta(x_sigma, sigma N) - (eps - x0)||^2.
 
-  cond / null_cond as for rft.diffusion.training.eps_loss (dropout replaces an example's
-  cond by the null cond: classifier-free guidance). Returns (loss, {"loss", "mse"}).
+  The noise levels are drawn by `weighting` (sample_sigmas) and then shifted by the
+  schedule like its sampling sigmas (FlowSchedule.shift_sigmas: shift s maps sigma to
+  s sigma / (1 + (s - 1) sigma); dynamic shifting needs `mu`), as diffusers' SD3
+  training scripts draw them from the shifted scheduler: a shift > 1 moves training
+  toward pure noise, where a small image's layout is decided. cond / null_cond as for
+  rft.diffusion.training.eps_loss (dropout replaces an example's cond by the null cond:
+  classifier-free guidance). Returns (loss, {"loss", "mse"}).
   """
   batch = x0.shape[0]
   s_key, n_key, d_key = jax.random.split(rng, 3)
   sigma = sample_sigmas(s_key, batch, weighting)
+  if schedule.use_dynamic_shifting or schedule.shift != 1.0:
+    sigma = schedule.shift_sigmas(sigma, mu)
   noise = jax.random.normal(n_key, x0.shape, jnp.float32).astype(x0.dtype)
   sb = sigma.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
   x_t = (1 - sb) * x0 + sb * noise
