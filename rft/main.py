@@ -12,12 +12,15 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rft import checkpoint, distributed, placement
+from rft import checkpoint, distributed, placement, run_record
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs "
                                "(default: workdirs/<config name>[_<arg>]).")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose checkpoints were made with a "
+    "different config (rft.run_record: without it that is an error naming each changed key).")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
                                  "Multi-process JAX (rft.distributed): on, off, or auto (from "
                                  "RFT_COORDINATOR/..., SLURM srun or TPU pod variables).")
@@ -58,9 +61,13 @@ def main(argv):
   train = resolve_trainer(config.trainer)
   checkpoint.ensure_workdir(workdir)  # fail before any work
   logging.info("config:\n%s", config)
-  if info.process_index == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  # Every process checks (a changed config fails everywhere, no process is left waiting);
+  # process 0 records.
+  changed = run_record.check_and_record(workdir, config.to_json_best_effort(indent=2),
+                                        _ALLOW_CHANGE.value, write=info.process_index == 0)
+  if changed:
+    logging.warning("resuming with changed config keys (config_history.jsonl): %s",
+                    ", ".join(k for k, _, _ in changed))
   train(config, workdir)
 
 

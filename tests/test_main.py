@@ -94,13 +94,32 @@ def test_killed_run_resumes_to_the_same_params(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def test_mismatched_checkpoint_is_an_error_not_a_restart(tmp_path):
+def test_resuming_with_a_changed_config_is_an_error_naming_the_keys(tmp_path):
+  import json
   run_main(SMOKE, tmp_path, "--config.eval_every=0")
-  p = run_main(SMOKE, tmp_path, "--config.eval_every=0", "--config.steps=8",
-               "--config.model.text.width=48", check=False)
+  changed = ("--config.eval_every=0", "--config.steps=8", "--config.model.text.width=48",
+             "--config.lr=0.01")
+  p = run_main(SMOKE, tmp_path, *changed, check=False)
+  assert p.returncode != 0
+  msg = p.stderr[p.stderr.index("holds checkpoints"):]
+  assert "config.model.text.width: 32 (stored) -> 48 (now)" in msg
+  assert "config.lr: " in msg and "-> 0.01 (now)" in msg
+  assert "config.steps" not in msg.split("Keys that may")[0]  # extending is allowed
+  assert "--allow_config_change" in msg
+  # With the override the structural check still refuses the mismatched model: an error,
+  # never a restart.
+  p = run_main(SMOKE, tmp_path, *changed, "--allow_config_change", check=False)
   assert p.returncode != 0
   assert "CheckpointMismatchError" in p.stderr and "shape mismatch" in p.stderr
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 6
+  # config.json stays the first run's; every start that got past the check is in the history.
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["text"]["width"] == 32
+  history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+  assert [h["resumed"] for h in history] == [False, True]
+  assert {"lr", "model.text.width", "steps"} <= set(history[1]["changed"])
+  # Extending the run (a safe key) resumes it.
+  run_main(SMOKE, tmp_path, "--config.eval_every=0", "--config.steps=8")
+  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 8
 
 
 def test_base_model_falls_back_to_pretraining_when_absent(tmp_path, monkeypatch):
