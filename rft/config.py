@@ -1,7 +1,9 @@
 """Config helpers shared by the files in configs/ (ml_collections ConfigDicts)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import os
 
 from ml_collections import config_dict
@@ -95,3 +97,69 @@ def apply_overrides(config: config_dict.ConfigDict, overrides) -> config_dict.Co
     with node.ignore_type():
       node[leaf] = value
   return config
+
+
+# --------------------------------------------------------------------------- value ranges
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """Allowed values of a numeric key: [low, high] (open at an end when `*_open`)."""
+  low: float | None = None
+  high: float | None = None
+  integer: bool = False
+  low_open: bool = False
+  high_open: bool = False
+
+  def describe(self) -> str:
+    kind = "an integer" if self.integer else "a number"
+    lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+    hi = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+    return f"{kind} {' and '.join(x for x in (lo, hi) if x)}".strip()
+
+  def holds(self, v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      return False
+    if self.integer and v != int(v):
+      return False
+    if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+      return False
+    if self.high is not None and (v >= self.high if self.high_open else v > self.high):
+      return False
+    return True
+
+
+_COUNT, _CADENCE = Range(1, integer=True), Range(0, integer=True)
+_PROB = Range(0.0, 1.0)
+# Keys with one meaning in every config that has them (a key a config lacks is skipped).
+RANGES: dict[str, Range] = {
+    **{k: _COUNT for k in (
+        "epochs", "steps", "prompts_per_epoch", "samples_per_prompt", "prompts_per_update",
+        "updates_per_epoch", "batch_size", "eval_batch_size", "eval_prompts",
+        "eval_samples_per_prompt", "prompts_per_step", "group_size", "minibatches",
+        "sampler.num_steps", "sampling.max_new_tokens")},
+    **{k: _CADENCE for k in (
+        "eval_every", "ckpt_every", "log_every", "warmup", "train_prompts", "cpu_devices")},
+    "lr": Range(0.0, low_open=True),
+    "sampler.eta": Range(0.0), "sampler.guidance_scale": Range(0.0),
+    "sampling.temperature": Range(0.0), "sampling.top_p": Range(0.0, 1.0, low_open=True),
+    "grad_clip": Range(0.0), "weight_decay": Range(0.0),
+    "cond_dropout": _PROB, "holdout_fraction": Range(0.0, 1.0, high_open=True),
+    "ema_decay": Range(0.0, 1.0, high_open=True),
+    "objective.timestep_fraction": Range(0.0, 1.0, low_open=True),
+}
+
+
+def check_ranges(config: config_dict.ConfigDict, ranges: dict[str, Range] = RANGES) -> None:
+  """ValueError naming every key (as --config.<key>) whose value is outside its range,
+  not a number, or not finite; run before any work."""
+  bad = []
+  for key, rule in ranges.items():
+    node = config
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, (config_dict.ConfigDict, dict)) else None
+      if node is None:
+        break
+    if node is not None and not rule.holds(node):
+      bad.append(f"--config.{key}={node!r} (must be {rule.describe()})")
+  if bad:
+    raise ValueError("config value(s) out of range: " + "; ".join(bad))

@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rft import checkpoint, distributed, placement, run_record
+from rft import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).",
                                           lock_config=True)
@@ -59,6 +60,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   train = resolve_trainer(config.trainer)
+  config_lib.check_ranges(config)  # counts, rates, probabilities: before any work
   checkpoint.ensure_workdir(workdir)  # fail before any work
   logging.info("config:\n%s", config)
   # Every process checks (a changed config fails everywhere, no process is left waiting);
