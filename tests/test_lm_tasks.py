@@ -187,6 +187,12 @@ def test_prompt_file_task_errors_name_file_and_row(tmp_path):
   p.write_text(json.dumps(PROBLEMS[0]) + "\n\n{not json\n")
   with pytest.raises(ValueError, match=r"blank\.jsonl, line 3: invalid JSON"):
     PromptFileTask(p, tok)
+  p = tmp_path / "latin1.jsonl"
+  p.write_bytes((json.dumps(PROBLEMS[0]) + "\n").encode() + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+  first = len(json.dumps(PROBLEMS[0])) + 1
+  with pytest.raises(ValueError, match=rf"latin1\.jsonl: not UTF-8 text at line 2 \(byte offset "
+                                       rf"{first + 15}: b'\\xe9"):
+    PromptFileTask(p, tok)
   p = tmp_path / "obj.json"
   p.write_text(json.dumps({"prompt": "x", "answer": "1"}))
   with pytest.raises(ValueError, match=r"obj\.json: expected a JSON list of objects"):

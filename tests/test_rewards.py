@@ -188,6 +188,28 @@ def test_build_unknown_name_raises():
     base.build({"nope": 1.0})
 
 
+def test_reward_spec_parsing_and_bad_weights():
+  assert base.parse_spec("saturation:0.5, brightness") == {"saturation": 0.5, "brightness": 1.0}
+  assert base.parse_spec("saturation:0,brightness:2") == {"brightness": 2.0}
+  with pytest.raises(ValueError, match=r"bad reward term 'saturation:x'"):
+    base.parse_spec("saturation:x")
+  for spec in ("saturation:nan", {"saturation": float("inf")}):
+    with pytest.raises(ValueError, match=r"config.reward=.*saturation:(nan|inf).*not finite"):
+      base.parse_spec(spec)
+
+
+def test_non_finite_rewards_name_the_spec_and_the_term():
+  base.check_finite_rewards(np.ones((4, 2)), "a:1,b:1", ["a", "b"])  # finite: silent
+  v = np.ones((4, 2), np.float32)
+  v[1, 1], v[3, 1] = np.nan, np.inf
+  with pytest.raises(FloatingPointError,
+                     match=r"config.reward='a:1,b:1' gave non-finite rewards \(term 'b': 2 of 4"):
+    base.check_finite_rewards(v, "a:1,b:1", ["a", "b"])
+  with pytest.raises(FloatingPointError, match=r"'saturation' gave non-finite rewards at epoch "
+                                               r"2 \(1 of 3 samples\)"):
+    base.check_finite_rewards(np.array([0.1, np.nan, 0.2]), "saturation", where="at epoch 2")
+
+
 def test_registry_has_all_rewards():
   from rft.rewards import ensure_registered
   ensure_registered()

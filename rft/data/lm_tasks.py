@@ -166,8 +166,14 @@ def read_rows(path: str) -> list[tuple[str, dict]]:
   if ext == ".parquet":
     rows = [(f"row {i}", r) for i, r in enumerate(_read_parquet(path))]
   else:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = raw.count(b"\n", 0, e.start) + 1
+      raise ValueError(f"prompt file {path}: not UTF-8 text at line {line} (byte offset "
+                       f"{e.start}: {raw[e.start:e.start + 4]!r}); save it as UTF-8") from None
     rows = None
     if ext == ".json":
       try:

@@ -18,6 +18,7 @@ executable (which closing over them would do).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -49,6 +50,24 @@ class Reward:
     for (_, r), p in zip(self.terms, params or (None,) * len(self.terms)):
       out.update(r.parts(images, prompts, p))
     return out
+
+
+def check_finite_rewards(values, spec, term_names: Sequence[str] | None = None,
+                         where: str = "") -> None:
+  """FloatingPointError naming `config.reward` (and, for [N, R] per-term values with
+  `term_names`, each term) when any reward is NaN or infinite: a bad reward stops the run
+  where it appears instead of surfacing later as a NaN loss."""
+  v = np.asarray(values)
+  bad = ~np.isfinite(v)
+  if not bad.any():
+    return
+  if term_names is not None and v.ndim == 2:
+    detail = "; ".join(f"term {n!r}: {int(bad[:, j].sum())} of {len(v)} samples"
+                       for j, n in enumerate(term_names) if bad[:, j].any())
+  else:
+    detail = f"{int(bad.sum())} of {v.size} samples"
+  raise FloatingPointError(f"config.reward={spec!r} gave non-finite rewards"
+                           f"{' ' + where if where else ''} ({detail})")
 
 
 def combine(terms: Sequence[tuple[float, Reward]], name: str = "combined") -> Reward:
@@ -100,6 +119,9 @@ def parse_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
         items.append((name.strip(), float(w) if w else 1.0))
       except ValueError:
         raise ValueError(f"bad reward term {term!r} in {spec!r}; expected name[:weight]") from None
+  bad = [f"{name}:{w}" for name, w in items if not math.isfinite(float(w))]
+  if bad:
+    raise ValueError(f"config.reward={spec!r}: weight(s) {bad} are not finite numbers")
   out = {name: float(w) for name, w in items if float(w) != 0.0}
   if not out:
     raise ValueError(f"reward spec {spec!r} has no term with a nonzero weight")

@@ -341,7 +341,13 @@ def train_and_evaluate(config, workdir: str):
   to_images = jax.jit(pipe.images)  # decoded with the frozen base params (e.g. the VAE)
 
   def score(images, ids) -> np.ndarray:
-    """Rewards of every sample, as numpy on every process."""
+    """Rewards of every sample, as numpy on every process (non-finite ones stop the run,
+    naming config.reward)."""
+    out = _score(images, ids)
+    rewards_lib.check_finite_rewards(out, config.reward)
+    return out
+
+  def _score(images, ids) -> np.ndarray:
     prompts = world.reward_prompts(ids)
     if reward.host:  # each process scores the rows it holds
       local = placement.local_rows(images)

@@ -208,7 +208,9 @@ def train_and_evaluate(config, workdir: str):
   def score(texts, ids):
     """[N, R] per-term rewards (weights in term_weights; their weighted sum is the reward)."""
     targets = [world.answers[i] for i in ids]
-    return np.stack([np.asarray(r(texts, targets), np.float32) for _, r in terms], axis=1)
+    out = np.stack([np.asarray(r(texts, targets), np.float32) for _, r in terms], axis=1)
+    rewards_lib.check_finite_rewards(out, config.reward, [r.name for _, r in terms])
+    return out
 
   weights_with_overlong = (np.append(term_weights, 1.0) if o.overlong_buffer > 0
                            else term_weights)

@@ -49,8 +49,10 @@ def check_finite(loss: float, where: str, ckpt, workdir: str, unit: str = "step"
   if np.isfinite(loss):
     return
   kept = f"nothing saved for this {unit}; " if unsaved else ""
-  raise FloatingPointError(f"{where} is {loss}; {kept}last good checkpoint: {unit} "
-                           f"{ckpt.latest_step()} in {workdir}/checkpoints")
+  last = ckpt.latest_step()
+  good = (f"last good checkpoint: {unit} {last} in {workdir}/checkpoints" if last is not None
+          else f"no checkpoint was written in {workdir}/checkpoints")
+  raise FloatingPointError(f"{where} is {loss}; {kept}{good}")
 
 
 def write_results(workdir: str, results: dict) -> None:
