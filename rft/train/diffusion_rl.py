@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import traverse_util
 from flax.core import unfreeze
@@ -369,8 +368,6 @@ def train_and_evaluate(config, workdir: str):
   state = placement.create_state(
       lambda p: TrainState.create(p, tx, ema=config.ema_decay > 0), trainable)
   del trainable
-  # The trained params' norm at the start (before any resume): loop.check_diverged.
-  start_norm = float(optax.global_norm(state.params))
   # The objective's host-side statistics (e.g. DDPO's per-prompt reward buffers), kept
   # in the checkpoint.
   stats = obj.make_stats(config, len(world.texts)) if obj.make_stats else None
@@ -608,8 +605,6 @@ def train_and_evaluate(config, workdir: str):
       sampling_params = soft_update(sampling_params, state.params, d)
       m["sampling_decay"] = d
     loop.check_finite(m["loss"], f"{o.name} loss at epoch {done}", ckpt, workdir, "epoch")
-    loop.check_diverged(m.get("param_norm", 0.0), start_norm, config.max_param_norm_ratio,
-                        f"{o.name} at epoch {done}", ckpt, workdir, "epoch")
     m["reward_queries"] = done * samples_per_epoch
     m["epoch_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})

@@ -31,7 +31,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from rft import checkpoint, metrics, pretrained
@@ -226,7 +225,6 @@ def train_and_evaluate(config, workdir: str):
                       eps=config.get("adam_eps", 1e-8))
   # Created already sharded (config.sharding.trained; Adam moments follow the params).
   state = placement.create_state(lambda p: TrainState.create(p, tx), base_params)
-  start_norm = float(optax.global_norm(state.params))  # loop.check_diverged
   ref_params = placement.put_frozen(base_params) if obj.uses_reference(kw) else None
   logging.info("LM RL %s %s: %d params, %s reference", o.name, obj.label(config),
                sum(x.size for x in jax.tree.leaves(base_params)),
@@ -345,8 +343,6 @@ def train_and_evaluate(config, workdir: str):
     m["first_update_ratio_mean"] = float(ums[0].get("ratio_mean", 1.0))
     done = step + 1
     loop.check_finite(m["loss"], f"{o.name} loss at step {done}", ckpt, workdir)
-    loop.check_diverged(m.get("param_norm", 0.0), start_norm, config.max_param_norm_ratio,
-                        f"{o.name} at step {done}", ckpt, workdir)
     m["step_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     if done % config.log_every == 0 or done == config.steps:

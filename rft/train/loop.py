@@ -4,7 +4,6 @@ resume: restore the latest checkpoint into a target tree, with its metadata.
 due: whether a periodic action (eval, checkpoint, log) falls on this step.
 mean_metrics: per-key means of the metrics dicts of several updates (one device sync).
 check_finite: stop on a non-finite loss, naming the last good checkpoint.
-check_diverged: stop when the trainable parameters' norm blows up (finite but diverged).
 write_results: results.json in the workdir (process 0 only).
 apply_update: the optimizer step with the gradient, parameter and update norms.
 """
@@ -43,33 +42,17 @@ def mean_metrics(updates: list) -> dict:
   return {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
 
 
-def _last_good(ckpt, workdir: str, unit: str, unsaved: bool) -> str:
-  kept = f"nothing saved for this {unit}; " if unsaved else ""
-  last = ckpt.latest_step()
-  return kept + (f"last good checkpoint: {unit} {last} in {workdir}/checkpoints"
-                 if last is not None else f"no checkpoint was written in {workdir}/checkpoints")
-
-
 def check_finite(loss: float, where: str, ckpt, workdir: str, unit: str = "step",
                  unsaved: bool = True) -> None:
   """FloatingPointError naming `where` (e.g. "prdp loss at epoch 3") and the last good
   checkpoint when `loss` is NaN or infinite."""
   if np.isfinite(loss):
     return
-  raise FloatingPointError(f"{where} is {loss}; {_last_good(ckpt, workdir, unit, unsaved)}")
-
-
-def check_diverged(param_norm: float, start_norm: float, max_ratio: float, where: str, ckpt,
-                   workdir: str, unit: str = "step") -> None:
-  """FloatingPointError when the trainable parameters' norm has grown past `max_ratio`
-  times its value at the start of training (config.max_param_norm_ratio; 0 turns the
-  check off): a finite but diverged state (e.g. lr=1e30) is never checkpointed."""
-  if not max_ratio or start_norm <= 0 or param_norm <= max_ratio * start_norm:
-    return  # (an overflowing norm, inf in float32, is diverged too)
-  raise FloatingPointError(
-      f"{where}: the trainable parameters diverged (norm {param_norm:.4g}, "
-      f"{param_norm / start_norm:.3g}x the {start_norm:.4g} they started from; "
-      f"config.max_param_norm_ratio={max_ratio:g}); {_last_good(ckpt, workdir, unit, True)}")
+  kept = f"nothing saved for this {unit}; " if unsaved else ""
+  last = ckpt.latest_step()
+  good = (f"last good checkpoint: {unit} {last} in {workdir}/checkpoints" if last is not None
+          else f"no checkpoint was written in {workdir}/checkpoints")
+  raise FloatingPointError(f"{where} is {loss}; {kept}{good}")
 
 
 def write_results(workdir: str, results: dict) -> None:
