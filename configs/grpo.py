@@ -92,6 +92,9 @@ def get_config(arg=None):
   c.warmup = 20
   c.weight_decay = 0.0
   c.grad_clip = 1.0
+  # Stop (before checkpointing) when the trained params' norm exceeds this many times its
+  # value before training (finite but diverged, e.g. a huge lr); 0 = off.
+  c.max_param_norm_ratio = 100.0
   c.adam_b1 = 0.9
   c.adam_b2 = 0.99
   c.adam_eps = 1e-8

@@ -40,6 +40,8 @@ __all__ = [
     "check_tree_matches",
     "assert_finite",
     "Checkpointer",
+    "DamagedCheckpointError",
+    "set_aside_after",
     "save_params_file",
     "load_params_file",
 ]
@@ -57,6 +59,13 @@ class CheckpointMismatchError(ValueError):
 
 class NonFiniteError(ValueError):
   """A tree holds NaN or Inf where finite values are required."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint's files cannot be read (truncated, overwritten or missing items)."""
+
+
+SET_ASIDE = "_set_aside"  # <checkpoints>_set_aside/<step>: steps moved away by set_aside_after
 
 
 # ----------------------------------------------------------------------------
@@ -409,19 +418,58 @@ class Checkpointer:
     """
     step = self._resolve_step(step)
     storable = _to_storable(state_template)
-    check_tree_matches(storable, self.saved_tree(step),
-                       what=f"checkpoint {self._step_dir(step)}")
-    target = _abstract_target(storable)
-    ocp = self._ocp
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            metadata=ocp.args.JsonRestore()))
+    try:
+      saved = self.saved_tree(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._damaged(step, "the state item", e, state_template) from None
+    check_tree_matches(storable, saved, what=f"checkpoint {self._step_dir(step)}")
+    try:
+      restored = self._read(step, storable)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._damaged(step, "the state or metadata item", e, state_template) from None
     state = _from_storable(state_template, restored["state"])
     metadata = restored["metadata"] or {}
     logging.info("Restored checkpoint %s", self._step_dir(step))
     return state, dict(metadata)
+
+  def _read(self, step: int, storable: Any) -> Any:
+    ocp = self._ocp
+    return self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract_target(storable)),
+            metadata=ocp.args.JsonRestore()))
+
+  def _intact(self, step: int, state_template: Any) -> bool:
+    """Whether checkpoint `step` restores into the template (reads it whole)."""
+    try:
+      storable = _to_storable(state_template)
+      check_tree_matches(storable, self.saved_tree(step), what="")
+      self._read(step, storable)
+      return True
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  def _damaged(self, step: int, item: str, error: Exception, state_template: Any
+               ) -> DamagedCheckpointError:
+    """One message: the damaged step folder and item, the reader's first line, and the
+    newest older checkpoint that restores (resumed from only when the user asks)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    if len(reason) > 240:
+      reason = reason[:240] + "..."
+    older = [s for s in sorted(self.all_steps(), reverse=True) if s < step]
+    good = next((s for s in older if self._intact(s, state_template)), None)
+    if good is None:
+      offer = (f"no older checkpoint restores ({len(older)} tried); move {self.directory} "
+               "away to start the run over")
+    else:
+      offer = (f"the newest intact older checkpoint is step {good}: resume from it with "
+               f"--resume_step={good} (later steps are moved to "
+               f"{self.directory}{SET_ASIDE}/, nothing is deleted)")
+    return DamagedCheckpointError(
+        f"checkpoint {self._step_dir(step)} is damaged: {item} cannot be read "
+        f"({reason}); nothing was restored; {offer}")
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -448,6 +496,29 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def set_aside_after(directory: Any, step: int) -> List[str]:
+  """Moves the step folders of checkpoint `directory` after `step` into
+  `<directory>_set_aside/` (so the next run resumes from `step`; nothing is deleted).
+  `step` must be a checkpoint there. Returns the moved paths."""
+  directory = os.path.abspath(os.fspath(directory))
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
+      if os.path.isdir(directory) else []
+  if int(step) not in steps:
+    raise FileNotFoundError(f"--resume_step={step}: no checkpoint for step {step} in "
+                            f"{directory} (available: {steps or 'none'})")
+  moved = []
+  aside = directory + SET_ASIDE
+  for s in steps:
+    if s > int(step):
+      dest = os.path.join(aside, str(s))
+      if os.path.exists(dest):  # set aside before: keep both
+        dest = f"{dest}.{len(os.listdir(aside))}"
+      os.makedirs(aside, exist_ok=True)
+      os.replace(os.path.join(directory, str(s)), dest)
+      moved.append(dest)
+  return moved
 
 
 # ----------------------------------------------------------------------------

@@ -142,7 +142,7 @@ RANGES: dict[str, Range] = {
     "lr": Range(0.0, low_open=True),
     "sampler.eta": Range(0.0), "sampler.guidance_scale": Range(0.0),
     "sampling.temperature": Range(0.0), "sampling.top_p": Range(0.0, 1.0, low_open=True),
-    "grad_clip": Range(0.0), "weight_decay": Range(0.0),
+    "grad_clip": Range(0.0), "weight_decay": Range(0.0), "max_param_norm_ratio": Range(0.0),
     "cond_dropout": _PROB, "holdout_fraction": Range(0.0, 1.0, high_open=True),
     "ema_decay": Range(0.0, 1.0, high_open=True),
     "objective.timestep_fraction": Range(0.0, 1.0, low_open=True),

@@ -22,6 +22,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose checkpoints were made with a "
     "different config (rft.run_record: without it that is an error naming each changed key).")
+_RESUME_STEP = flags.DEFINE_integer(
+    "resume_step", None, "Resume from this checkpoint step instead of the latest (e.g. the "
+    "intact one a damaged-checkpoint error offers): later steps are moved to "
+    "<workdir>/checkpoints_set_aside/, nothing is deleted.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
                                  "Multi-process JAX (rft.distributed): on, off, or auto (from "
                                  "RFT_COORDINATOR/..., SLURM srun or TPU pod variables).")
@@ -70,6 +74,14 @@ def main(argv):
   if changed:
     logging.warning("resuming with changed config keys (config_history.jsonl): %s",
                     ", ".join(k for k, _, _ in changed))
+  if _RESUME_STEP.value is not None:
+    ckdir = os.path.join(workdir, "checkpoints")
+    if info.process_index == 0:
+      moved = checkpoint.set_aside_after(ckdir, _RESUME_STEP.value)
+      logging.warning("--resume_step=%d: set aside %s", _RESUME_STEP.value, moved or "nothing")
+    if info.process_count > 1:  # the others wait until the folders are moved
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("rft resume_step")
   train(config, workdir)
 
 

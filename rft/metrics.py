@@ -204,6 +204,8 @@ class TensorBoardWriter(MetricWriter):
   image ``i`` is written under tag ``f"{key}/{i}"``.
   """
 
+  _opened = 0  # writers opened by this process (a unique file name each)
+
   def __init__(self, logdir: str, *, flush_secs: int = 30,
                max_queue: int = 100):
     # Imported here so that merely importing rft.metrics stays cheap.
@@ -216,8 +218,12 @@ class TensorBoardWriter(MetricWriter):
     self._pb_shape = tensor_shape_pb2
     self.logdir = os.fspath(logdir)
     os.makedirs(self.logdir, exist_ok=True)
+    # tensorboardX names files by the second and opens them with "wb": a second writer
+    # on the same folder within that second (a fast restart) would overwrite the first.
+    TensorBoardWriter._opened += 1
     self._writer = SummaryWriter(logdir=self.logdir, flush_secs=flush_secs,
-                                 max_queue=max_queue)
+                                 max_queue=max_queue,
+                                 filename_suffix=f".{os.getpid()}.{TensorBoardWriter._opened}")
     self._closed = False
 
   # -- helpers ---------------------------------------------------------------
@@ -399,18 +405,28 @@ class _LoggingWriter(LoggingWriter):
     super().write_scalars(step, {k: _to_float(v, k) for k, v in scalars.items()})
 
 
-def create_writer(workdir: str, *, is_main: Optional[bool] = None
-                  ) -> MetricWriter:
+def create_writer(workdir: str, *, is_main: Optional[bool] = None,
+                  resume_step: Optional[int] = None) -> MetricWriter:
   """The metric writer for a run.
 
   On the main process (``jax.process_index() == 0`` unless ``is_main`` is
   given): a MultiWriter of a LoggingWriter (absl INFO lines) and a
   TensorBoardWriter on ``workdir``. Elsewhere a writer that writes nothing.
+
+  ``resume_step``: the step (epoch) the run starts from. Points an earlier run of the
+  workdir logged after it are dropped first (``tb_events.trim_after``), because the
+  resumed run logs them again: every step appears once in the curves.
   """
   if is_main is None:
     is_main = jax.process_index() == 0
   if not is_main:
     return NullWriter()
+  if resume_step is not None:
+    from rft import tb_events  # pylint: disable=g-import-not-at-top
+    trimmed = tb_events.trim_after(workdir, resume_step)
+    if trimmed:
+      logging.info("TensorBoard: dropped %d points logged after step %d (logged again now)",
+                   sum(trimmed.values()), resume_step)
   return MultiWriter([_LoggingWriter(), TensorBoardWriter(workdir)])
 
 

@@ -1,6 +1,9 @@
 """Reading TensorBoard event files back without TensorFlow (TFRecord framing + Event protos).
 
 Used by tests and result scripts: `read_scalars(logdir)` -> {tag: [(step, value)]}.
+`trim_after(logdir, step)` is what a resumed run calls before it logs again: points
+written after the checkpoint it resumes from are dropped (the run logs them again), so a
+curve holds every step once, and a record cut short by a kill is removed.
 """
 from __future__ import annotations
 
@@ -19,12 +22,16 @@ def _masked_crc(data: bytes) -> int:
   return (((x >> 15) | (x << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def _iter_records(path: str, verify_crc: bool = True):
-  """Yields the payloads of a TFRecord file; a truncated tail is ignored."""
+def _iter_records(path: str, verify_crc: bool = True, status: Optional[dict] = None):
+  """Yields the payloads of a TFRecord file; a truncated tail is ignored (and noted in
+  `status["truncated"]` when a dict is given)."""
+  status = {} if status is None else status
+  status["truncated"] = False
   with open(path, "rb") as f:
     while True:
       header = f.read(12)
       if len(header) < 12:
+        status["truncated"] = bool(header)
         return  # EOF or a record still being written
       (length,), (len_crc,) = (struct.unpack("<Q", header[:8]),
                                struct.unpack("<I", header[8:]))
@@ -34,6 +41,7 @@ def _iter_records(path: str, verify_crc: bool = True):
       data = f.read(length)
       footer = f.read(4)
       if len(data) < length or len(footer) < 4:
+        status["truncated"] = True
         return
       if verify_crc and _masked_crc(data) != struct.unpack("<I", footer)[0]:
         raise ValueError(f"{path}: corrupt record data at offset "
@@ -116,3 +124,40 @@ def read_scalars(logdir: str, *, verify_crc: bool = True
           out.setdefault(tag, []).append((int(event.step), v))
   return out
 
+
+
+def _frame(data: bytes) -> bytes:
+  """One TFRecord: length, masked CRC of the length, payload, masked CRC of the payload."""
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", _masked_crc(length)) + data
+          + struct.pack("<I", _masked_crc(data)))
+
+
+def trim_after(logdir: str, step: int) -> Dict[str, int]:
+  """Drops, from the event files directly in `logdir`, every event logged at a step after
+  `step` (and, for `step` <= 0, every summary: a run resumed from nothing logs its step 0
+  again), plus a record cut short at a file's end. Files that need no change are left
+  untouched; the others are rewritten atomically (a temporary file, then a rename).
+  Returns {file name: events dropped} for the files it rewrote."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(logdir):
+    return {}
+  changed = {}
+  for path in _event_files(logdir):
+    kept, dropped, status = [], 0, {}
+    for data in _iter_records(path, verify_crc=False, status=status):
+      event = event_pb2.Event.FromString(data)
+      late = event.step > step if step > 0 else event.HasField("summary")
+      if late and not event.HasField("file_version"):
+        dropped += 1
+      else:
+        kept.append(data)
+    if not dropped and not status["truncated"]:
+      continue
+    tmp = path + ".trim"
+    with open(tmp, "wb") as f:
+      for data in kept:
+        f.write(_frame(data))
+    os.replace(tmp, path)
+    changed[os.path.basename(path)] = dropped
+  return changed

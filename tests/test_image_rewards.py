@@ -435,6 +435,11 @@ def test_build(models, hps_models, rewards, hps_rewards):
   want = sum(w * np.asarray(single[n](x, prompts)) for n, w in WEIGHTS.items())
   assert err(combined(x, prompts), want) <= TOL
   assert sorted(combined.parts(x, prompts)) == sorted(WEIGHTS)
+  # A pickle refused through the config names the key the user types.
+  with pytest.raises(ValueError, match=r"pass --config\.reward_options\.aesthetic\."
+                                       r"allow_pickle=True to load it"):
+    base.build("aesthetic", options={"aesthetic": {"model_path": m["vis"],
+                                                   "weights_file": m["mlp_pth"]}})
 
 
 # ----------------------------------------------------------------------------- errors

@@ -61,39 +61,6 @@ def test_unwritable_workdir_fails_before_work(tmp_path):
   assert "pretrain:" not in p.stderr  # no training started
 
 
-def test_killed_run_resumes_to_the_same_params(tmp_path):
-  """SIGKILL mid-run, restart: the result equals an uninterrupted run bit for bit (CPU)."""
-  import signal
-  import subprocess
-  import sys
-  import time
-  import jax
-  from tests.helpers import JAX_CACHE, ROOT
-  args = ["--config.eval_every=0", "--config.steps=40", "--config.ckpt_every=5",
-          "--config.log_every=20"]
-  run_main(SMOKE, tmp_path / "a", *args)
-  proc = subprocess.Popen([sys.executable, "-m", "rft.main", f"--config={SMOKE}",
-                           f"--workdir={tmp_path / 'b'}", *args], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=JAX_CACHE),
-                          stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckdir = tmp_path / "b" / "checkpoints"
-  deadline = time.time() + 300
-  while not (ckdir.exists() and any(d.name.isdigit() for d in ckdir.iterdir())):
-    assert proc.poll() is None and time.time() < deadline, "run ended before a checkpoint"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = checkpoint.Checkpointer(str(ckdir)).latest_step()
-  assert killed_at is not None and killed_at < 40
-  assert not os.path.exists(tmp_path / "b" / "shapes_base.msgpack")
-  run_main(SMOKE, tmp_path / "b", *args)
-  a, _ = pretrained.load_bundle("shapes_base", directory=str(tmp_path / "a"))
-  b, _ = pretrained.load_bundle("shapes_base", directory=str(tmp_path / "b"))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
-
-
 def test_resuming_with_a_changed_config_is_an_error_naming_the_keys(tmp_path):
   import json
   run_main(SMOKE, tmp_path, "--config.eval_every=0")

@@ -32,7 +32,8 @@ FEATURES = (1024, 128, 64, 16, 1)
 _HOW = ("Get the CLIP ViT-L/14 with `hf download openai/clip-vit-large-patch14` (model_path) "
         "and the head sac+logos+ava1-l14-linearMSE.pth from "
         "https://github.com/christophschuhmann/improved-aesthetic-predictor (weights_file; a "
-        "pickle: set allow_pickle=True, or convert it to .safetensors).")
+        "pickle: set --config.reward_options.aesthetic.allow_pickle=True, or convert it to "
+        ".safetensors).")
 
 
 class AestheticMLP(nn.Module):

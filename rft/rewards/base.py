@@ -161,5 +161,7 @@ def build(weights: str | Mapping[str, float], options: Mapping[str, Mapping] | N
                        f"reward takes {sorted(accepted)}")
     args = {k: v for k, v in kwargs.items() if k in accepted}
     args.update(own)
-    terms.append((w, factory(**args)))
+    from rft.weights import io  # pylint: disable=g-import-not-at-top
+    with io.pickle_key(f"reward_options.{name}.allow_pickle"):  # refusals name the key
+      terms.append((w, factory(**args)))
   return combine(terms)

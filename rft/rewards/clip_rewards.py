@@ -249,7 +249,8 @@ _PICKSCORE_HOW = ("Get PickScore with `hf download yuvalkirstain/PickScore_v1` a
 _CLIPSCORE_HOW = ("Get a CLIP model, e.g. `hf download openai/clip-vit-base-patch32` (the "
                   "CLIPScore paper's ViT-B/32).")
 _HPS_HOW = ("Get HPS_v2_compressed.pt / HPS_v2.1_compressed.pt from "
-            "https://huggingface.co/xswu/HPSv2 (pickles: set allow_pickle=True, or convert "
+            "https://huggingface.co/xswu/HPSv2 (pickles: set "
+            "--config.reward_options.<hpsv2 or hpsv2.1>.allow_pickle=True, or convert "
             "them to .safetensors) and a CLIP tokenizer folder, e.g. `hf download "
             "openai/clip-vit-large-patch14` or an SD pipeline's tokenizer/ (tokenizer_path).")
 

@@ -368,6 +368,8 @@ def train_and_evaluate(config, workdir: str):
   state = placement.create_state(
       lambda p: TrainState.create(p, tx, ema=config.ema_decay > 0), trainable)
   del trainable
+  # The trained params' norm before training (before any resume): loop.check_diverged.
+  start_norm = loop.params_norm(state.params)
   # The objective's host-side statistics (e.g. DDPO's per-prompt reward buffers), kept
   # in the checkpoint.
   stats = obj.make_stats(config, len(world.texts)) if obj.make_stats else None
@@ -445,7 +447,8 @@ def train_and_evaluate(config, workdir: str):
                              state, base_params)
 
   # ---------------------------------------------------------------- evaluation
-  writer = metrics.create_writer(workdir)
+  # On resume, points logged after the checkpoint are dropped (they are logged again).
+  writer = metrics.create_writer(workdir, resume_step=start_epoch)
 
   def eval_params(st):
     return st.ema_params if st.ema_params is not None else st.params
@@ -590,6 +593,7 @@ def train_and_evaluate(config, workdir: str):
                        else config.prompts_per_epoch)
   samples_per_epoch = prompts_per_epoch * (1 if backprop else B)
   t_loop = time.time()
+  stop = loop.StopSignal()  # SIGTERM: end after this epoch with a checkpoint
   for epoch in range(start_epoch, config.epochs):
     t0 = time.time()
     k_epoch = jax.random.fold_in(key, epoch)
@@ -605,6 +609,8 @@ def train_and_evaluate(config, workdir: str):
       sampling_params = soft_update(sampling_params, state.params, d)
       m["sampling_decay"] = d
     loop.check_finite(m["loss"], f"{o.name} loss at epoch {done}", ckpt, workdir, "epoch")
+    loop.check_diverged(m["param_norm"], start_norm, config.max_param_norm_ratio,
+                        f"{o.name} at epoch {done}", ckpt, workdir, "epoch")
     m["reward_queries"] = done * samples_per_epoch
     m["epoch_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
@@ -614,9 +620,17 @@ def train_and_evaluate(config, workdir: str):
       history[str(done)] = evaluate(eval_params(state), done)
       history[str(done)]["train/reward_mean_epoch"] = m["reward_mean"]
       logging.info("epoch %d eval: %s", done, history[str(done)])
-    if loop.due(done, config.ckpt_every, config.epochs) or done == config.epochs:
+
+    def save():
+      writer.flush()  # every point up to this epoch is on disk before its checkpoint
       ckpt.save(done, ckpt_tree(state), metadata={
           "history": history, "curve": curve, "seconds": seconds_before + time.time() - t_start})
+
+    saved = loop.due(done, config.ckpt_every, config.epochs) or done == config.epochs
+    if saved:
+      save()
+    loop.stop_if_signalled(stop, done, "epoch", saved, save, writer, workdir)
+  stop.close()
   bar.close()
   ckpt.close()
   writer.flush()

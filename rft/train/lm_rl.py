@@ -46,7 +46,7 @@ from rft.worlds import arith_eval
 from rft.train.batching import group_rows, minibatches
 from rft.train.pretrain_lm import load_or_pretrain_arith
 from rft.train.state import TrainState, make_optimizer
-from rft.weights import hf_lm
+from rft.weights import hf_lm, io
 
 
 # ------------------------------------------------------------------------ log-probs
@@ -144,7 +144,8 @@ def load_task_and_model(config, workdir: str):
       system_prompt=config.system_prompt or None, use_chat_template=config.use_chat_template,
       heldout_fraction=config.heldout_fraction, max_prompt_len=config.max_prompt_len,
       max_answer_len=config.sampling.max_new_tokens)
-  lm_config, params = hf_lm.load_lm(model_dir, allow_pickle=config.allow_pickle)
+  with io.pickle_key("allow_pickle"):  # a refusal names --config.allow_pickle
+    lm_config, params = hf_lm.load_lm(model_dir, allow_pickle=config.allow_pickle)
   if tok.vocab_size > lm_config.vocab_size:
     raise ValueError(f"{model_dir}: the tokenizer has {tok.vocab_size} ids but the model's "
                      f"vocab_size is {lm_config.vocab_size}")
@@ -225,6 +226,7 @@ def train_and_evaluate(config, workdir: str):
                       eps=config.get("adam_eps", 1e-8))
   # Created already sharded (config.sharding.trained; Adam moments follow the params).
   state = placement.create_state(lambda p: TrainState.create(p, tx), base_params)
+  start_norm = loop.params_norm(state.params)  # before training: loop.check_diverged
   ref_params = placement.put_frozen(base_params) if obj.uses_reference(kw) else None
   logging.info("LM RL %s %s: %d params, %s reference", o.name, obj.label(config),
                sum(x.size for x in jax.tree.leaves(base_params)),
@@ -275,7 +277,7 @@ def train_and_evaluate(config, workdir: str):
                "groups_kept_fraction": float(info["kept_fraction"])}
 
   # ---------------------------------------------------------------- evaluation
-  writer = metrics.create_writer(workdir)
+  writer = metrics.create_writer(workdir, resume_step=start)
 
   def evaluate(params, step: int) -> dict:
     # Arithmetic: exact match (the numbers of the shipped results); a prompt file: the
@@ -295,6 +297,7 @@ def train_and_evaluate(config, workdir: str):
     logging.info("step 0 (base) eval: %s", history["0"])
   bar = metrics.ProgressBar(config.steps, initial=start, desc=f"{o.name}:{obj.label(config)}")
   t_loop = time.time()
+  stop = loop.StopSignal()  # SIGTERM: end after this step with a checkpoint
   for step in range(start, config.steps):
     t0 = time.time()
     rng = np.random.default_rng([config.seed, step])
@@ -343,6 +346,8 @@ def train_and_evaluate(config, workdir: str):
     m["first_update_ratio_mean"] = float(ums[0].get("ratio_mean", 1.0))
     done = step + 1
     loop.check_finite(m["loss"], f"{o.name} loss at step {done}", ckpt, workdir)
+    loop.check_diverged(m.get("param_norm", start_norm), start_norm,
+                        config.max_param_norm_ratio, f"{o.name} at step {done}", ckpt, workdir)
     m["step_seconds"] = time.time() - t0
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     if done % config.log_every == 0 or done == config.steps:
@@ -354,8 +359,16 @@ def train_and_evaluate(config, workdir: str):
       history[str(done)] = evaluate(state.params, done)
       history[str(done)]["train/reward_mean_step"] = m["reward_mean"]
       logging.info("step %d eval: %s", done, history[str(done)])
-    if loop.due(done, config.ckpt_every, config.steps) or done == config.steps:
+
+    def save():
+      writer.flush()  # every point up to this step is on disk before its checkpoint
       ckpt.save(done, state, metadata={"history": history})
+
+    saved = loop.due(done, config.ckpt_every, config.steps) or done == config.steps
+    if saved:
+      save()
+    loop.stop_if_signalled(stop, done, "step", saved, save, writer, workdir)
+  stop.close()
   bar.close()
   ckpt.close()
   writer.flush()

@@ -4,6 +4,10 @@ resume: restore the latest checkpoint into a target tree, with its metadata.
 due: whether a periodic action (eval, checkpoint, log) falls on this step.
 mean_metrics: per-key means of the metrics dicts of several updates (one device sync).
 check_finite: stop on a non-finite loss, naming the last good checkpoint.
+params_norm / check_diverged: stop when the trained parameters' norm blows up (finite but
+  diverged, e.g. a huge learning rate), before the diverged state is checkpointed.
+StopSignal / stop_if_signalled: SIGTERM (preemption, `kill`, SLURM's --signal) ends the run
+  at the next step boundary with a checkpoint, flushed metrics and the command to resume.
 write_results: results.json in the workdir (process 0 only).
 apply_update: the optimizer step with the gradient, parameter and update norms.
 """
@@ -11,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import shlex
+import signal
+import sys
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -42,17 +49,124 @@ def mean_metrics(updates: list) -> dict:
   return {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
 
 
+def _last_good(ckpt, workdir: str, unit: str, unsaved: bool) -> str:
+  kept = f"nothing saved for this {unit}; " if unsaved else ""
+  last = ckpt.latest_step()
+  return kept + (f"last good checkpoint: {unit} {last} in {workdir}/checkpoints"
+                 if last is not None else f"no checkpoint was written in {workdir}/checkpoints")
+
+
 def check_finite(loss: float, where: str, ckpt, workdir: str, unit: str = "step",
                  unsaved: bool = True) -> None:
   """FloatingPointError naming `where` (e.g. "prdp loss at epoch 3") and the last good
   checkpoint when `loss` is NaN or infinite."""
   if np.isfinite(loss):
     return
-  kept = f"nothing saved for this {unit}; " if unsaved else ""
-  last = ckpt.latest_step()
-  good = (f"last good checkpoint: {unit} {last} in {workdir}/checkpoints" if last is not None
-          else f"no checkpoint was written in {workdir}/checkpoints")
-  raise FloatingPointError(f"{where} is {loss}; {kept}{good}")
+  raise FloatingPointError(f"{where} is {loss}; {_last_good(ckpt, workdir, unit, unsaved)}")
+
+
+_NORM = None
+
+
+def params_norm(params) -> float:
+  """‖params‖₂ over every leaf, computed in one jitted reduction (works on parameters
+  sharded across devices and processes: every process calls it, each gets the value)."""
+  global _NORM
+  if _NORM is None:
+    _NORM = jax.jit(lambda p: optax.global_norm(
+        jax.tree.map(lambda x: x.astype(jax.numpy.float32), p)))
+  return float(_NORM(params))
+
+
+def check_diverged(param_norm: float, start_norm: float, max_ratio: float, where: str, ckpt,
+                   workdir: str, unit: str = "step") -> None:
+  """FloatingPointError when the trained parameters' norm (the update's `param_norm`
+  metric) exceeds `max_ratio` times `start_norm`, their norm before training
+  (config.max_param_norm_ratio; 0 turns the check off). Called before the checkpoint of
+  the step, so a finite but diverged state (e.g. lr=1e30) is never saved or called good.
+  A norm that overflowed to inf counts as diverged."""
+  if not max_ratio or not start_norm > 0 or param_norm <= max_ratio * start_norm:
+    return
+  raise FloatingPointError(
+      f"{where}: the trained parameters diverged (norm {param_norm:.4g}, "
+      f"{param_norm / start_norm:.3g}x their starting norm {start_norm:.4g}; "
+      f"--config.max_param_norm_ratio={max_ratio:g}); "
+      f"{_last_good(ckpt, workdir, unit, True)}")
+
+
+# SIGTERM is what schedulers send before killing a job (SLURM at the time limit or on
+# preemption with --signal, Kubernetes, `kill`); the process then has a grace period.
+STOP_SIGNALS = (signal.SIGTERM,)
+STOPPED_EXIT_CODE = 143  # 128 + SIGTERM: what a scheduler expects from a terminated job
+
+
+class StopSignal:
+  """Turns SIGTERM into a request to stop at the next step boundary.
+
+  The handler only records the signal; the loop asks `requested()` once per step (an
+  epoch for the diffusion loop), after the step's metrics are written, and then ends the
+  run through `stop_if_signalled`. With several processes the request is agreed on
+  (any process signalled -> all stop at the same step), so no process is left waiting
+  in a collective. Installed only in the main thread; `close()` restores the previous
+  handlers.
+  """
+
+  def __init__(self, signals=STOP_SIGNALS):
+    self.received: Optional[int] = None
+    self._previous = {}
+    import threading  # pylint: disable=g-import-not-at-top
+    if threading.current_thread() is threading.main_thread():
+      for s in signals:
+        self._previous[s] = signal.signal(s, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.received is None:
+      logging.warning("received %s: stopping after this step with a checkpoint",
+                      signal.Signals(signum).name)
+    self.received = signum
+
+  def requested(self) -> bool:
+    local = self.received is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+  def close(self) -> None:
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    self._previous = {}
+
+
+class Stopped(SystemExit):
+  """The run ended early on a stop signal, after writing a checkpoint (exit status 143)."""
+
+
+def resume_command() -> str:
+  """The command line that started this process (the same command resumes a run)."""
+  argv = list(sys.argv)
+  if argv and argv[0].endswith(os.path.join("rft", "main.py")):
+    argv = ["-m", "rft.main"] + argv[1:]
+  return " ".join(shlex.quote(a) for a in ["python"] + argv)
+
+
+def stop_if_signalled(stop: "StopSignal", done: int, unit: str, saved: bool,
+                      save: Callable[[], Any], writer, workdir: str) -> None:
+  """If a stop was requested: write the checkpoint of step `done` unless `saved`,
+  flush the metrics, log one line naming the checkpoint and the command to resume, and
+  raise `Stopped` (exit status 143; the same command resumes the run, so a requeueing
+  scheduler needs nothing else)."""
+  if not stop.requested():
+    return
+  if not saved:
+    save()
+  writer.flush()
+  name = signal.Signals(stop.received).name if stop.received else "a stop signal"
+  msg = (f"stopped by {name} after {unit} {done}: checkpoint {unit} {done} in "
+         f"{workdir}/checkpoints; resume with: {resume_command()}")
+  logging.warning("%s", msg)
+  print(msg, file=sys.stderr, flush=True)
+  raise Stopped(STOPPED_EXIT_CODE)
 
 
 def write_results(workdir: str, results: dict) -> None:

@@ -160,7 +160,7 @@ def train_and_evaluate(config, workdir: str):
   train_step = jax.jit(make_train_step(pipe, tx, config), donate_argnums=(0,))
 
   # ---------------------------------------------------------------- evaluation
-  writer = metrics.create_writer(workdir)
+  writer = metrics.create_writer(workdir, resume_step=start)  # drops points after `start`
   sampler = SamplerConfig(**dict(config.sampler))
   judge = load_judge(config.scorer_dir)
 
@@ -168,7 +168,7 @@ def train_and_evaluate(config, workdir: str):
   def sample_fn(p, tokens, k):
     return pipe.sample(p, tokens, k, sampler)[0].sample
 
-  def evaluate(p, step: int) -> dict:
+  def evaluate(p, step: int, log: bool = True) -> dict:
     out = {}
     for split in ("train", "heldout"):
       ids = world.eval_prompt_ids(split, config.eval_prompts)
@@ -181,9 +181,11 @@ def train_and_evaluate(config, workdir: str):
                                                    config.eval_samples_per_prompt,
                                                    config.eval_batch_size)
       out.update({f"{split}/{k}": v for k, v in m.items()})
-      writer.write_images(step, {f"samples/{split}": metrics.image_grid(
-          images[:32], [world.texts[i] for i in ids[:32]], ncols=8)[None]})
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})
+      if log:
+        writer.write_images(step, {f"samples/{split}": metrics.image_grid(
+            images[:32], [world.texts[i] for i in ids[:32]], ncols=8)[None]})
+    if log:
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})
     return out
 
   # ---------------------------------------------------------------- loop
@@ -191,6 +193,7 @@ def train_and_evaluate(config, workdir: str):
     writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
   bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain")
   t0, results = time.time(), {}
+  stop = loop.StopSignal()  # SIGTERM: end after this step with a checkpoint
   with placement.use_mesh(mesh):
     for step in range(start, config.steps):
       batch = place.batch(host_batch(step))
@@ -202,19 +205,27 @@ def train_and_evaluate(config, workdir: str):
         m["steps_per_sec"] = (done - start) / (time.time() - t0)
         writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
         bar.update(done, loss=float(m["loss"]))
-      if loop.due(done, config.ckpt_every, config.steps) or done == config.steps:
-        ckpt.save(done, state)
-      if loop.due(done, config.eval_every, config.steps):
+      if loop.due(done, config.eval_every, config.steps):  # before the checkpoint: its
         eval_params = state.ema_params if state.ema_params is not None else state.params
-        results = evaluate(eval_params, done)
+        results = evaluate(eval_params, done)  # points are then on disk with it
         logging.info("step %d eval: %s", done, results)
+
+      def save():
+        writer.flush()
+        ckpt.save(done, state)
+
+      saved = loop.due(done, config.ckpt_every, config.steps) or done == config.steps
+      if saved:
+        save()
+      loop.stop_if_signalled(stop, done, "step", saved, save, writer, workdir)
+  stop.close()
   bar.close()
   ckpt.close()
 
   # ---------------------------------------------------------------- export
   final = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
   if config.eval_every and not results:  # rerun of a finished run: re-measure, don't blank
-    results = evaluate(final, config.steps)
+    results = evaluate(final, config.steps, log=False)  # (its points are logged already)
   if jax.process_index() != 0:
     return results
   meta = model_meta(model, config)

@@ -106,17 +106,19 @@ def train_and_evaluate(config, workdir: str):
   train_step = jax.jit(train_step, donate_argnums=(0,))
 
   # ---------------------------------------------------------------- evaluation
-  writer = metrics.create_writer(workdir)
+  writer = metrics.create_writer(workdir, resume_step=start)  # drops points after `start`
 
-  def evaluate(p, step: int) -> dict:
+  def evaluate(p, step: int, log: bool = True) -> dict:
     m, examples = arith_eval.evaluate(lm_config, p, world, config.eval_problems)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
-    writer.write_texts(step, {f"samples/{s}": "\n".join(v) for s, v in examples.items()})
+    if log:
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
+      writer.write_texts(step, {f"samples/{s}": "\n".join(v) for s, v in examples.items()})
     return m
 
   # ---------------------------------------------------------------- loop
   bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain_arith")
   t0, results = time.time(), {}
+  stop = loop.StopSignal()  # SIGTERM: end after this step with a checkpoint
   for step in range(start, config.steps):
     state, m = train_step(state, jax.tree.map(jnp.asarray, host_batch(step)))
     done = step + 1
@@ -125,18 +127,26 @@ def train_and_evaluate(config, workdir: str):
       loop.check_finite(float(m["loss"]), f"pretrain_arith loss at step {done}", ckpt, workdir)
       writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
       bar.update(done, loss=float(m["loss"]))
-    if loop.due(done, config.ckpt_every, config.steps) or done == config.steps:
-      ckpt.save(done, state)
-    if loop.due(done, config.eval_every, config.steps):
-      results = evaluate(state.params, done)
+    if loop.due(done, config.eval_every, config.steps):  # before the checkpoint: its
+      results = evaluate(state.params, done)  # points are then on disk with it
       logging.info("step %d eval: %s", done, results)
+
+    def save():
+      writer.flush()
+      ckpt.save(done, state)
+
+    saved = loop.due(done, config.ckpt_every, config.steps) or done == config.steps
+    if saved:
+      save()
+    loop.stop_if_signalled(stop, done, "step", saved, save, writer, workdir)
+  stop.close()
   bar.close()
   ckpt.close()
 
   # ---------------------------------------------------------------- export
   final = jax.device_get(state.params)
   if config.eval_every and not results:  # rerun of a finished run: re-measure
-    results = evaluate(final, config.steps)
+    results = evaluate(final, config.steps, log=False)  # (its points are logged already)
   if jax.process_index() != 0:
     return results
   meta = lm_meta(lm_config, config)

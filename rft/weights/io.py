@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import json
 import os
@@ -303,6 +305,29 @@ def load_pickles(paths: Sequence[str]) -> Dict[str, np.ndarray]:
   return state
 
 
+# The config key that sets allow_pickle for the loader running now (set by the loops with
+# `pickle_key`), so that a refusal names what the user types: --config.allow_pickle=True.
+_PICKLE_KEY: contextvars.ContextVar = contextvars.ContextVar("pickle_key", default=None)
+
+
+@contextlib.contextmanager
+def pickle_key(key: str):
+  """Inside this block, pickle refusals name `--config.<key>=True` (e.g. "allow_pickle",
+  "reward_options.hpsv2.allow_pickle") instead of the loader argument."""
+  token = _PICKLE_KEY.set(key)
+  try:
+    yield
+  finally:
+    _PICKLE_KEY.reset(token)
+
+
+def allow_pickle_hint() -> str:
+  """How to allow pickles here: `--config.<key>=True` inside `pickle_key`, else the
+  loader argument `allow_pickle=True`."""
+  key = _PICKLE_KEY.get()
+  return f"--config.{key}=True" if key else "allow_pickle=True"
+
+
 def read_state_dict(model_dir: str, *, allow_pickle: bool = False, prefix: str = "",
                     expected: str = "*.safetensors weights") -> Dict[str, np.ndarray]:
   """All weights of a folder as ``{torch key: numpy array}``.
@@ -320,7 +345,7 @@ def read_state_dict(model_dir: str, *, allow_pickle: bool = False, prefix: str =
   if not allow_pickle:
     raise ValueError(
         f"{model_dir}: only pickle weight files ({[os.path.basename(p) for p in pickles]})"
-        "; unpickling can run arbitrary code, so pass allow_pickle=True to load them "
+        f"; unpickling can run arbitrary code, so pass {allow_pickle_hint()} to load them "
         "(or convert them to safetensors)")
   return load_pickles(pickles)
 
@@ -333,7 +358,7 @@ def read_weight_file(path: str, *, allow_pickle: bool = False) -> Dict[str, np.n
     return load_safetensors([path])
   if not allow_pickle:
     raise ValueError(f"{path}: a pickle weight file; unpickling can run arbitrary code, so "
-                     "pass allow_pickle=True to load it (or convert it to safetensors)")
+                     f"pass {allow_pickle_hint()} to load it (or convert it to safetensors)")
   return load_pickles([path])
 
 

@@ -108,10 +108,12 @@ class StableDiffusionSetup:
   def __init__(self, config, workdir: str):
     del workdir
     from rft.diffusion.pipeline import sd_pipeline
+    from rft.weights import io
     from rft.weights.sd import load_sd
     dtype = _model_dtype(config, "Stable Diffusion")
-    self.sd = load_sd(config.model_path, allow_pickle=config.allow_pickle, dtype=dtype,
-                      resolution=config.resolution or None)
+    with io.pickle_key("allow_pickle"):  # a refusal names --config.allow_pickle
+      self.sd = load_sd(config.model_path, allow_pickle=config.allow_pickle, dtype=dtype,
+                        resolution=config.resolution or None)
     self.pipe = sd_pipeline(self.sd)
     self.base_params = self.sd.params
     self._init_prompts(config, self.sd.tokenize)
@@ -184,12 +186,14 @@ class StableDiffusion3Setup(StableDiffusionSetup):
   def __init__(self, config, workdir: str):
     del workdir
     from rft.diffusion.pipeline import sd3_pipeline
+    from rft.weights import io
     from rft.weights.sd3 import load_sd3
     dtype = _model_dtype(config, "Stable Diffusion 3")
-    self.sd = load_sd3(config.model_path, allow_pickle=config.allow_pickle, dtype=dtype,
-                       resolution=config.resolution or None,
-                       load_t5=bool(config.get("load_t5", True)),
-                       max_sequence_length=int(config.get("max_sequence_length", 0)) or None)
+    with io.pickle_key("allow_pickle"):  # a refusal names --config.allow_pickle
+      self.sd = load_sd3(config.model_path, allow_pickle=config.allow_pickle, dtype=dtype,
+                         resolution=config.resolution or None,
+                         load_t5=bool(config.get("load_t5", True)),
+                         max_sequence_length=int(config.get("max_sequence_length", 0)) or None)
     self.pipe = sd3_pipeline(self.sd)
     self.base_params = self.sd.params
     self._init_prompts(config, self.sd.tokenize)
