@@ -164,7 +164,8 @@ def test_sigkill_and_sigterm_resume_to_the_same_params_and_curves(tmp_path):
                          f"--config={SMOKE} --workdir={intr}")
   assert stopped < 40 and not os.path.exists(os.path.join(intr, "shapes_base.msgpack"))
   starts = kill_resume.run_interrupted(cmd, intr, env, kills=1, duration=duration,
-                                       rng=random.Random(0))
+                                       rng=random.Random(0), checkpoints=8)
+  assert starts[0]["signal"] == "SIGKILL" and starts[0]["exit"] == -9
   assert starts[-1]["exit"] == 0
   out = kill_resume.compare(ref, intr)
   assert out["ok"], out["problems"]

@@ -160,11 +160,12 @@ T1_CPU = Preset(
     },
     note="this 2-core CPU, 8 XLA CPU devices, each run <= 30 min; base rft/assets/positions")
 # The +10-point budget: PRDP and DDPO for 120 epochs (61,440 reward queries; a PRDP run
-# is about 28 min on this 2-core CPU), the rest as `cpu`.
+# took 42-49 min on one 2-core CPU, about 28 min on the faster one of the `cpu` table),
+# the rest as `cpu`. PRDP measured +11.8 [8.7, 15.0] seen points over 3 seeds.
 T1_CPU_LONG = dataclasses.replace(
     T1_CPU, rows={r: dict(T1_CPU.rows[r], epochs=120) for r in ("prdp", "ddpo")},
-    note="this 2-core CPU, 8 XLA CPU devices, 120 epochs (<= 30 min per PRDP run); base "
-         "rft/assets/positions")
+    note="this 2-core CPU, 8 XLA CPU devices, 120 epochs (28-49 min per PRDP run, by "
+         "machine); base rft/assets/positions")
 # The same table on the original shipped base (rft/assets) with 30 RL epochs: the T1
 # numbers measured before the positions base existed.
 T1_CPU_ORIGINAL = dataclasses.replace(

@@ -6,10 +6,10 @@ run ends.
 
 1. Runs `python -m rft.main --config=<config> <overrides>` once without interruption
    (DIR/reference) and times it.
-2. Runs the same command in DIR/interrupted and interrupts it `--kills` times, each at a
-   random moment of the run (uniform over the reference's duration) or, every third
-   kill, just as a checkpoint is being written (a temporary orbax folder appears):
-   alternately `kill -9` (SIGKILL) and SIGTERM. After each interruption the same
+2. Runs the same command in DIR/interrupted and interrupts it `--kills` times: once a
+   start has written a new checkpoint, after a random delay (up to the reference's time
+   per checkpoint) or, every third kill, just as a checkpoint is being written (a
+   temporary orbax folder appears); alternately `kill -9` (SIGKILL) and SIGTERM. After each interruption the same
    command is started again (a SIGTERM'd run must exit 143 with the resume line, or, if
    the signal came before the training loop started, be terminated by it); the last
    start runs to the end.
@@ -72,35 +72,51 @@ def _latest(workdir: str) -> Optional[int]:
 
 
 def run_interrupted(cmd, workdir: str, env: dict, kills: int, duration: float,
-                    rng: random.Random, timeout: float = 1800.0) -> list:
-  """Starts `cmd` until it exits 0, interrupting it `kills` times; one record per start."""
+                    rng: random.Random, timeout: float = 1800.0,
+                    checkpoints: int = 1) -> list:
+  """Starts `cmd` until it exits 0, interrupting it `kills` times; one record per start.
+
+  Each interrupted start first makes progress (a checkpoint newer than the one it
+  resumed from appears), then gets the signal after a random delay up to the reference's
+  time per checkpoint (`duration / checkpoints`), or, every third kill, as soon as a
+  checkpoint is being written (or after that delay if none starts). So every start gets
+  further and `kills` interruptions happen as long as the run has more checkpoints than
+  kills; a run that ends first simply ends."""
   starts = []
+  gap = duration / max(checkpoints, 1)
   for k in range(kills + 1):
     sig = (signal.SIGKILL, signal.SIGTERM)[k % 2] if k < kills else None
     at_save = sig is not None and k % 3 == 2
-    delay = rng.uniform(0.15, 1.0) * duration
+    delay = rng.uniform(0.0, 1.0) * gap
+    begin = _latest(workdir)
     t0 = time.time()
     with open(os.path.join(workdir + ".log"), "a") as log:
       log.write(f"\n===== start {k}: {sig and signal.Signals(sig).name} "
-                f"{'at a save' if at_save else f'after {delay:.1f}s'}\n")
+                f"{'at a save' if at_save else f'{delay:.1f}s'} after a new checkpoint\n")
       log.flush()
       proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
-      sent = None
+      sent, progressed = None, None
       while proc.poll() is None:
-        elapsed = time.time() - t0
-        if elapsed > timeout:
+        now = time.time()
+        if now - t0 > timeout:
           proc.kill()
           raise TimeoutError(f"{cmd} ran past {timeout}s")
-        if sig is not None and sent is None and (
-            (_saving(workdir) if at_save else elapsed >= delay)):
-          proc.send_signal(sig)
-          sent = (signal.Signals(sig).name, round(elapsed, 2), _latest(workdir))
-        time.sleep(0.005 if at_save else 0.05)
+        if sig is not None and sent is None:
+          latest = _latest(workdir)
+          if progressed is None and latest is not None and (begin is None or latest > begin):
+            progressed = now
+          if progressed is not None:
+            waited = now - progressed
+            due = (_saving(workdir) or waited >= gap) if at_save else waited >= delay
+            if due:
+              proc.send_signal(sig)
+              sent = (signal.Signals(sig).name, round(now - t0, 2), _latest(workdir))
+        time.sleep(0.005 if at_save else 0.02)
     code = proc.returncode
     starts.append({"signal": sent and sent[0], "at_seconds": sent and sent[1],
                    "at_save": at_save and sent is not None,
-                   "checkpoint_before": sent and sent[2], "exit": code,
-                   "checkpoint_after": _latest(workdir)})
+                   "resumed_from": begin, "checkpoint_at_signal": sent and sent[2],
+                   "exit": code, "checkpoint_after": _latest(workdir)})
     if code == 0:
       return starts
     ok = (code == -signal.SIGKILL if sent and sent[0] == "SIGKILL" else
@@ -171,6 +187,9 @@ def main(argv=None) -> int:
   p.add_argument("--kills", type=int, default=6)
   p.add_argument("--workdir", default="workdirs/kill_resume")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--checkpoints", type=int, default=4,
+                 help="checkpoints the run writes (steps / ckpt_every): the random delay "
+                      "after a new checkpoint is up to the reference's time per checkpoint")
   p.add_argument("--cache", default=None,
                  help="JAX compilation cache folder (default: <workdir>/jax_cache)")
   p.add_argument("overrides", nargs="*", help="--config.key=value ... (after --)")
@@ -187,7 +206,8 @@ def main(argv=None) -> int:
                    stderr=log, check=True)
   duration = time.time() - t0
   starts = run_interrupted(_command(args.config, intr, args.overrides), intr, env,
-                           args.kills, duration, random.Random(args.seed))
+                           args.kills, duration, random.Random(args.seed),
+                           checkpoints=args.checkpoints)
   out = dict(config=args.config, overrides=args.overrides, kills=args.kills,
              reference_seconds=round(duration, 1), starts=starts, **compare(ref, intr))
   print(json.dumps(out, indent=1))
