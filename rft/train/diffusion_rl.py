@@ -620,16 +620,10 @@ def train_and_evaluate(config, workdir: str):
       history[str(done)] = evaluate(eval_params(state), done)
       history[str(done)]["train/reward_mean_epoch"] = m["reward_mean"]
       logging.info("epoch %d eval: %s", done, history[str(done)])
-
-    def save():
-      writer.flush()  # every point up to this epoch is on disk before its checkpoint
-      ckpt.save(done, ckpt_tree(state), metadata={
-          "history": history, "curve": curve, "seconds": seconds_before + time.time() - t_start})
-
-    saved = loop.due(done, config.ckpt_every, config.epochs) or done == config.epochs
-    if saved:
-      save()
-    loop.stop_if_signalled(stop, done, "epoch", saved, save, writer, workdir)
+    loop.end_of_step(stop, done, config.epochs, config.ckpt_every, lambda: ckpt.save(
+        done, ckpt_tree(state), metadata={"history": history, "curve": curve,
+                                          "seconds": seconds_before + time.time() - t_start}),
+                     writer, workdir, "epoch")
   stop.close()
   bar.close()
   ckpt.close()

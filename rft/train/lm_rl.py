@@ -359,15 +359,9 @@ def train_and_evaluate(config, workdir: str):
       history[str(done)] = evaluate(state.params, done)
       history[str(done)]["train/reward_mean_step"] = m["reward_mean"]
       logging.info("step %d eval: %s", done, history[str(done)])
-
-    def save():
-      writer.flush()  # every point up to this step is on disk before its checkpoint
-      ckpt.save(done, state, metadata={"history": history})
-
-    saved = loop.due(done, config.ckpt_every, config.steps) or done == config.steps
-    if saved:
-      save()
-    loop.stop_if_signalled(stop, done, "step", saved, save, writer, workdir)
+    loop.end_of_step(stop, done, config.steps, config.ckpt_every,
+                     lambda: ckpt.save(done, state, metadata={"history": history}),
+                     writer, workdir)
   stop.close()
   bar.close()
   ckpt.close()

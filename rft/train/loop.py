@@ -6,6 +6,7 @@ mean_metrics: per-key means of the metrics dicts of several updates (one device 
 check_finite: stop on a non-finite loss, naming the last good checkpoint.
 params_norm / check_diverged: stop when the trained parameters' norm blows up (finite but
   diverged, e.g. a huge learning rate), before the diverged state is checkpointed.
+end_of_step: the step's checkpoint when due (metrics flushed first), then the stop check.
 StopSignal / stop_if_signalled: SIGTERM (preemption, `kill`, SLURM's --signal) ends the run
   at the next step boundary with a checkpoint, flushed metrics and the command to resume.
 write_results: results.json in the workdir (process 0 only).
@@ -148,6 +149,21 @@ def resume_command() -> str:
   if argv and argv[0].endswith(os.path.join("rft", "main.py")):
     argv = ["-m", "rft.main"] + argv[1:]
   return " ".join(shlex.quote(a) for a in ["python"] + argv)
+
+
+def end_of_step(stop: "StopSignal", done: int, total: int, ckpt_every: int,
+                save: Callable[[], Any], writer, workdir: str, unit: str = "step") -> None:
+  """What every loop does after step `done`: write its checkpoint when due (every
+  `ckpt_every` steps and at the last), the metrics flushed first so the step's points are
+  on disk with it; then end the run here if a stop signal came (`stop_if_signalled`)."""
+  def flushed_save():
+    writer.flush()
+    save()
+
+  saved = due(done, ckpt_every, total) or done == total
+  if saved:
+    flushed_save()
+  stop_if_signalled(stop, done, unit, saved, flushed_save, writer, workdir)
 
 
 def stop_if_signalled(stop: "StopSignal", done: int, unit: str, saved: bool,

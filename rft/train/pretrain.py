@@ -209,15 +209,8 @@ def train_and_evaluate(config, workdir: str):
         eval_params = state.ema_params if state.ema_params is not None else state.params
         results = evaluate(eval_params, done)  # points are then on disk with it
         logging.info("step %d eval: %s", done, results)
-
-      def save():
-        writer.flush()
-        ckpt.save(done, state)
-
-      saved = loop.due(done, config.ckpt_every, config.steps) or done == config.steps
-      if saved:
-        save()
-      loop.stop_if_signalled(stop, done, "step", saved, save, writer, workdir)
+      loop.end_of_step(stop, done, config.steps, config.ckpt_every,
+                       lambda: ckpt.save(done, state), writer, workdir)
   stop.close()
   bar.close()
   ckpt.close()

@@ -130,15 +130,8 @@ def train_and_evaluate(config, workdir: str):
     if loop.due(done, config.eval_every, config.steps):  # before the checkpoint: its
       results = evaluate(state.params, done)  # points are then on disk with it
       logging.info("step %d eval: %s", done, results)
-
-    def save():
-      writer.flush()
-      ckpt.save(done, state)
-
-    saved = loop.due(done, config.ckpt_every, config.steps) or done == config.steps
-    if saved:
-      save()
-    loop.stop_if_signalled(stop, done, "step", saved, save, writer, workdir)
+    loop.end_of_step(stop, done, config.steps, config.ckpt_every,
+                     lambda: ckpt.save(done, state), writer, workdir)
   stop.close()
   bar.close()
   ckpt.close()
