@@ -18,7 +18,11 @@ import sys
 import time
 from typing import Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# launch/ of a checkout: commands run in the repository root. Installed from a wheel
+# (as rft/launch/, no checkout around it) they run in the working directory.
+IN_CHECKOUT = os.path.isfile(os.path.join(_PARENT, "setup.py"))
+ROOT = _PARENT if IN_CHECKOUT else os.getcwd()
 
 
 def parser(doc: str, *, workdir_required: bool = False) -> argparse.ArgumentParser:

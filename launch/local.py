@@ -2,7 +2,8 @@
 
 Builds the exact `python -m rft.main` command (extra flags such as --config.key=value
 pass through), prints it, and runs it unless --dry_run. Beside it: launch/slurm.py (GPU
-clusters) and launch/tpu_pod.py (Cloud TPU VM pods).
+clusters) and launch/tpu_pod.py (Cloud TPU VM pods). With rft installed from a wheel
+(no checkout), the same launchers run as `python -m rft.launch.local` (.slurm, .tpu_pod).
 
 --processes N starts N jax processes of one job here (RFT_COORDINATOR on 127.0.0.1,
 RFT_NUM_PROCESSES, RFT_PROCESS_ID): one per GPU with --gpus_per_process 1 (each sees
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import sys
 
-try:
-  from launch import common
-except ImportError:  # run as a script: launch/ is sys.path[0]
+if __package__:  # imported as launch.<module> (a checkout) or rft.launch.<module> (a wheel)
+  from . import common
+else:  # run as a script: launch/ is sys.path[0]
   import common
 
 

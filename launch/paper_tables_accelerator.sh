@@ -5,7 +5,9 @@
 #   launch/paper_tables_accelerator.sh [WORKDIR]
 # Rerunning resumes interrupted runs and skips finished ones.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# In a checkout, run from its root; installed with the package (rft/launch/), from here.
+root="$(dirname "$0")/.."
+if [ -f "$root/setup.py" ]; then cd "$root"; fi
 WORKDIR=${1:-workdirs/repro}
 python -c "import jax; print('devices:', jax.devices())"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -17,9 +17,9 @@ import shlex
 import sys
 from typing import Sequence
 
-try:
-  from launch import common
-except ImportError:  # run as a script: launch/ is sys.path[0]
+if __package__:  # imported as launch.<module> (a checkout) or rft.launch.<module> (a wheel)
+  from . import common
+else:  # run as a script: launch/ is sys.path[0]
   import common
 
 

@@ -19,9 +19,9 @@ import sys
 import tempfile
 from typing import Sequence
 
-try:
-  from launch import common
-except ImportError:  # run as a script: launch/ is sys.path[0]
+if __package__:  # imported as launch.<module> (a checkout) or rft.launch.<module> (a wheel)
+  from . import common
+else:  # run as a script: launch/ is sys.path[0]
   import common
 
 REMOTE_TARBALL = "rft-src.tar.gz"
@@ -101,6 +101,9 @@ def main(argv=None) -> int:
   args, extra = p.parse_known_args(argv)
   if os.path.isabs(args.remote_dir) or ".." in args.remote_dir.split("/"):
     p.error(f"--remote_dir={args.remote_dir!r}: give a path under the home directory")
+  if not (common.IN_CHECKOUT or args.repo_url or args.skip_setup):
+    p.error("there is no checkout to copy to the workers (this launcher was installed with "
+            "the rft package): pass --repo_url=<git URL of rft> or --skip_setup")
   command = common.rft_command(args.config, args.workdir, common.passthrough(p, extra, strict=True),
                                python="python", distributed="on")
   cmds = pod_commands(tpu=args.tpu, zone=args.zone, project=args.project, command=command,

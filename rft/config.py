@@ -27,14 +27,51 @@ def lock(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   return config
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The config files live in configs/ at the repository root: a checkout, or an editable
+# install of one, reads them there. A wheel (setup.py maps configs/ to the package
+# rft.configs) installs the same files as rft/configs/, which a checkout never has.
+PACKAGED_CONFIG_DIR = os.path.join(_PACKAGE_DIR, "configs")
+CHECKOUT_CONFIG_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "configs")
+CONFIG_DIR = PACKAGED_CONFIG_DIR if os.path.isdir(PACKAGED_CONFIG_DIR) else CHECKOUT_CONFIG_DIR
+
+
+def shipped_configs() -> list[str]:
+  """Names (without .py) of the config files that come with rft, sorted."""
+  if not os.path.isdir(CONFIG_DIR):
+    return []
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve(path: str) -> str:
+  """The config file that `path` (the part of --config before ':') names.
+
+  A path to an existing file is returned as it is, so a file in the working directory
+  wins. Otherwise `path` names a shipped config: "prdp", "prdp.py", "configs/prdp" or
+  "configs/prdp.py" -> CONFIG_DIR/prdp.py, which works from any directory, also with rft
+  installed from a wheel. Anything else is a FileNotFoundError listing the shipped names.
+  """
+  if os.path.isfile(path):
+    return path
+  head, base = os.path.split(os.path.normpath(path)) if path else ("", "")
+  name = base[:-3] if base.endswith(".py") else base
+  names = shipped_configs()
+  if head in ("", "configs") and name in names:
+    return os.path.join(CONFIG_DIR, f"{name}.py")
+  raise FileNotFoundError(
+      f"config {path!r} is neither a file nor a config shipped with rft; shipped configs "
+      f"(pass e.g. --config=prdp.py:smoke): {', '.join(names) or 'none found'} "
+      f"(in {CONFIG_DIR})")
 
 
 def load(name: str, arg: str | None = None) -> config_dict.ConfigDict:
-  """get_config(arg) of configs/<name>.py (or of a path to a config file)."""
-  path = name if name.endswith(".py") else os.path.join(CONFIG_DIR, f"{name}.py")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file not found: {path}")
+  """get_config(arg) of a config file: a path, or a shipped config by name (see
+  `resolve`: "prdp", "prdp.py", "configs/prdp.py"). With `arg` None, a name such as
+  "prdp:smoke" carries its argument after the colon, as --config does."""
+  if arg is None and ":" in name and not os.path.isfile(name):
+    name, _, arg = name.partition(":")
+  path = resolve(name)
   spec = importlib.util.spec_from_file_location(f"rft_config_{os.path.basename(path)[:-3]}", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

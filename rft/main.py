@@ -1,8 +1,11 @@
 """rft's entry point: python -m rft.main --config=configs/<file>.py[:arg] [--workdir=DIR].
 
-The config file's `get_config(arg)` builds a locked ml_collections ConfigDict; any key
-can be overridden with --config.key=value (an unknown key or a wrong type is an error
-naming the key). `config.trainer` names the training program that runs.
+--config is a path to a config file, or the name of a config shipped with rft
+(`--config=prdp.py:smoke`, `prdp:smoke` and `configs/prdp.py:smoke` work from any
+directory, also with rft installed from a wheel; rft.config.resolve). The config file's
+`get_config(arg)` builds a locked ml_collections ConfigDict; any key can be overridden
+with --config.key=value (an unknown key or a wrong type is an error naming the key).
+`config.trainer` names the training program that runs.
 """
 from __future__ import annotations
 
@@ -15,8 +18,31 @@ from ml_collections import config_flags
 from rft import checkpoint, distributed, placement, run_record
 from rft import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py[:arg]).",
-                                          lock_config=True)
+
+class _ResolvingParser(flags.ArgumentParser):
+  """Wraps ml_collections' config file parser so that it is given the file
+  rft.config.resolve finds: the path as it is when it exists, else the shipped config of
+  that name. An unknown name is a flag error that lists the shipped configs."""
+
+  def __init__(self, inner: flags.ArgumentParser):
+    self._inner = inner
+
+  def parse(self, argument):
+    file, sep, arg = argument.partition(":")
+    try:
+      file = config_lib.resolve(file)
+    except FileNotFoundError as e:
+      raise ValueError(str(e)) from e  # absl reports a ValueError as a flag error
+    return self._inner.parse(file + sep + arg)
+
+  def flag_type(self):
+    return self._inner.flag_type()
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file: a path, or a shipped config by name "
+    "(configs/<name>.py[:arg], <name>.py[:arg] or <name>[:arg]).", lock_config=True)
+flags.FLAGS["config"].parser = _ResolvingParser(flags.FLAGS["config"].parser)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs "
                                "(default: workdirs/<config name>[_<arg>]).")
 _ALLOW_CHANGE = flags.DEFINE_bool(
