@@ -1,20 +1,22 @@
 """PRDP epoch throughput on ShapesWorld: samples per second including the update.
 
-Runs `python -m rft.main --config=configs/prdp.py` for a few epochs (no evaluation, no
+Runs `python -m rft.main --config=configs/prdp.py:all_captions` for a few epochs (no evaluation, no
 checkpoint but the last) once per setting, one after the other in this one command,
 and reads each epoch's wall time from results.json's curve. The first epoch (compile)
 is left out; the figure is the median of the rest. Every setting samples the same 512
 images per epoch (64 prompts x 8), so samples/s compare directly.
 
 Settings:
-  before      configs/prdp.py's defaults: 1 XLA CPU device, the whole UNet trained, final
-              4 of 10 steps out of the gradient, no step baselines (the main job)
+  before      configs/prdp.py:all_captions (the generic PRDP settings): 1 XLA CPU device,
+              the whole UNet trained, final 4 of 10 steps out of the gradient, no step
+              baselines
   devices     the same on 8 XLA CPU devices (config.cpu_devices = 8; rft.placement.split_cpu)
   lowres      8 devices, only the low-resolution UNet blocks trained (the backward pass
               stops at the first frozen layer; `rft.repro`'s T1 cpu preset trains these)
   after       lowres plus the variance levers of the paper-table presets: shared initial
               noise per group and x0_reward step baselines (one reward-model pass on the
-              sampler's x0 prediction at every step)
+              sampler's x0 prediction at every step); the main job (configs/prdp.py)
+              runs these settings on 32 fixed captions x 16 samples
 
   python benchmarks/prdp_epoch.py [--epochs 5] [--settings before,devices,lowres,after]
 
@@ -50,7 +52,8 @@ def epoch_seconds(overrides: dict, epochs: int, workdir: str) -> list[float]:
            for k, v in overrides.items()]
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)  # the settings choose the device count
-  cmd = [sys.executable, "-m", "rft.main", "--config=configs/prdp.py", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "rft.main", "--config=configs/prdp.py:all_captions",
+         f"--workdir={workdir}",
          f"--config.epochs={epochs}", "--config.eval_every=0", f"--config.ckpt_every={epochs}",
          *flags]
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -3,15 +3,27 @@
 COMMAND:
   python -m rft.main --config=configs/prdp.py
 
-EXPECTED: 60 epochs x 512 samples (64 prompts x 8, one on-policy update each), 30,720
-reward queries, 30.0 min (1,798 s) on an idle 2-core CPU. Measured: evaluator alignment
-48.0 -> 50.4 % on training prompts and 36.3 -> 40.6 % on held-out prompts (256 each;
-held-out 36.3, 37.1, 37.9, 40.2, 40.6 % at epochs 0/15/30/45/60): a steady rise, far
-from +10 points. `python -m rft.tools.noise_scale` says why: one useful Adam update
-needs 10^4-10^5 samples. See the README's method table and "Reproducing the papers"
-(the variance levers `share_initial_noise` and `objective.step_baseline`, off here,
-about halve that noise scale; the T1 preset uses them).
-Variants: `smoke` (seconds), `paper_small` / `paper_large` (Table 4 hyperparameters).
+The default is PRDP's small-scale setting (its Table 1) on ShapesWorld, the PRDP row of
+`python -m rft.repro prdp_table1 --preset cpu`: 32 fixed training captions, 40 epochs x
+512 samples (32 captions x 16, one on-policy update each), 20,480 reward queries, judged
+by the independent evaluator on those captions (8 samples each) and on 256 held-out
+captions. It starts from the base that reads position words (rft/assets/positions),
+trains the UNet's low-resolution blocks with Adam lr 3e-4, and uses the two variance
+levers of rft.objectives.step_baselines (a group shares its initial noise; per-step
+x0_reward baselines) on 8 XLA CPU devices.
+EXPECTED (3 seeds, 95 % t interval): seen-caption alignment 66.0 -> 72.1 %, gain +6.1
+[5.0, 7.2] points; unseen +4.0 [-1.3, 9.4]; 9.1 min per run on one 2-core CPU, 15-17 min
+on a slower one.
+
+Variants:
+  long          the same for 120 epochs (61,440 reward queries): seen gain +11.8 [8.7,
+                15.0] over 3 seeds, 42-49 min per run on the slower 2-core CPU
+  all_captions  the earlier main job: every training caption, the original base
+                (rft/assets), the whole UNet at lr 2e-5, 60 epochs x 64 prompts x 8, no
+                variance levers (held-out alignment 36.3 -> 40.6 % in 30 min, one seed;
+                the README's method table)
+  smoke         any of the above shrunk to seconds (`prdp.py:smoke`, `prdp.py:all_captions,smoke`)
+  paper_small / paper_large   Table 4 hyperparameters (on all_captions for ShapesWorld)
 
 Stable Diffusion (rft.weights.sd; needs the model files locally, see README "Real models"):
   sd14_hpsv2      SD 1.4, 45 animals, HPSv2, Table 4 small scale (E=100, K=10, N=32, B=16,
@@ -40,8 +52,33 @@ SD_REWARDS = {
 }
 
 
+# The main job's setting (PRDP Table 1's small scale on ShapesWorld): the overrides of the
+# T1 table's PRDP row (rft/repro/tables.py; tests/test_repro.py checks that the two agree).
+SMALL_SCALE = {
+    "base_dir": "assets/positions",  # the base that reads position words
+    "train_prompts": 32,
+    "eval_prompts": 256,
+    "eval_batch_size": 256,
+    "prompts_per_epoch": 32,
+    "samples_per_prompt": 16,
+    "prompts_per_update": 32,
+    "updates_per_epoch": 1,
+    "lr": 3e-4,
+    # Only the low-resolution UNet blocks train: their gradient's noise scale is lowest,
+    # and the backward pass stops at the first frozen layer.
+    "finetune.trainable": r"^unet/(mid|down2|up2)",
+    "share_initial_noise": True,
+    "objective.step_baseline": "x0_reward",
+    "epochs": 40,
+    "eval_every": 10,
+    "ckpt_every": 5,
+    "cpu_devices": 8,  # XLA CPU devices on a CPU host (ignored on GPU / TPU)
+}
+
+
 def get_config(arg=None):
-  variants = config_lib.parse_arg(arg, ("smoke", "paper_small", "paper_large") + SD_VARIANTS)
+  variants = config_lib.parse_arg(
+      arg, ("smoke", "long", "all_captions", "paper_small", "paper_large") + SD_VARIANTS)
   c = online_config.base()
   c.objective = config_dict.ConfigDict({
       "name": "prdp",
@@ -64,7 +101,8 @@ def get_config(arg=None):
       # that of steps 0-7, and steps 8-9 alone are almost pure noise.
       "skip_last_steps": 4,
   })
-  # One on-policy update per epoch on all 512 samples: a second update on the same
+  # Generic settings (the `all_captions` variant; the paper and SD variants start here):
+  # one on-policy update per epoch on all 512 samples, since a second update on the same
   # samples costs as much as sampling new ones and brings almost no new information.
   c.epochs = 60
   c.prompts_per_epoch = 64
@@ -83,6 +121,14 @@ def get_config(arg=None):
     c.reward, c.reward_options = SD_REWARDS[sd.pop()]
   if "paper_small" in variants or "paper_large" in variants:
     c.objective.skip_last_steps = 0
+  elif c.world == "shapes" and "all_captions" not in variants:
+    config_lib.apply_overrides(c, [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                   for k, v in SMALL_SCALE.items()])
+    if "long" in variants:
+      c.epochs = 120
+  if "long" in variants and c.epochs != 120:
+    raise ValueError("the `long` variant is the main job's setting for 120 epochs; it "
+                     f"does not combine with {sorted(variants - {'long', 'smoke'})}")
   if "paper_small" in variants:  # Table 4, small scale
     c.epochs, c.updates_per_epoch = 100, 10
     c.prompts_per_epoch, c.samples_per_prompt, c.prompts_per_update = 32, 16, 32

@@ -290,7 +290,7 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   run = tmp_path / "prdp"
   # An untrained base draws noise, whose alignment reward is exactly 0 for every sample
   # (all pairs tied, no gradient); brightness differs between any two samples.
-  run_main("configs/prdp.py:smoke", run, f"--config.base_dir={base}",
+  run_main("configs/prdp.py:all_captions,smoke", run, f"--config.base_dir={base}",
            "--config.sampler.name=flow", "--config.sampler.eta=0.7", "--config.reward=brightness")
   results = json.load(open(run / "results.json"))
   assert results["epochs"] == 2 and results["reward_queries"] > 0
@@ -327,7 +327,8 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
       lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
       straight["dit"], params["dit"]))) > 0
   # A DDPM sampler on a flow model is a clear error naming what is wrong.
-  p = run_main("configs/prdp.py:smoke", tmp_path / "bad", f"--config.base_dir={base}", check=False)
+  p = run_main("configs/prdp.py:all_captions,smoke", tmp_path / "bad",
+               f"--config.base_dir={base}", check=False)
   assert p.returncode != 0 and "velocity" in p.stderr
 
 

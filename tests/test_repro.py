@@ -52,6 +52,45 @@ def test_every_table_preset_builds_valid_configs(tmp_path):
       assert len(runs) == t.preset(preset).seeds * len(t.preset(preset).rows)
 
 
+def _run_config(run, config=None):
+  """A planned run's config (its file, or `config` instead) with its overrides, less the
+  seeds."""
+  file = config or run.argv[0].split("=", 1)[1]
+  path, _, arg = file.partition(":")
+  c = config_lib.load(path, arg or None)
+  items = [a[len("--config."):] for a in run.argv
+           if a.startswith("--config.") and not a.startswith(("--config.seed=",
+                                                               "--config.eval_seed="))]
+  return config_lib.apply_overrides(c, items).to_dict()
+
+
+@pytest.mark.parametrize("variant,preset", [("", "cpu"), ("long", "cpu_long")])
+def test_the_main_job_is_t1s_prdp_row(tmp_path, variant, preset):
+  """configs/prdp.py's default (the README's first command) is the PRDP row of T1's cpu
+  preset, and `:long` its cpu_long row: the table's numbers are the main job's."""
+  run = runner.plan(tables.get("prdp_table1"), preset, str(tmp_path), rows=["prdp"])[0]
+  main_job = config_lib.load("prdp", variant or None).to_dict()
+  assert _run_config(run) == main_job
+  # and the overrides still say everything: on the earlier default they give the same
+  assert _run_config(run, f"{config_lib.CONFIG_DIR}/prdp.py:all_captions") == main_job
+
+
+@pytest.mark.parametrize("table,preset", [
+    ("prdp_table1", "cpu_original"), ("prdp_table2", "cpu"), ("prdp_table2", "accelerator"),
+    ("prdp_table3", "cpu"), ("prdp_table3", "accelerator"), ("prdp_table5", "cpu"),
+    ("prdp_table5", "accelerator")])
+def test_tables_on_the_original_base_do_not_follow_the_main_jobs_default(tmp_path, table,
+                                                                         preset):
+  """The presets measured before the main job became T1's row pin what they inherited:
+  on the `all_captions` variant (the earlier default) they build the same configs."""
+  for run in runner.plan(tables.get(table), preset, str(tmp_path)):
+    if not run.argv[0].split("=", 1)[1].split(":")[0].endswith("prdp.py"):
+      continue
+    file = run.argv[0].split("=", 1)[1]
+    earlier = file.replace("prdp.py", "prdp.py:all_captions", 1)
+    assert _run_config(run) == _run_config(run, earlier), (table, preset, run.row)
+
+
 def test_every_named_base_is_shipped():
   """A preset that starts from a bundle other than the default names one that exists
   (rft.pretrained.resolve_dir), and T1's cpu and accelerator presets use the positions
@@ -65,7 +104,8 @@ def test_every_named_base_is_shipped():
   t1 = tables.get("prdp_table1")
   assert t1.preset("cpu").common["base_dir"] == "assets/positions"
   assert t1.preset("accelerator").common["base_dir"] == "assets/positions"
-  assert "base_dir" not in t1.preset("cpu_original").common
+  assert t1.preset("cpu_original").common["base_dir"] == ""  # the original base, pinned
+  assert pretrained.exists("shapes_base", config_lib.load("prdp").base_dir)  # the main job's
   assert t1.preset("cpu_original").rows["prdp"]["epochs"] == 30
 
 

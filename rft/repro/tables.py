@@ -104,6 +104,16 @@ STEP_BASELINE = {"objective.step_baseline": "x0_reward"}
 LEVERED = dict(LEVERS, **STEP_BASELINE)  # both, the overrides of every black-box row
 
 
+# configs/prdp.py's default is T1's PRDP row (the main job). The presets measured on the
+# original base (rft/assets) or with the generic PRDP layers and rate pin what they used to
+# inherit from the earlier defaults, so their commands keep meaning what they measured.
+ORIGINAL_BASE = {"base_dir": ""}
+ALL_CAPTIONS = dict(ORIGINAL_BASE, train_prompts=0)
+GENERIC_LAYERS = {"lr": 2e-5, "finetune.trainable": "^(unet|dit|transformer)/"}
+# Accelerator presets use the accelerator's devices, not a split CPU.
+ON_ACCELERATOR = {"cpu_devices": 0}
+
+
 def _smoke(rows: Mapping[str, Mapping[str, object]]) -> Preset:
   """Seconds per run: the configs' :smoke variants on 4 fixed captions, 2 seeds."""
   return Preset(seeds=2, config_arg="smoke",
@@ -169,13 +179,13 @@ T1_CPU_LONG = dataclasses.replace(
 # The same table on the original shipped base (rft/assets) with 30 RL epochs: the T1
 # numbers measured before the positions base existed.
 T1_CPU_ORIGINAL = dataclasses.replace(
-    T1_CPU, common=_T1_COMMON,
+    T1_CPU, common=dict(_T1_COMMON, **ORIGINAL_BASE),
     rows=dict(T1_CPU.rows, **{r: dict(T1_CPU.rows[r], epochs=30) for r in ("prdp", "ddpo")}),
     note="this 2-core CPU, 8 XLA CPU devices, each run <= 30 min; the original base rft/assets")
 
 T1_ACCEL = Preset(
     seeds=3,
-    common=dict(_T1_COMMON, **T1_BASE),
+    common=dict(_T1_COMMON, **T1_BASE, **ON_ACCELERATOR),
     rows={r: dict(_T1_RL, samples_per_prompt=64, epochs=100, eval_every=25, ckpt_every=25,
                   unroll="none") for r in ("prdp", "ddpo")},
     note="one GPU (sized for an H100: 2,048 samples per update, the table in <= 8 min)")
@@ -232,13 +242,15 @@ PRDP_TABLE2 = Table(
     ),
     presets={
         "cpu": Preset(seeds=3, cpu_devices=8,
-                      common={"eval_prompts": 256, "eval_batch_size": 256},
+                      common=dict(ALL_CAPTIONS, eval_prompts=256, eval_batch_size=256),
                       rows={"prdp": _T2_CPU, "ddpo": _T2_CPU},
                       note="this 2-core CPU, shrunk: 15 epochs x 512 samples per run, the "
                            "T1 recipe (low-res blocks, lr 3e-4) on all training captions"),
         "accelerator": Preset(
-            seeds=3, common={"eval_prompts": 256, "eval_batch_size": 256},
-            rows={r: dict(_T2_RL, samples_per_prompt=16, prompts_per_epoch=128,
+            seeds=3, common=dict(ALL_CAPTIONS, **ON_ACCELERATOR, eval_prompts=256,
+                                 eval_batch_size=256),
+            rows={r: dict(_T2_RL, **GENERIC_LAYERS, samples_per_prompt=16,
+                          prompts_per_epoch=128,
                           prompts_per_update=128, epochs=100, eval_every=25, ckpt_every=25,
                           unroll="none") for r in ("prdp", "ddpo")},
             note="one GPU (2,048 samples per update over 128 captions, <= 8 min per table)"),
@@ -247,8 +259,8 @@ PRDP_TABLE2 = Table(
             Claim("PRDP gains more than DDPO on held-out prompts", "gt", SD_UNSEEN, "prdp",
                   "ddpo")),
             "SD 1.4 on the HPDv2 training prompts, Table 4 large-scale settings"),
-        "smoke": _smoke({"prdp": dict(LEVERED, train_prompts=0),
-                         "ddpo": dict(LEVERED, train_prompts=0)}),
+        "smoke": _smoke({r: dict(LEVERED, **ALL_CAPTIONS, **GENERIC_LAYERS)
+                         for r in ("prdp", "ddpo")}),
     },
 )
 
@@ -275,12 +287,13 @@ PRDP_TABLE3 = Table(
     ),
     presets={
         "cpu": Preset(seeds=3, cpu_devices=8,
-                      common={"train_prompts": 32, "eval_prompts": 256,
-                              "eval_batch_size": 256, "reward": MULTI_REWARD},
+                      common=dict(ORIGINAL_BASE, train_prompts=32, eval_prompts=256,
+                                  eval_batch_size=256, reward=MULTI_REWARD),
                       rows={"prdp": T1_CPU_ORIGINAL.rows["prdp"]},
                       note="this 2-core CPU, T1's original-base budget (30 epochs)"),
-        "accelerator": Preset(seeds=3, common={"train_prompts": 32, "eval_prompts": 256,
-                                               "eval_batch_size": 256, "reward": MULTI_REWARD},
+        "accelerator": Preset(seeds=3, common=dict(ORIGINAL_BASE, **ON_ACCELERATOR,
+                                                   train_prompts=32, eval_prompts=256,
+                                                   eval_batch_size=256, reward=MULTI_REWARD),
                               rows={"prdp": T1_ACCEL.rows["prdp"]},
                               note="one GPU, the T1 budget"),
         "sd": _sd("multi_reward", {"prdp": {}}, (
@@ -292,8 +305,8 @@ PRDP_TABLE3 = Table(
                 Metric(f"train/reward_{t}", t, percent=False)
                 for t in ("pickscore", "hpsv2", "aesthetic"))),
         "smoke": Preset(seeds=2, config_arg="smoke",
-                        common={"train_prompts": 4, "eval_prompts": 8, "eval_batch_size": 8,
-                                "reward": MULTI_REWARD},
+                        common=dict(ORIGINAL_BASE, **GENERIC_LAYERS, train_prompts=4,
+                                    eval_prompts=8, eval_batch_size=8, reward=MULTI_REWARD),
                         rows={"prdp": LEVERED},
                         note="smoke test (seconds per run)"),
     },
@@ -301,7 +314,8 @@ PRDP_TABLE3 = Table(
 
 # ---------------------------------------------------------------------------- T5
 
-_T5_COMMON = dict(LEVERED, train_prompts=32, prompts_per_epoch=32,
+_T5_COMMON = dict(LEVERED, **ORIGINAL_BASE, **GENERIC_LAYERS, train_prompts=32,
+                  prompts_per_epoch=32,
                   samples_per_prompt=16, prompts_per_update=32, updates_per_epoch=8,
                   eval_prompts=256, eval_batch_size=256)
 
@@ -327,7 +341,8 @@ PRDP_TABLE5 = Table(
                                         **{"objective.clip_eps": 0.0})},
                       note="this 2-core CPU, 20 epochs x 8 updates per run"),
         "accelerator": Preset(
-            seeds=3, common=dict(_T5_COMMON, samples_per_prompt=64, unroll="none"),
+            seeds=3, common=dict(_T5_COMMON, **ON_ACCELERATOR, samples_per_prompt=64,
+                                 unroll="none"),
             rows={"prdp": dict(epochs=40, eval_every=10, ckpt_every=10),
                   "rdp": dict(epochs=40, eval_every=10, ckpt_every=10,
                               **{"objective.clip_eps": 0.0})},
@@ -339,9 +354,10 @@ PRDP_TABLE5 = Table(
                   "rdp", "prdp", on="final")),
             "SD 1.4, Table 4 small scale (K = 10 updates per epoch)",
             metrics=SD_METRICS + (Metric("max_kl", "largest KL to the base", percent=False),)),
-        "smoke": _smoke({"prdp": dict(LEVERED, updates_per_epoch=2),
-                         "rdp": dict(LEVERED, updates_per_epoch=2,
-                                     **{"objective.clip_eps": 0.0})}),
+        "smoke": _smoke({"prdp": dict(LEVERED, **ORIGINAL_BASE, **GENERIC_LAYERS,
+                                      updates_per_epoch=2),
+                         "rdp": dict(LEVERED, **ORIGINAL_BASE, **GENERIC_LAYERS,
+                                     updates_per_epoch=2, **{"objective.clip_eps": 0.0})}),
     },
 )
 
