@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rft import paths
+
 __all__ = [
     "WorkdirError",
     "CheckpointMismatchError",
@@ -501,23 +503,27 @@ class Checkpointer:
 def set_aside_after(directory: Any, step: int) -> List[str]:
   """Moves the step folders of checkpoint `directory` after `step` into
   `<directory>_set_aside/` (so the next run resumes from `step`; nothing is deleted).
-  `step` must be a checkpoint there. Returns the moved paths."""
-  directory = os.path.abspath(os.fspath(directory))
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
-      if os.path.isdir(directory) else []
+  `step` must be a checkpoint there. Returns the moved paths. `directory` may be local or
+  not (gs://...: there a folder's move is a copy, then a delete)."""
+  directory = os.fspath(directory)
+  if paths.is_local(directory):
+    directory = os.path.abspath(directory)
+  ckdir = paths.path(directory)
+  steps = sorted(int(d.name) for d in ckdir.iterdir() if d.name.isdigit()) \
+      if ckdir.is_dir() else []
   if int(step) not in steps:
     raise FileNotFoundError(f"--resume_step={step}: no checkpoint for step {step} in "
                             f"{directory} (available: {steps or 'none'})")
   moved = []
-  aside = directory + SET_ASIDE
+  aside = paths.path(directory + SET_ASIDE)
   for s in steps:
     if s > int(step):
-      dest = os.path.join(aside, str(s))
-      if os.path.exists(dest):  # set aside before: keep both
-        dest = f"{dest}.{len(os.listdir(aside))}"
-      os.makedirs(aside, exist_ok=True)
-      os.replace(os.path.join(directory, str(s)), dest)
-      moved.append(dest)
+      dest = aside / str(s)
+      if dest.exists():  # set aside before: keep both
+        dest = aside / f"{s}.{len(list(aside.iterdir()))}"
+      aside.mkdir(parents=True, exist_ok=True)
+      (ckdir / str(s)).rename(dest)
+      moved.append(os.fspath(dest))
   return moved
 
 
@@ -527,21 +533,15 @@ def set_aside_after(directory: Any, step: int) -> List[str]:
 
 
 def save_params_file(path: Any, tree: Any) -> None:
-  """Writes ``tree`` as one msgpack file (flax.serialization), atomically.
+  """Writes ``tree`` as one msgpack file (flax.serialization), all or nothing
+  (:func:`rft.paths.write_bytes`; local or not).
 
   Refuses non-finite trees (:class:`NonFiniteError`, nothing written).
   """
   path = os.fspath(path)
   assert_finite(tree, what=f"params for {path}")
   state_dict = jax.device_get(_to_storable(tree))
-  data = serialization.msgpack_serialize(state_dict)
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  paths.write_bytes(path, serialization.msgpack_serialize(state_dict))
 
 
 def load_params_file(path: Any, template: Any = None) -> Any:
@@ -552,10 +552,9 @@ def load_params_file(path: Any, template: Any = None) -> Any:
   and returns the tree in the template's structure (numpy leaves).
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f"params file not found: {path}")
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.path(path).read_bytes()
   try:
     loaded = serialization.msgpack_restore(data)
   except Exception as e:  # pylint: disable=broad-except

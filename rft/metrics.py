@@ -39,6 +39,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from rft import paths
+
 __all__ = [
     "MetricWriter",
     "MultiWriter",
@@ -218,7 +220,9 @@ class TensorBoardWriter(MetricWriter):
     self._pb_tensor = tensor_pb2
     self._pb_shape = tensor_shape_pb2
     self.logdir = os.fspath(logdir)
-    os.makedirs(self.logdir, exist_ok=True)
+    paths.makedirs(self.logdir)
+    if not paths.is_local(self.logdir):  # tensorboardX's own gs:// and s3:// writers need
+      _route_event_files(self.logdir)    # google-cloud-storage / boto3: epath instead
     # tensorboardX names files by the second and opens them with "wb": a second writer
     # on the same folder within that second (a fast restart) would overwrite the first.
     TensorBoardWriter._opened += 1
@@ -389,6 +393,48 @@ class TensorBoardWriter(MetricWriter):
     if not self._closed:
       self._writer.close()
       self._closed = True
+
+
+class _EpathEventFile:
+  """A TensorBoard event file on a non-local filesystem, written through rft.paths: the
+  records are kept in memory and `flush()` writes the whole file (an object in gs:// or
+  s3:// cannot be appended to), so after `flush()` it holds every record written."""
+
+  def __init__(self, path: str):
+    self._path = path
+    self._buffer = io.BytesIO()
+    self._written = -1  # buffer size at the last write of the file
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    if self._buffer.tell() != self._written:
+      paths.write_bytes(self._path, self._buffer.getvalue())
+      self._written = self._buffer.tell()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX writer factory (``record_writer.register_writer_factory``) for one URI
+  scheme: event files through :class:`_EpathEventFile`."""
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    paths.makedirs(path)
+
+
+def _route_event_files(logdir: str) -> None:
+  """Makes tensorboardX open event files under `logdir`'s scheme (gs, s3, ...) with
+  :class:`_EpathEventFiles` (it picks a factory by the text before the first ':')."""
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  scheme = logdir.split(":", 1)[0]
+  if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _EpathEventFiles):
+    record_writer.register_writer_factory(scheme, _EpathEventFiles())
 
 
 def _make_tensor_proto(arr: np.ndarray, tensor_pb2, shape_pb2):
@@ -573,16 +619,13 @@ def image_grid(images: Any, captions: Optional[Sequence[str]] = None,
 
 
 def save_image(path: str, grid: Any) -> None:
-  """Saves a uint8 [H, W, 3] (or [H, W]) array as PNG (parents created)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  """Saves a uint8 [H, W, 3] (or [H, W]) array as a PNG file, local or not (parents
+  created; rft.paths.write_png)."""
   arr = np.asarray(jax.device_get(grid))
   if arr.dtype != np.uint8:
     raise ValueError(f"save_image expects uint8, got {arr.dtype}; "
                      "use image_grid() to convert")
-  parent = os.path.dirname(os.fspath(path))
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  Image.fromarray(arr).save(path, format="PNG")
+  paths.write_png(path, arr)
 
 
 # ----------------------------------------------------------------------------

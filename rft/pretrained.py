@@ -1,15 +1,15 @@
 """Small pretrained bundles shipped in the repo (rft/assets/) and loaded by name.
 
 A bundle is `<name>.msgpack` (params, flax msgpack: no pickle) beside `<name>.json`
-(what builds the module, the command that made it, and its measured numbers).
+(what builds the module, the command that made it, and its measured numbers). A bundle's
+folder may be local or not (a gs:// workdir): files go through rft.paths.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from rft import checkpoint
+from rft import checkpoint, paths
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -50,15 +50,13 @@ def bundle_paths(name: str, directory: str | None = None) -> tuple[str, str]:
 
 
 def exists(name: str, directory: str | None = None) -> bool:
-  return all(os.path.exists(p) for p in bundle_paths(name, directory))
+  return all(paths.path(p).exists() for p in bundle_paths(name, directory))
 
 
 def save_bundle(name: str, params: Any, meta: dict, directory: str | None = None) -> str:
   params_path, meta_path = bundle_paths(name, directory)
-  os.makedirs(os.path.dirname(params_path), exist_ok=True)
   checkpoint.save_params_file(params_path, params)
-  with open(meta_path, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  paths.write_json(meta_path, meta, indent=2, sort_keys=True)
   return params_path
 
 
@@ -72,13 +70,12 @@ def export_bundle(name: str, params: Any, meta: dict, workdir: str, export_dir: 
 
 def load_meta(name: str, directory: str | None = None) -> dict:
   params_path, meta_path = bundle_paths(name, directory)
-  if not os.path.exists(meta_path) or not os.path.exists(params_path):
+  if not paths.path(meta_path).exists() or not paths.path(params_path).exists():
     how = HOW_TO_MAKE.get(name, "")
     raise FileNotFoundError(
         f"pretrained bundle {name!r} not found: expected {params_path} and {meta_path}"
         + (f". Make it with: {how}" if how else ""))
-  with open(meta_path) as f:
-    return json.load(f)
+  return paths.read_json(meta_path)
 
 
 def load_bundle(name: str, template: Any = None, directory: str | None = None) -> tuple[Any, dict]:

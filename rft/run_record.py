@@ -19,6 +19,8 @@ import os
 import time
 from typing import Any, Mapping
 
+from rft import paths
+
 # Keys whose change keeps the run's meaning: its length and its reporting cadence.
 RESUME_SAFE = ("epochs", "steps", "eval_every", "ckpt_every", "log_every", "export_dir")
 
@@ -48,10 +50,11 @@ def config_changes(stored: Mapping[str, Any], new: Mapping[str, Any],
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether any trainer's checkpoint folder (`checkpoints*`) in workdir holds a step."""
-  if not os.path.isdir(workdir):
+  root = paths.path(workdir)
+  if not root.is_dir():
     return False
-  for entry in os.scandir(workdir):
-    if entry.is_dir() and entry.name.startswith("checkpoints") and any(os.scandir(entry.path)):
+  for entry in root.iterdir():
+    if entry.name.startswith("checkpoints") and entry.is_dir() and any(entry.iterdir()):
       return True
   return False
 
@@ -64,11 +67,10 @@ def check_and_record(workdir: str, config_json: str, allow_change: bool = False,
   ValueError for meaning-changing ones unless `allow_change`."""
   path = os.path.join(workdir, "config.json")
   new = json.loads(config_json)
-  resuming = os.path.exists(path) and has_checkpoint(workdir)
+  resuming = paths.path(path).exists() and has_checkpoint(workdir)
   stored = None
-  if resuming or (write and os.path.exists(path)):  # a fresh start's readers would race
-    with open(path) as f:                             # the writer: only it reads then
-      stored = json.load(f)
+  if resuming or (write and paths.path(path).exists()):  # a fresh start's readers would
+    stored = paths.read_json(path)                       # race the writer: only it reads
   changed = config_changes(stored, new, safe=()) if stored is not None else []
   if resuming and not allow_change:
     bad = [c for c in changed if c[0] not in RESUME_SAFE]
@@ -83,9 +85,8 @@ def check_and_record(workdir: str, config_json: str, allow_change: bool = False,
           f"{', '.join(RESUME_SAFE)}.")
   if write:
     if not resuming:  # nothing computed yet under the stored config: this start defines it
-      with open(path, "w") as f:
-        f.write(config_json)
-    with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
-      f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": resuming,
-                          "changed": [k for k, _, _ in changed], "config": new}) + "\n")
+      paths.write_text(path, config_json)
+    paths.append_text(os.path.join(workdir, "config_history.jsonl"), json.dumps(
+        {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": resuming,
+         "changed": [k for k, _, _ in changed], "config": new}) + "\n")
   return changed if resuming else []

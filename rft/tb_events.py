@@ -4,6 +4,7 @@ Used by tests and result scripts: `read_scalars(logdir)` -> {tag: [(step, value)
 `trim_after(logdir, step)` is what a resumed run calls before it logs again: points
 written after the checkpoint it resumes from are dropped (the run logs them again), so a
 curve holds every step once, and a record cut short by a kill is removed.
+Log folders may be local or not (gs://...): files are read and written through rft.paths.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import struct
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from rft import paths
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -27,7 +30,7 @@ def _iter_records(path: str, verify_crc: bool = True, status: Optional[dict] = N
   `status["truncated"]` when a dict is given)."""
   status = {} if status is None else status
   status["truncated"] = False
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     while True:
       header = f.read(12)
       if len(header) < 12:
@@ -50,12 +53,12 @@ def _iter_records(path: str, verify_crc: bool = True, status: Optional[dict] = N
 
 
 def _event_files(logdir: str) -> List[str]:
-  if os.path.isfile(logdir):
-    return [logdir]
-  if not os.path.isdir(logdir):
+  d = paths.path(logdir)
+  if d.is_file():
+    return [os.fspath(logdir)]
+  if not d.is_dir():
     raise FileNotFoundError(f"no such log directory: {logdir}")
-  return sorted(os.path.join(logdir, f) for f in os.listdir(logdir)
-                if "tfevents" in f and os.path.isfile(os.path.join(logdir, f)))
+  return sorted(os.fspath(f) for f in d.iterdir() if "tfevents" in f.name and f.is_file())
 
 
 def iter_events(logdir: str, verify_crc: bool = True):
@@ -137,10 +140,10 @@ def trim_after(logdir: str, step: int) -> Dict[str, int]:
   """Drops, from the event files directly in `logdir`, every event logged at a step after
   `step` (and, for `step` <= 0, every summary: a run resumed from nothing logs its step 0
   again), plus a record cut short at a file's end. Files that need no change are left
-  untouched; the others are rewritten atomically (a temporary file, then a rename).
+  untouched; the others are rewritten whole, all or nothing (rft.paths.write_bytes).
   Returns {file name: events dropped} for the files it rewrote."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(logdir):
+  if not paths.path(logdir).is_dir():
     return {}
   changed = {}
   for path in _event_files(logdir):
@@ -154,10 +157,6 @@ def trim_after(logdir: str, step: int) -> Dict[str, int]:
         kept.append(data)
     if not dropped and not status["truncated"]:
       continue
-    tmp = path + ".trim"
-    with open(tmp, "wb") as f:
-      for data in kept:
-        f.write(_frame(data))
-    os.replace(tmp, path)
+    paths.write_bytes(path, b"".join(_frame(data) for data in kept))
     changed[os.path.basename(path)] = dropped
   return changed

@@ -7,16 +7,19 @@
 * curves.png: the curve metric against reward queries, one line (mean over seeds) and
   band (min..max over seeds) per method.
 * grids/<row>.png: seed 0's evaluation samples before (epoch 0) and after finetuning.
+The output folder and the run folders may be local or not (gs://...: rft.paths).
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shlex
 
 import numpy as np
 
+from rft import paths
 from rft.repro import stats
 from rft.repro import tables as tables_lib
 from rft.repro.runner import Run
@@ -116,13 +119,13 @@ def _fmt(iv: stats.Interval, metric: tables_lib.Metric, signed: bool = False) ->
 def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: str,
           hardware: str = "") -> dict:
   """Writes table.md, table.csv, curves.png and grids/ into out_dir; returns the summary."""
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   metrics = table.metrics_of(preset_name)
   data = collect(metrics, runs)
   ver = verdicts(table, preset_name, runs)
   preset = table.preset(preset_name)
   # ------------------------------------------------------------------ csv
-  with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
+  with io.StringIO(newline="") as f:
     w = csv.writer(f)
     w.writerow(["table", "preset", "row", "metric", "statistic", "mean", "ci95_low",
                 "ci95_high", "seeds", "values"])
@@ -132,6 +135,7 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
           iv = per[m.key][which]
           w.writerow([table.name, preset_name, row, m.key, which, iv.mean, iv.low, iv.high,
                       iv.n, json.dumps(per[m.key][f"{which}_values"])])
+    paths.write_text(os.path.join(out_dir, "table.csv"), f.getvalue())
   # ------------------------------------------------------------------ markdown
   lines = [f"# {table.title}", "", f"Paper: {table.paper}", "",
            f"Preset `{preset_name}`: {preset.note}." + (f" Hardware: {hardware}." if hardware
@@ -163,8 +167,7 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
   lines += ["", "Commands (one per run, from the repository root):", ""]
   for r in runs:
     lines.append(f"* {r.row} seed {r.seed}: `{shell_command(r.argv)}`")
-  with open(os.path.join(out_dir, "table.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  paths.write_text(os.path.join(out_dir, "table.md"), "\n".join(lines) + "\n")
   # ------------------------------------------------------------------ plots
   curve = table.curve_metric_of(preset_name)
   pct = next((m.percent for m in metrics if m.key == curve), True)
@@ -174,8 +177,7 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
              "verdicts": [dict(v, interval=vars(v["interval"])) for v in ver],
              "rows": {row: {m.key: {k: vars(per[m.key][k]) for k in ("base", "final", "gain")}
                             for m in metrics} for row, per in data.items()}}
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  paths.write_json(os.path.join(out_dir, "summary.json"), summary, indent=1)
   return summary
 
 
@@ -210,28 +212,30 @@ def _curves(table: tables_lib.Table, metric: str, scale: float, runs: list[Run],
   if plotted:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())
 
 
 def _grids(runs: list[Run], out_dir: str) -> None:
   """Seed 0's before / after evaluation grids of every row, side by side."""
   from PIL import Image
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   for r in runs:
     if r.seed != min(x.seed for x in runs if x.row == r.row) or not r.done:
       continue
-    samples = os.path.join(r.workdir, "samples")
-    if not os.path.isdir(samples):
+    samples = paths.path(r.workdir) / "samples"
+    if not samples.is_dir():
       continue
     for split in ("train", "heldout"):
-      files = sorted(f for f in os.listdir(samples) if f.startswith(f"{split}_epoch"))
+      files = sorted(f.name for f in samples.iterdir() if f.name.startswith(f"{split}_epoch"))
       if len(files) < 2:
         continue
-      before, after = (Image.open(os.path.join(samples, f)).convert("RGB")
+      before, after = (Image.open(io.BytesIO((samples / f).read_bytes())).convert("RGB")
                        for f in (files[0], files[-1]))
       canvas = Image.new("RGB", (before.width + after.width + 8, max(before.height,
                                                                      after.height)), "white")
       canvas.paste(before, (0, 0))
       canvas.paste(after, (before.width + 8, 0))
-      canvas.save(os.path.join(out_dir, f"{r.row}_{split}_before_after.png"))
+      paths.write_png(os.path.join(out_dir, f"{r.row}_{split}_before_after.png"), canvas)

@@ -5,18 +5,20 @@ Each run is `python -m rft.main --config=configs/<row>.py[:arg] --workdir=<run d
 console output in `<run dir>/log.txt`. A run whose results.json exists is finished and
 skipped; an interrupted one is resumed by the same command (rft.main continues from its
 latest checkpoint, bit for bit). The command is stored in `<run dir>/command.json`; a run
-directory made by a different command is an error, never silently mixed.
+directory made by a different command is an error, never silently mixed. Run directories
+may be local or not (gs://...: files through rft.paths).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from rft import config as config_lib
+from rft import paths
 from rft.repro import tables as tables_lib
 
 
@@ -30,11 +32,10 @@ class Run:
 
   @property
   def done(self) -> bool:
-    return os.path.exists(os.path.join(self.workdir, "results.json"))
+    return paths.path(os.path.join(self.workdir, "results.json")).exists()
 
   def results(self) -> dict:
-    with open(os.path.join(self.workdir, "results.json")) as f:
-      return json.load(f)
+    return paths.read_json(os.path.join(self.workdir, "results.json"))
 
 
 def _flag(key: str, value) -> str:
@@ -89,17 +90,28 @@ def check_configs(runs: list[Run]) -> None:
 
 def _check_command(run: Run) -> None:
   path = os.path.join(run.workdir, "command.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = tuple(json.load(f)["argv"])
+  if paths.path(path).exists():
+    stored = tuple(paths.read_json(path)["argv"])
     if stored != run.argv:
       changed = sorted(set(stored) ^ set(run.argv))
       raise ValueError(f"{run.workdir} was started by a different command (differs in "
                        f"{changed}); remove it or pass another --workdir")
   else:
-    os.makedirs(run.workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump({"argv": list(run.argv)}, f, indent=1)
+    paths.write_json(path, {"argv": list(run.argv)}, indent=1)
+
+
+def _run_logged(argv: list, log: str, env: dict) -> int:
+  """Runs `argv`, its output (stdout and stderr) appended to file `log`: streamed into it
+  when local; elsewhere kept in a local temporary file and appended when the run ends.
+  Returns the exit status."""
+  if paths.is_local(log):
+    with open(log, "a") as f:
+      return subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+  with tempfile.TemporaryFile() as f:
+    code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    f.seek(0)
+    paths.append_text(log, f.read().decode("utf-8", "replace"))
+  return code
 
 
 def execute(runs: list[Run], env: dict | None = None, echo=print, retries: int = 2) -> None:
@@ -117,18 +129,16 @@ def execute(runs: list[Run], env: dict | None = None, echo=print, retries: int =
     t0 = time.time()
     echo(f"[{i + 1}/{len(todo)}] {run.table} {run.row} seed {run.seed} -> {run.workdir}")
     for attempt in range(retries + 1):
-      with open(os.path.join(run.workdir, "log.txt"), "a") as log:
-        p = subprocess.run([sys.executable, "-m", "rft.main", *run.argv], stdout=log,
-                           stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
-      if p.returncode >= 0 or attempt == retries:
+      code = _run_logged([sys.executable, "-m", "rft.main", *run.argv],
+                         os.path.join(run.workdir, "log.txt"), dict(os.environ, **(env or {})))
+      if code >= 0 or attempt == retries:
         break
-      echo(f"    killed by signal {-p.returncode}; resuming from its last checkpoint "
+      echo(f"    killed by signal {-code}; resuming from its last checkpoint "
            f"({attempt + 1}/{retries})")
-    if p.returncode != 0:
-      with open(os.path.join(run.workdir, "log.txt")) as f:
-        tail = f.read()[-3000:]
+    if code != 0:
+      tail = paths.path(os.path.join(run.workdir, "log.txt")).read_text()[-3000:]
       raise RuntimeError(f"{run.table} row {run.row} seed {run.seed} failed (exit "
-                         f"{p.returncode}); log: {run.workdir}/log.txt\n{tail}")
+                         f"{code}); log: {run.workdir}/log.txt\n{tail}")
     done = time.time() - t0
     left = (time.time() - t_all) / (i + 1) * (len(todo) - i - 1)
     echo(f"    finished in {done / 60:.1f} min; about {left / 60:.0f} min left")

@@ -9,9 +9,10 @@ fixed training-split evaluation prompts (the default `shapes_alignment` reward).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
+
+from rft import paths
 
 
 def _pct(x):
@@ -19,8 +20,7 @@ def _pct(x):
 
 
 def rows(workdir: str, with_base: bool = True) -> list[str]:
-  with open(os.path.join(workdir, "results.json")) as f:
-    r = json.load(f)
+  r = paths.read_json(os.path.join(workdir, "results.json"))
   name = os.path.basename(os.path.normpath(workdir))
   if "history" in r:  # online loop
     hist = r["history"]

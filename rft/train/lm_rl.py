@@ -23,9 +23,7 @@ finetuned model is exported as an HF folder, `<workdir>/hf_model`.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
 import time
 
 import jax
@@ -33,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rft import checkpoint, metrics, pretrained
+from rft import checkpoint, metrics, paths, pretrained
 from rft.placement import Placement
 from rft import config as config_lib
 from rft.data import lm_tasks
@@ -159,11 +157,10 @@ def export_hf(workdir: str, lm_config, params, model_dir: str, meta: dict) -> st
   and generation files of `model_dir`, and rft_meta.json (command, results)."""
   out = hf_lm.save_lm(os.path.join(workdir, "hf_model"), lm_config, params)
   for name in lm_tasks.TOKENIZER_FILES:
-    src = os.path.join(model_dir, name)
-    if os.path.isfile(src):
-      shutil.copyfile(src, os.path.join(out, name))
-  with open(os.path.join(out, "rft_meta.json"), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+    src = paths.path(model_dir) / name
+    if src.is_file():
+      paths.write_bytes(os.path.join(out, name), src.read_bytes())
+  paths.write_json(os.path.join(out, "rft_meta.json"), meta, indent=2, sort_keys=True)
   return out
 
 

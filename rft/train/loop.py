@@ -14,7 +14,6 @@ apply_update: the optimizer step with the gradient, parameter and update norms.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -25,6 +24,8 @@ import jax
 import numpy as np
 import optax
 from absl import logging
+
+from rft import paths
 
 
 def resume(ckpt, target: Any, workdir: str, unit: str = "step") -> tuple[int, Any, dict]:
@@ -189,8 +190,7 @@ def write_results(workdir: str, results: dict) -> None:
   """<workdir>/results.json (process 0 only; the others return)."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  paths.write_json(os.path.join(workdir, "results.json"), results, indent=1)
 
 
 def apply_update(state, grads, tx, metrics: dict, *args):

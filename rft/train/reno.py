@@ -16,7 +16,6 @@ scalars (TensorBoard) and as before/after image grids (also {split}_before_after
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rft import metrics, pretrained
+from rft import metrics, paths, pretrained
 from rft.data import shapes
 from rft.diffusion.pipeline import world_pipeline
 from rft.objectives import reno, trajectory
@@ -149,8 +148,7 @@ def run(config, workdir: str) -> dict:
                         "guidance_scale": config.guidance_scale, "clip_x0": clip_x0}
   writer.flush()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+    paths.write_json(os.path.join(workdir, "results.json"), results, indent=2, sort_keys=True)
   logging.info("ReNO done in %.1f s, %d reward queries", results["wall_seconds"],
                results["reward_queries"])
   return results

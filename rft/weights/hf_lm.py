@@ -27,7 +27,6 @@ a missing key, an unexpected key or a wrong shape is a ValueError naming it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Dict, Optional, Tuple
@@ -201,22 +200,16 @@ def save_lm(path: Any, config: LMConfig, params) -> str:
 
   Refuses params whose tree does not match ``config`` or that hold NaN / Inf.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   io.check_tree(params, expected_shapes(config), "save_lm")
   state = params_to_hf(params)
   for k, v in state.items():
     if not np.all(np.isfinite(v.astype(np.float32))):
       raise ValueError(f"save_lm: {k} holds NaN or Inf; not writing {path}")
-  out = os.fspath(path)
-  os.makedirs(out, exist_ok=True)
   d = config.to_hf()
   dtypes = {str(v.dtype) for v in state.values()}
   if len(dtypes) == 1:
     d["dtype"] = d["torch_dtype"] = dtypes.pop()
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(d, f, indent=2, sort_keys=True)
-  save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-  return out
+  return io.save_folder(path, d, state, "model.safetensors")
 
 
 def load_tokenizer(path: Any):

@@ -9,6 +9,8 @@
 * :func:`convert_state` -- torch state dict -> our params tree, by a per-model key
   function, checked against the model's ``jax.eval_shape`` tree: an unknown key, a
   missing key or a wrong shape is a ValueError naming it.
+* :func:`save_folder` -- ``config.json`` + one ``*.safetensors`` file into a folder
+  (local or not: a ``gs://`` workdir), what the ``save_*`` exporters write.
 * Layout helpers: torch Linear ``[out, in]`` -> flax ``[in, out]`` (:func:`linear`),
   torch Conv2d ``[O, I, kh, kw]`` -> flax ``[kh, kw, I, O]`` (:func:`conv`).
 """
@@ -146,6 +148,25 @@ def resolve_model_dir(name_or_path: Any, *, marker: str = "config.json",
       f"No model found for {name!r}: tried {tried}. Expected a folder with {expected}. "
       "For a hub id, download it first (no network is used here), e.g. "
       "`hf download ORG/NAME`.")
+
+
+def save_folder(folder: Any, config: Mapping[str, Any], state: Mapping[str, np.ndarray],
+                weights_file: str) -> str:
+  """Writes ``config.json`` (``config``, indented, keys sorted) and ``weights_file``
+  (safetensors of ``state``, metadata ``{"format": "pt"}``) into ``folder``, created when
+  absent. The folder may be local or not (``gs://...``: through :mod:`rft.paths`).
+  Returns the folder."""
+  from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
+  from rft import paths  # pylint: disable=g-import-not-at-top
+  out = os.fspath(folder)
+  paths.makedirs(out)
+  paths.write_json(os.path.join(out, "config.json"), dict(config), indent=2, sort_keys=True)
+  target = os.path.join(out, weights_file)
+  if paths.is_local(out):
+    safetensors_np.save_file(dict(state), target, metadata={"format": "pt"})
+  else:
+    paths.write_bytes(target, safetensors_np.save(dict(state), metadata={"format": "pt"}))
+  return out
 
 
 def read_json(path: str, *, expected: str = "") -> Dict[str, Any]:

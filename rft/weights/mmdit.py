@@ -31,7 +31,6 @@ missing, unexpected or misshapen key is a ValueError naming it.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -223,7 +222,6 @@ def save_mmdit(folder: Any, config: Union[MMDiTConfig, Mapping[str, Any]], param
 
   Refuses params that do not match the config or hold NaN / Inf.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   if isinstance(config, MMDiTConfig):
     cfg, d = config, config.to_diffusers()
   else:
@@ -233,10 +231,5 @@ def save_mmdit(folder: Any, config: Union[MMDiTConfig, Mapping[str, Any]], param
   for k, v in state.items():
     if not np.all(np.isfinite(v)):
       raise ValueError(f"save_mmdit: {k} holds NaN or Inf; not writing {folder}")
-  out = os.fspath(folder)
-  os.makedirs(out, exist_ok=True)
   d.setdefault("_class_name", "SD3Transformer2DModel")
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(d, f, indent=2, sort_keys=True)
-  save_file(state, os.path.join(out, f"{_WEIGHTS}.safetensors"), metadata={"format": "pt"})
-  return out
+  return io.save_folder(folder, d, state, f"{_WEIGHTS}.safetensors")

@@ -28,7 +28,6 @@ Every key and shape is checked against ``jax.eval_shape`` of the module's init.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -205,7 +204,6 @@ def save_unet(folder: Any, config: Union[UNetConfig, Mapping[str, Any]], params)
 
   Refuses params that do not match the config or hold NaN / Inf.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   if isinstance(config, UNetConfig):
     cfg, d = config, config.to_diffusers()
   else:
@@ -215,11 +213,5 @@ def save_unet(folder: Any, config: Union[UNetConfig, Mapping[str, Any]], params)
   for k, v in state.items():
     if not np.all(np.isfinite(v)):
       raise ValueError(f"save_unet: {k} holds NaN or Inf; not writing {folder}")
-  out = os.fspath(folder)
-  os.makedirs(out, exist_ok=True)
   d.setdefault("_class_name", "UNet2DConditionModel")
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(d, f, indent=2, sort_keys=True)
-  save_file(state, os.path.join(out, f"{WEIGHTS_NAME}.safetensors"),
-            metadata={"format": "pt"})
-  return out
+  return io.save_folder(folder, d, state, f"{WEIGHTS_NAME}.safetensors")

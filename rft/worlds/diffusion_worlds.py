@@ -20,7 +20,6 @@ factories get, an ``evaluate`` hook and an ``export`` of the finetuned model.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from rft import pretrained
+from rft import paths, pretrained
 from rft.data import shapes
 from rft.diffusion.pipeline import Text2ImagePipeline, world_pipeline
 
@@ -167,9 +166,9 @@ class StableDiffusionSetup:
     from rft.weights.sd_unet import save_unet
     out = os.path.join(workdir, "unet")
     save_unet(out, self.sd.unet_config, jax.device_get(final_params["unet"]))
-    with open(os.path.join(workdir, "unet", "rft_finetune.json"), "w") as f:
-      json.dump({"base_model": self.sd.path, "objective": objective,
-                 "command": pretrained.invocation(), "results": results}, f, indent=1)
+    paths.write_json(os.path.join(out, "rft_finetune.json"), {
+        "base_model": self.sd.path, "objective": objective,
+        "command": pretrained.invocation(), "results": results}, indent=1)
     return out
 
 
@@ -209,9 +208,9 @@ class StableDiffusion3Setup(StableDiffusionSetup):
     from rft.weights.mmdit import save_mmdit
     out = os.path.join(workdir, "transformer")
     save_mmdit(out, self.sd.transformer_config, jax.device_get(final_params["transformer"]))
-    with open(os.path.join(out, "rft_finetune.json"), "w") as f:
-      json.dump({"base_model": self.sd.path, "objective": objective,
-                 "command": pretrained.invocation(), "results": results}, f, indent=1)
+    paths.write_json(os.path.join(out, "rft_finetune.json"), {
+        "base_model": self.sd.path, "objective": objective,
+        "command": pretrained.invocation(), "results": results}, indent=1)
     return out
 
 
