@@ -1,7 +1,8 @@
 """rft: reward finetuning of generative models in JAX/Flax."""
 from setuptools import find_namespace_packages, find_packages, setup
 
-# Floors: the JAX stack (jax, flax, optax, orbax-checkpoint, chex, clu, ml-collections)
+# Floors: the JAX stack (jax, flax, optax, orbax-checkpoint, chex, clu, ml-collections,
+# etils)
 # at the versions installed where the test suite runs (the only ones tested); these
 # libraries change APIs between minor releases and an older one next to a newer jax is
 # untested (flax 0.12.8 itself needs jax>=0.10.0, so the old jax>=0.4.30 floor admitted
@@ -25,6 +26,7 @@ CORE = [
     "tqdm>=4.66",
     "safetensors>=0.4",  # HF checkpoints (rft.weights), read without torch
     "matplotlib>=3.8.4",  # rft.repro: learning curves of the paper tables
+    "etils[epath]>=1.15.0",  # rft.paths: local and gs:// workdirs (also what orbax uses)
 ]
 
 # configs/ and launch/ stay at the repository root (README: --config=configs/prdp.py); a
@@ -54,5 +56,7 @@ setup(
                  # the Colab notebooks, executed top to bottom in smoke mode
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "tfds": ["tensorflow-datasets"],
+        # gs:// workdirs through etils.epath + fsspec (rft.paths); TensorFlow also works
+        "gcs": ["gcsfs"],
     },
 )

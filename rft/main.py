@@ -9,13 +9,12 @@ with --config.key=value (an unknown key or a wrong type is an error naming the k
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rft import checkpoint, distributed, placement, run_record
+from rft import checkpoint, distributed, placement, training
 from rft import config as config_lib
 
 
@@ -56,28 +55,15 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
                                  "Multi-process JAX (rft.distributed): on, off, or auto (from "
                                  "RFT_COORDINATOR/..., SLURM srun or TPU pod variables).")
 
-# config.trainer -> "module:function"; each takes (config, workdir).
-TRAINERS = {
-    "pretrain_shapes": "rft.train.pretrain:train_and_evaluate",
-    "train_scorers": "rft.train.scorers:train_and_evaluate",
-    "diffusion_rl": "rft.train.diffusion_rl:train_and_evaluate",  # PRDP, DDPO, DRaFT, AlignProp, RAFT
-    "reno": "rft.train.reno:run",  # inference-time noise optimisation
-    "pretrain_arith": "rft.train.pretrain_lm:train_and_evaluate",
-    "lm_rl": "rft.train.lm_rl:train_and_evaluate",  # GRPO, DAPO, Dr.GRPO, GSPO, RLOO, RAFT
-}
+# config.trainer -> "module:function" (rft.training: the same as a Python call).
+TRAINERS = training.TRAINERS
+resolve_trainer = training.resolve_trainer
 
 
 def default_workdir(config_arg: str) -> str:
   path, _, arg = config_arg.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   return os.path.join("workdirs", name + (f"_{arg.replace(',', '_')}" if arg else ""))
-
-
-def resolve_trainer(name: str):
-  if name not in TRAINERS:
-    raise ValueError(f"config.trainer={name!r} is not a trainer; known: {sorted(TRAINERS)}")
-  module, fn = TRAINERS[name].split(":")
-  return getattr(importlib.import_module(module), fn)
 
 
 def main(argv):
@@ -89,17 +75,11 @@ def main(argv):
   if info.process_index != 0:  # one log per job: the others report warnings and errors only
     logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  train = resolve_trainer(config.trainer)
-  config_lib.check_ranges(config)  # counts, rates, probabilities: before any work
-  checkpoint.ensure_workdir(workdir)  # fail before any work
   logging.info("config:\n%s", config)
   # Every process checks (a changed config fails everywhere, no process is left waiting);
   # process 0 records.
-  changed = run_record.check_and_record(workdir, config.to_json_best_effort(indent=2),
-                                        _ALLOW_CHANGE.value, write=info.process_index == 0)
-  if changed:
-    logging.warning("resuming with changed config keys (config_history.jsonl): %s",
-                    ", ".join(k for k, _, _ in changed))
+  train = training.prepare(config, workdir, allow_config_change=_ALLOW_CHANGE.value,
+                           write=info.process_index == 0)
   if _RESUME_STEP.value is not None:
     ckdir = os.path.join(workdir, "checkpoints")
     if info.process_index == 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 from typing import Any, Union
 
 from etils import epath
@@ -49,7 +50,9 @@ def write_bytes(p: PathLike, data: bytes) -> None:
   if not is_local(target):
     target.write_bytes(data)
     return
-  tmp = target.parent / f"{target.name}.tmp{os.getpid()}"
+  # The temporary name must not contain the target's: a half-written
+  # "events.out.tfevents.*.tmp" would be read as an event file (by tb_events and TensorBoard).
+  tmp = target.parent / f".rft-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   tmp.write_bytes(data)
   tmp.replace(target)
 

@@ -132,3 +132,28 @@ def test_unknown_trainer_is_an_error_before_the_workdir_is_made(tmp_path):
   p = run_main(SMOKE, tmp_path / "wd", "--config.trainer=nope", check=False)
   assert p.returncode != 0 and "config.trainer='nope'" in p.stderr
   assert not (tmp_path / "wd").exists()
+
+
+def test_the_python_api_trains_records_and_resumes_like_the_command(tmp_path):
+  """rft.training.train is `python -m rft.main` as a call: it returns the results it writes,
+  records config.json, resumes, refuses a meaning-changing config and an unknown trainer."""
+  import json
+
+  from rft import config as config_lib
+  from rft import training
+
+  def prdp(*overrides):
+    return config_lib.apply_overrides(config_lib.load("prdp", "smoke"),
+                                      ["eval_every=0", *overrides])
+  results = training.train(prdp(), tmp_path / "run")
+  on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["epochs"] == on_disk["epochs"] == 2
+  assert results["reward_queries"] == on_disk["reward_queries"] > 0
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
+  assert training.train(prdp("epochs=3"), tmp_path / "run")["epochs"] == 3  # resumed
+  assert checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints")).latest_step() == 3
+  with pytest.raises(ValueError, match="config.lr"):
+    training.train(prdp("epochs=3", "lr=0.01"), tmp_path / "run")
+  with pytest.raises(ValueError, match="known: "):
+    training.train(prdp("trainer=nope"), tmp_path / "other")
+  assert not (tmp_path / "other").exists()

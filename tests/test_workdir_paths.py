@@ -83,6 +83,28 @@ def test_paths_local_writes_replace_whole_files(tmp_path):
   assert (tmp_path / "h.jsonl").read_text() == "a\nb\n"
 
 
+def test_a_write_killed_before_its_rename_leaves_no_file_read_as_events(tmp_path,
+                                                                        monkeypatch):
+  """A rewrite of an event file (tb_events.trim_after) interrupted between the write and
+  the rename leaves the old file and a temporary one whose name TensorBoard and tb_events
+  do not read as events (they read any name containing "tfevents")."""
+  from etils import epath
+
+  from rft import paths, tb_events
+  target = tmp_path / "events.out.tfevents.1.host"
+  paths.write_bytes(str(target), b"old")
+
+  def killed(self, *a, **k):
+    raise KeyboardInterrupt("killed before the rename")
+  monkeypatch.setattr(type(epath.Path(str(tmp_path))), "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    paths.write_bytes(str(target), b"new")
+  left = sorted(os.listdir(tmp_path))
+  assert len(left) == 2 and target.read_bytes() == b"old"
+  assert [n for n in left if "tfevents" in n] == [target.name]
+  assert tb_events._event_files(str(tmp_path)) == [str(target)]
+
+
 def test_tensorboard_events_on_a_remote_logdir_flush_and_trim(remote, tmp_path, monkeypatch):
   from rft import metrics, tb_events
   uri, local = remote
