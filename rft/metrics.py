@@ -1,39 +1,39 @@
-"""Metric writers, image grids, console progress and event-file reading.
+"""TensorBoard writing, image grids and console progress, without TensorFlow.
 
-Everything here is TensorFlow-free:
-
-* The API is clu's ``MetricWriter`` interface. ``import clu.metric_writers``
-  imports TensorFlow in its package ``__init__`` (for its ``SummaryWriter``),
-  so when that import fails for want of TensorFlow we register a lightweight
-  package module for ``clu.metric_writers`` and import only the TF-free
-  submodules (``interface``, ``multi_writer``, ``logging_writer``,
-  ``async_writer``) through it.
-* :class:`TensorBoardWriter` writes real TensorBoard event files with
-  tensorboardX.
-* :func:`read_scalars` (in rft.tb_events, re-exported) reads event files back by parsing the TFRecord framing
-  and the ``Event`` protobuf (tensorboardX ships the compiled protos).
+* :class:`TensorBoardWriter` is a thin layer over tensorboardX's ``SummaryWriter``
+  (``add_scalar``, ``add_image``, ``add_text``, ``add_histogram`` and its ``hparams``
+  summaries), with one difference: events are written in the calling thread, so that
+  ``flush()`` means on disk (see the class). On processes other than 0,
+  :func:`create_writer` gives a :class:`NullWriter`.
+* :func:`flatten_hparams` turns a (nested) config into the ``{"objective.beta": 0.1, ...}``
+  values TensorBoard's HParams dashboard can show.
+* :func:`image_grid` tiles samples with their whole caption (wrapped, never cut) and an
+  optional note per tile (e.g. the reward and the evaluator's verdict);
+  :func:`pick_samples` chooses which samples a grid shows (every caption family).
+* :class:`ProgressBar`: a tqdm bar on a terminal, with log lines written above it; plain
+  periodic progress lines when the output is a file (SLURM).
+* :func:`read_scalars` / :func:`iter_events` (rft.tb_events, re-exported) read event
+  files back.
 
 Typical use::
 
-  writer = create_writer(workdir)            # logs + TensorBoard on process 0
-  writer.write_scalars(step, {"loss": loss})
-  writer.write_images(step, {"samples": image_grid(x, prompts)[None]})
-  bar = ProgressBar(total_steps, initial=start_step, desc="train")
+  writer = create_writer(workdir)            # TensorBoard on process 0
+  writer.write_hparams(config, metrics=["eval/heldout/alignment"])
+  writer.write_scalars(step, {"train/loss": loss})
+  writer.write_images(step, {"samples/heldout": image_grid(x, prompts)})
+  bar = ProgressBar(total_steps, initial=start_step, desc="train", unit="step")
   bar.update(step, loss=loss)
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.machinery
 import io
+import logging as std_logging
 import math
 import os
-import time
 import sys
-import types
-import wave
-from typing import Any, List, Mapping, Optional, Sequence
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
 import jax
@@ -42,94 +42,21 @@ import numpy as np
 from rft import paths
 
 __all__ = [
-    "MetricWriter",
-    "MultiWriter",
-    "LoggingWriter",
-    "AsyncWriter",
-    "NullWriter",
     "TensorBoardWriter",
+    "NullWriter",
     "create_writer",
+    "flatten_hparams",
     "image_grid",
+    "samples_grid",
+    "to_uint8_images",
+    "wrap_caption",
+    "pick_samples",
+    "sample_note",
     "save_image",
     "ProgressBar",
     "read_scalars",
     "iter_events",
-    "load_clu_metric_writers",
 ]
-
-
-# ----------------------------------------------------------------------------
-# clu.metric_writers without TensorFlow
-# ----------------------------------------------------------------------------
-
-_TF_FREE_SUBMODULES = ("interface", "multi_writer", "logging_writer")
-_OPTIONAL_SUBMODULES = ("async_writer",)
-
-
-def load_clu_metric_writers() -> types.ModuleType:
-  """Returns the ``clu.metric_writers`` package, importable without TensorFlow.
-
-  Tries the normal import first. If it fails because TensorFlow is missing,
-  registers a bare package module for ``clu.metric_writers`` (its ``__path__``
-  pointing at the installed folder, so submodules resolve normally) and imports
-  the TF-free submodules through it. The returned package exposes
-  ``MetricWriter``, ``MultiWriter``, ``LoggingWriter`` (and ``AsyncWriter``,
-  ``AsyncMultiWriter``, ``ensure_flushes`` when ``async_writer``'s deps import).
-  """
-  try:
-    import clu.metric_writers as mw  # pylint: disable=g-import-not-at-top
-    return mw
-  except ImportError as e:
-    if "tensorflow" not in str(e).lower():
-      raise
-  existing = sys.modules.get("clu.metric_writers")
-  if existing is not None and getattr(existing, "_rft_lightweight", False):
-    return existing
-
-  import clu  # pylint: disable=g-import-not-at-top
-  folder = os.path.join(os.path.dirname(os.path.abspath(clu.__file__)),
-                        "metric_writers")
-  if not os.path.isdir(folder):
-    raise ImportError(f"clu.metric_writers folder not found at {folder}")
-  pkg = types.ModuleType("clu.metric_writers")
-  pkg.__path__ = [folder]
-  pkg.__file__ = os.path.join(folder, "__init__.py")
-  pkg.__package__ = "clu.metric_writers"
-  spec = importlib.machinery.ModuleSpec(
-      "clu.metric_writers", loader=None, is_package=True)
-  spec.submodule_search_locations = [folder]
-  pkg.__spec__ = spec
-  pkg.__doc__ = ("Lightweight clu.metric_writers registered by rft.metrics "
-                 "(TensorFlow is not installed; SummaryWriter unavailable).")
-  pkg._rft_lightweight = True  # pylint: disable=protected-access
-  sys.modules["clu.metric_writers"] = pkg
-  clu.metric_writers = pkg
-  try:
-    for name in _TF_FREE_SUBMODULES:
-      setattr(pkg, name, importlib.import_module(f"clu.metric_writers.{name}"))
-  except Exception:
-    del sys.modules["clu.metric_writers"]
-    raise
-  for name in _OPTIONAL_SUBMODULES:
-    try:
-      setattr(pkg, name, importlib.import_module(f"clu.metric_writers.{name}"))
-    except ImportError as e:  # pragma: no cover - depends on the install
-      logging.info("clu.metric_writers.%s unavailable: %s", name, e)
-  pkg.MetricWriter = pkg.interface.MetricWriter
-  pkg.MultiWriter = pkg.multi_writer.MultiWriter
-  pkg.LoggingWriter = pkg.logging_writer.LoggingWriter
-  if hasattr(pkg, "async_writer"):
-    pkg.AsyncWriter = pkg.async_writer.AsyncWriter
-    pkg.AsyncMultiWriter = pkg.async_writer.AsyncMultiWriter
-    pkg.ensure_flushes = pkg.async_writer.ensure_flushes
-  return pkg
-
-
-_mw = load_clu_metric_writers()
-MetricWriter = _mw.MetricWriter
-MultiWriter = _mw.MultiWriter
-LoggingWriter = _mw.LoggingWriter
-AsyncWriter = getattr(_mw, "AsyncWriter", None)
 
 Array = Any
 Scalar = Any
@@ -164,22 +91,43 @@ def _to_uint8_image(image: Any, key: str) -> np.ndarray:
   return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-class NullWriter(MetricWriter):
-  """A MetricWriter that writes nothing (used on processes other than 0)."""
+def _hparam_value(value: Any) -> Any:
+  """A value TensorBoard's HParams plugin can hold (bool, int, float or str)."""
+  if isinstance(value, (np.generic, jax.Array)) and np.ndim(value) == 0:
+    value = np.asarray(value).item()
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  return str(value)  # None -> "None", lists / tuples -> "[1, 2]", objects -> their str
 
-  def write_summaries(self, step, values, metadata=None):
-    pass
+
+def flatten_hparams(config: Any, prefix: str = "") -> Dict[str, Any]:
+  """A config (ConfigDict or nested mapping) as flat TensorBoard hparams.
+
+  Nested blocks become dotted keys (``{"objective": {"beta": 0.1}}`` ->
+  ``{"objective.beta": 0.1}``); bools, ints, floats and strings are kept, everything
+  else is written as its ``str`` (``None`` -> ``"None"``, ``[16, 32]`` -> ``"[16, 32]"``);
+  an empty block is ``"{}"``.
+  """
+  out: Dict[str, Any] = {}
+  items = config.items() if hasattr(config, "items") else []
+  for key, value in items:
+    name = f"{prefix}{key}"
+    if hasattr(value, "items") and not isinstance(value, (str, bytes)):
+      nested = flatten_hparams(value, name + ".")
+      out.update(nested if nested else {name: "{}"})
+    else:
+      out[name] = _hparam_value(value)
+  return out
+
+
+class NullWriter:
+  """A writer with TensorBoardWriter's methods that writes nothing (processes other
+  than 0)."""
 
   def write_scalars(self, step, scalars):
     pass
 
   def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
     pass
 
   def write_texts(self, step, texts):
@@ -188,7 +136,7 @@ class NullWriter(MetricWriter):
   def write_histograms(self, step, arrays, num_buckets=None):
     pass
 
-  def write_hparams(self, hparams):
+  def write_hparams(self, hparams, metrics=()):
     pass
 
   def flush(self):
@@ -198,27 +146,26 @@ class NullWriter(MetricWriter):
     pass
 
 
-class TensorBoardWriter(MetricWriter):
-  """A clu ``MetricWriter`` writing TensorBoard event files via tensorboardX.
+class TensorBoardWriter:
+  """TensorBoard event files in `logdir` through tensorboardX's ``SummaryWriter``.
 
-  Values may be Python numbers, numpy scalars/arrays or jax arrays. Scalars are
-  stored as ``simple_value`` (float32 precision, as in TensorBoard).
-  Images are [H, W, C] or [N, H, W, C], uint8 or float in [0, 1]; with N > 1
-  image ``i`` is written under tag ``f"{key}/{i}"``.
+  Values may be Python numbers, numpy scalars/arrays or jax arrays. Scalars are stored
+  as ``simple_value`` (float32 precision, as in TensorBoard). Images are [H, W, C] or
+  [N, H, W, C], uint8 or float in [0, 1]; with N > 1 image ``i`` is written under tag
+  ``f"{key}/{i}"``.
+
+  tensorboardX queues events for a background thread, and its ``flush()`` does not
+  drain that queue, so points written just before a checkpoint could still be in
+  memory when a kill came (measured: a step missing after a resume). Events are written
+  in the calling thread instead (buffered; flushed every `flush_secs` and by
+  ``flush()``), so ``flush()`` means on disk.
   """
 
   _opened = 0  # writers opened by this process (a unique file name each)
 
-  def __init__(self, logdir: str, *, flush_secs: int = 30,
-               max_queue: int = 100):
+  def __init__(self, logdir: str, *, flush_secs: int = 30):
     # Imported here so that merely importing rft.metrics stays cheap.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboardX.proto import tensor_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboardX.proto import tensor_shape_pb2  # pylint: disable=g-import-not-at-top
-    self._pb_summary = summary_pb2
-    self._pb_tensor = tensor_pb2
-    self._pb_shape = tensor_shape_pb2
     self.logdir = os.fspath(logdir)
     paths.makedirs(self.logdir)
     if not paths.is_local(self.logdir):  # tensorboardX's own gs:// and s3:// writers need
@@ -227,13 +174,7 @@ class TensorBoardWriter(MetricWriter):
     # on the same folder within that second (a fast restart) would overwrite the first.
     TensorBoardWriter._opened += 1
     self._writer = SummaryWriter(logdir=self.logdir, flush_secs=flush_secs,
-                                 max_queue=max_queue,
                                  filename_suffix=f".{os.getpid()}.{TensorBoardWriter._opened}")
-    # tensorboardX queues events for a background thread and its flush() does not drain
-    # that queue, so points written just before a checkpoint could still be in memory when
-    # a kill came (measured: a step missing after a resume). Events are written in the
-    # calling thread instead (buffered; flushed every `flush_secs` and by `flush()`), so
-    # `flush()` means on disk.
     events = self._writer._get_file_writer().event_writer  # pylint: disable=protected-access
     records = events._ev_writer  # pylint: disable=protected-access
     last_flush = [time.time()]
@@ -247,109 +188,29 @@ class TensorBoardWriter(MetricWriter):
     events.add_event = write_now
     self._closed = False
 
-  # -- helpers ---------------------------------------------------------------
-
-  def _add(self, summary, step: Optional[int]):
-    self._writer._get_file_writer().add_summary(  # pylint: disable=protected-access
-        summary, None if step is None else int(step))
-
-  def _text_summary(self, tag: str, text: str):
-    pb = self._pb_summary
-    from tensorboardX.proto.plugin_text_pb2 import TextPluginData  # pylint: disable=g-import-not-at-top
-    meta = pb.SummaryMetadata(plugin_data=pb.SummaryMetadata.PluginData(
-        plugin_name="text", content=TextPluginData(version=0).SerializeToString()))
-    tensor = self._pb_tensor.TensorProto(
-        dtype="DT_STRING", string_val=[text.encode("utf-8")],
-        tensor_shape=self._pb_shape.TensorShapeProto(
-            dim=[self._pb_shape.TensorShapeProto.Dim(size=1)]))
-    return pb.Summary(value=[pb.Summary.Value(tag=tag, metadata=meta,
-                                              tensor=tensor)])
-
-  # -- MetricWriter ----------------------------------------------------------
-
-  def write_summaries(self, step: int, values: Mapping[str, Array],
-                      metadata: Optional[Mapping[str, Any]] = None):
-    """Writes raw tensors; ``metadata[key]`` may be a SummaryMetadata or bytes."""
-    pb = self._pb_summary
-    metadata = metadata or {}
-    for key, value in values.items():
-      arr = np.asarray(jax.device_get(value))
-      tensor = _make_tensor_proto(arr, self._pb_tensor, self._pb_shape)
-      kwargs = {}
-      meta = metadata.get(key)
-      if meta is not None:
-        if isinstance(meta, (bytes, bytearray)):
-          meta = pb.SummaryMetadata.FromString(bytes(meta))
-        kwargs["metadata"] = meta
-      self._add(pb.Summary(value=[pb.Summary.Value(tag=key, tensor=tensor,
-                                                   **kwargs)]), step)
-
   def write_scalars(self, step: int, scalars: Mapping[str, Scalar]):
-    pb = self._pb_summary
-    values = [pb.Summary.Value(tag=k, simple_value=_to_float(v, k))
-              for k, v in scalars.items()]
-    if values:
-      self._add(pb.Summary(value=values), step)
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, _to_float(value, key), int(step))
 
   def write_images(self, step: int, images: Mapping[str, Array]):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    pb = self._pb_summary
     for key, value in images.items():
       arr = np.asarray(jax.device_get(value))
-      if arr.ndim == 4:
-        batch = list(arr)
-        tags = [key] if len(batch) == 1 else [f"{key}/{i}"
-                                              for i in range(len(batch))]
-      else:
-        batch, tags = [arr], [key]
+      batch = list(arr) if arr.ndim == 4 else [arr]
+      tags = [key] if len(batch) == 1 else [f"{key}/{i}" for i in range(len(batch))]
       for tag, img in zip(tags, batch):
-        img = _to_uint8_image(img, key)
-        h, w, c = img.shape
-        pil = Image.fromarray(img[..., 0] if c == 1 else img)
-        buf = io.BytesIO()
-        pil.save(buf, format="PNG")
-        im = pb.Summary.Image(height=h, width=w, colorspace=c,
-                              encoded_image_string=buf.getvalue())
-        self._add(pb.Summary(value=[pb.Summary.Value(tag=tag, image=im)]),
-                  step)
-
-  def write_videos(self, step: int, videos: Mapping[str, Array]):
-    raise NotImplementedError(
-        "TensorBoardWriter.write_videos is not supported (tensorboardX needs "
-        "moviepy for videos); log frames with write_images or an image_grid.")
-
-  def write_audios(self, step: int, audios: Mapping[str, Array], *,
-                   sample_rate: int):
-    """Audios [N, T, C] or [T, C] float in [-1, 1], encoded as 16-bit WAV."""
-    pb = self._pb_summary
-    for key, value in audios.items():
-      arr = np.asarray(jax.device_get(value), dtype=np.float32)
-      if arr.ndim == 1:
-        arr = arr[:, None]
-      if arr.ndim == 2:
-        arr = arr[None]
-      if arr.ndim != 3:
-        raise ValueError(f"audio {key!r} must be [N, T, C], got {arr.shape}")
-      for i, clip in enumerate(arr):
-        pcm = (np.clip(np.nan_to_num(clip), -1, 1) * 32767).astype("<i2")
-        buf = io.BytesIO()
-        with wave.open(buf, "wb") as wav:
-          wav.setnchannels(clip.shape[1])
-          wav.setsampwidth(2)
-          wav.setframerate(int(sample_rate))
-          wav.writeframes(pcm.tobytes())
-        au = pb.Summary.Audio(sample_rate=float(sample_rate),
-                              num_channels=clip.shape[1],
-                              length_frames=clip.shape[0],
-                              encoded_audio_string=buf.getvalue(),
-                              content_type="audio/wav")
-        tag = key if arr.shape[0] == 1 else f"{key}/{i}"
-        self._add(pb.Summary(value=[pb.Summary.Value(tag=tag, audio=au)]),
-                  step)
+        self._writer.add_image(tag, _to_uint8_image(img, key), int(step), dataformats="HWC")
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
+    """Markdown texts under their own tags (tensorboardX's ``add_text`` would append
+    "/text_summary" to each tag)."""
+    from tensorboardX.summary import text as text_summary  # pylint: disable=g-import-not-at-top
     for key, text in texts.items():
-      self._add(self._text_summary(key, str(text)), step)
+      summary = text_summary(key, str(text))
+      summary.value[0].tag = key
+      self._add(summary, step)
+
+  def _add(self, summary, step: int):
+    self._writer._get_file_writer().add_summary(summary, int(step))  # pylint: disable=protected-access
 
   def write_histograms(self, step: int, arrays: Mapping[str, Array],
                        num_buckets: Optional[Mapping[str, int]] = None):
@@ -365,25 +226,29 @@ class TensorBoardWriter(MetricWriter):
       self._writer.add_histogram(key, finite, global_step=int(step),
                                  bins=int(num_buckets.get(key, 30)))
 
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    """Writes hparams for TensorBoard's HParams plugin and as a text table.
+  def write_hparams(self, hparams: Any, metrics: Sequence[str] = ()):
+    """The run's hyperparameters for TensorBoard's HParams dashboard, and as a text table.
 
-    Numbers, bools and strings are kept; other values are written as strings.
+    `hparams`: a config or mapping, flattened with :func:`flatten_hparams`. `metrics`:
+    the scalar tags shown as metric columns; TensorBoard fills a column with the last
+    value the run logged under that tag, so they hold the final metrics (the latest ones
+    while the run goes on).
+
+    tensorboardX's ``add_hparams`` writes into a new timestamped subfolder, because it
+    makes every call a session of its own and logs the metric values there; a run here
+    is one session, so its experiment, session-start and session-end summaries
+    (tensorboardX's ``hparams``) go into the run's own event file, at step 0, where
+    TensorBoard reads the metric columns from the run's own scalars.
     """
     from tensorboardX.summary import hparams as hparams_summary  # pylint: disable=g-import-not-at-top
-    clean = {}
-    for k, v in hparams.items():
-      if isinstance(v, (np.generic, jax.Array)) and np.ndim(v) == 0:
-        v = np.asarray(v).item()
-      if not isinstance(v, (bool, int, float, str)):
-        v = str(v)
-      clean[str(k)] = v
-    exp, ssi, sei = hparams_summary(clean, {})
-    for s in (exp, ssi, sei):
-      self._add(s, 0)
+    flat = flatten_hparams(hparams)
+    for summary in hparams_summary(flat, {tag: 0.0 for tag in metrics}):
+      self._add(summary, 0)
     lines = ["| name | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in sorted(clean.items())]
-    self._add(self._text_summary("hparams", "\n".join(lines)), 0)
+    lines += [f"| {k} | {v} |" for k, v in sorted(flat.items())]
+    if metrics:
+      lines += ["", "metric columns: " + ", ".join(metrics)]
+    self.write_texts(0, {"hparams": "\n".join(lines)})
 
   def flush(self):
     if not self._closed:
@@ -437,44 +302,13 @@ def _route_event_files(logdir: str) -> None:
     record_writer.register_writer_factory(scheme, _EpathEventFiles())
 
 
-def _make_tensor_proto(arr: np.ndarray, tensor_pb2, shape_pb2):
-  dtypes = {
-      np.dtype(np.float16): "DT_HALF", np.dtype(np.float32): "DT_FLOAT",
-      np.dtype(np.float64): "DT_DOUBLE", np.dtype(np.int8): "DT_INT8",
-      np.dtype(np.int16): "DT_INT16", np.dtype(np.int32): "DT_INT32",
-      np.dtype(np.int64): "DT_INT64", np.dtype(np.uint8): "DT_UINT8",
-      np.dtype(np.uint16): "DT_UINT16", np.dtype(np.uint32): "DT_UINT32",
-      np.dtype(np.uint64): "DT_UINT64", np.dtype(np.bool_): "DT_BOOL",
-  }
-  shape = shape_pb2.TensorShapeProto(
-      dim=[shape_pb2.TensorShapeProto.Dim(size=d) for d in arr.shape])
-  if arr.dtype.kind in ("U", "S", "O"):
-    flat = [x.encode("utf-8") if isinstance(x, str) else bytes(x)
-            for x in arr.reshape(-1).tolist()]
-    return tensor_pb2.TensorProto(dtype="DT_STRING", tensor_shape=shape,
-                                  string_val=flat)
-  if arr.dtype not in dtypes:
-    raise ValueError(f"unsupported summary tensor dtype {arr.dtype}")
-  return tensor_pb2.TensorProto(
-      dtype=dtypes[arr.dtype], tensor_shape=shape,
-      tensor_content=np.ascontiguousarray(arr).astype(
-          arr.dtype.newbyteorder("<")).tobytes())
-
-
-class _LoggingWriter(LoggingWriter):
-  """LoggingWriter printing jax/numpy scalars as plain numbers."""
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Scalar]):
-    super().write_scalars(step, {k: _to_float(v, k) for k, v in scalars.items()})
-
 
 def create_writer(workdir: str, *, is_main: Optional[bool] = None,
-                  resume_step: Optional[int] = None) -> MetricWriter:
-  """The metric writer for a run.
+                  resume_step: Optional[int] = None):
+  """The metric writer of a run: a TensorBoardWriter on ``workdir`` on the main process
+  (``jax.process_index() == 0`` unless ``is_main`` is given), a NullWriter elsewhere.
 
-  On the main process (``jax.process_index() == 0`` unless ``is_main`` is
-  given): a MultiWriter of a LoggingWriter (absl INFO lines) and a
-  TensorBoardWriter on ``workdir``. Elsewhere a writer that writes nothing.
+  Nothing is echoed to the console: the loops print one line per evaluation.
 
   ``resume_step``: the step (epoch) the run starts from. Points an earlier run of the
   workdir logged after it are dropped first (``tb_events.trim_after``), because the
@@ -490,7 +324,7 @@ def create_writer(workdir: str, *, is_main: Optional[bool] = None,
     if trimmed:
       logging.info("TensorBoard: dropped %d points logged after step %d (logged again now)",
                    sum(trimmed.values()), resume_step)
-  return MultiWriter([_LoggingWriter(), TensorBoardWriter(workdir)])
+  return TensorBoardWriter(workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -515,12 +349,31 @@ def _to_uint8_batch(images: Any) -> np.ndarray:
   return arr
 
 
-def _wrap_text(text: str, width_px: int, measure, max_lines: int) -> List[str]:
-  """Greedy word wrap by rendered width; long words are split; '..' if cut."""
-  words = text.split()
+def to_uint8_images(images: Any) -> np.ndarray:
+  """[N, H, W, C] float in [-1, 1] or uint8 (C in 1, 3, 4) -> uint8 [N, H, W, 3]."""
+  return _to_uint8_batch(images)
+
+
+def _font_and_measure():
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  font = ImageFont.load_default()
+  probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+  def measure(s: str) -> int:
+    left, _, right, _ = probe.textbbox((0, 0), s, font=font)
+    return right - left
+
+  _, top, _, bottom = probe.textbbox((0, 0), "Ag|", font=font)
+  return font, measure, bottom - min(top, 0) + 1
+
+
+def _wrap_text(text: str, width_px: int, measure, max_lines: Optional[int] = None
+               ) -> List[str]:
+  """Greedy word wrap by rendered width; a word wider than a line is split. With
+  `max_lines`, a longer text is cut to that many lines, the last ending in '..'."""
   lines: List[str] = []
   cur = ""
-  for word in words:
+  for word in text.split():
     cand = word if not cur else f"{cur} {word}"
     if measure(cand) <= width_px:
       cur = cand
@@ -538,7 +391,7 @@ def _wrap_text(text: str, width_px: int, measure, max_lines: int) -> List[str]:
     cur = word
   if cur:
     lines.append(cur)
-  if len(lines) > max_lines:
+  if max_lines and len(lines) > max_lines:
     last = lines[max_lines - 1]
     while last and measure(last + "..") > width_px:
       last = last[:-1]
@@ -546,76 +399,170 @@ def _wrap_text(text: str, width_px: int, measure, max_lines: int) -> List[str]:
   return lines
 
 
+def wrap_caption(text: str, width_px: int) -> List[str]:
+  """The lines :func:`image_grid` draws `text` as under a tile `width_px` wide (the
+  whole text, wrapped at spaces)."""
+  _, measure, _ = _font_and_measure()
+  return _wrap_text(str(text), width_px, measure)
+
+
+def sample_note(reward: Optional[float] = None, aligned: Optional[bool] = None) -> str:
+  """The text under a sample: ``"reward 0.412\\naligned"`` (or ``"not aligned"``); a
+  part that is None is left out."""
+  parts = []
+  if reward is not None:
+    parts.append(f"reward {float(reward):.3f}")
+  if aligned is not None:
+    parts.append("aligned" if bool(aligned) else "not aligned")
+  return "\n".join(parts)
+
+
+ALIGNED_COLOR, NOT_ALIGNED_COLOR = (0, 128, 0), (192, 0, 0)
+
+
+def note_color(aligned: Optional[bool]):
+  """Green for an aligned sample, red for one that is not, black without a verdict."""
+  if aligned is None:
+    return (0, 0, 0)
+  return ALIGNED_COLOR if bool(aligned) else NOT_ALIGNED_COLOR
+
+
+def grid_scale(image_width: int, min_tile: int = 96) -> int:
+  """Nearest-neighbour upscaling for tiles at least `min_tile` pixels wide (a 16-pixel
+  ShapesWorld image: 6; a 512-pixel one: 1), so a caption line holds a few words."""
+  return max(1, -(-int(min_tile) // max(int(image_width), 1)))
+
+
 def image_grid(images: Any, captions: Optional[Sequence[str]] = None,
-               ncols: int = 8, scale: int = 4, *, max_caption_lines: int = 3,
-               gap: int = 2) -> np.ndarray:
-  """Tiles images into one uint8 [H', W', 3] grid, captions under each tile.
+               ncols: int = 8, scale: int = 4, *, max_caption_lines: Optional[int] = None,
+               gap: int = 2, notes: Optional[Sequence[str]] = None,
+               note_colors: Optional[Sequence[Any]] = None) -> np.ndarray:
+  """Tiles images into one uint8 [H', W', 3] grid, text under each tile.
 
   Args:
     images: [N, H, W, C] float in [-1, 1] or uint8 (C in 1, 3, 4).
-    captions: optional N strings drawn in small text below each image, wrapped
-      to the tile width, at most ``max_caption_lines`` lines.
+    captions: optional N strings drawn in small black text below each image, wrapped
+      to the tile width (whole, unless ``max_caption_lines`` cuts them).
     ncols: tiles per row (fewer if N < ncols).
     scale: nearest-neighbour upscaling factor of each image.
     gap: pixels between tiles and around the border (white).
+    notes: optional N strings drawn under the caption (lines split at '\\n', each
+      wrapped), e.g. :func:`sample_note`'s reward and verdict, in ``note_colors[i]``
+      (RGB; default black).
 
   Layout: tile (r, c) has its image at
-  ``y = gap + r * (H*scale + caption_h + gap)``, ``x = gap + c * (W*scale + gap)``
-  where ``caption_h`` is 0 without captions.
+  ``y = gap + r * (H*scale + text_h + gap)``, ``x = gap + c * (W*scale + gap)``
+  where ``text_h`` is the height of the longest text under a tile (0 without text).
   """
-  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   arr = _to_uint8_batch(images)
   n, h, w, _ = arr.shape
   if n == 0:
     raise ValueError("image_grid needs at least one image")
-  if captions is not None and len(captions) != n:
-    raise ValueError(f"got {len(captions)} captions for {n} images")
+  for name, texts in (("captions", captions), ("notes", notes), ("note_colors", note_colors)):
+    if texts is not None and len(texts) != n:
+      raise ValueError(f"got {len(texts)} {name} for {n} images")
   scale = max(int(scale), 1)
   ncols = max(1, min(int(ncols), n))
   nrows = math.ceil(n / ncols)
   th, tw = h * scale, w * scale
   tiles = arr.repeat(scale, axis=1).repeat(scale, axis=2)
 
-  font = ImageFont.load_default()
-  probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  font, measure, line_h = _font_and_measure()
+  # Per tile: (lines, colour) pairs, the caption's then the note's.
+  texts: List[List[tuple]] = [[] for _ in range(n)]
+  for i in range(n):
+    if captions is not None:
+      texts[i] += [(line, (0, 0, 0)) for line in
+                   _wrap_text(str(captions[i]), tw, measure, max_caption_lines)]
+    if notes is not None:
+      color = tuple(note_colors[i]) if note_colors is not None else (0, 0, 0)
+      for part in str(notes[i]).split("\n"):
+        texts[i] += [(line, color) for line in _wrap_text(part, tw, measure)]
+  nlines = max(len(t) for t in texts)
+  text_h = nlines * line_h + (1 if nlines else 0)
 
-  def measure(s: str) -> int:
-    left, _, right, _ = probe.textbbox((0, 0), s, font=font)
-    return right - left
-
-  wrapped: List[List[str]] = []
-  line_h = 0
-  cap_h = 0
-  if captions is not None:
-    _, top, _, bottom = probe.textbbox((0, 0), "Ag|", font=font)
-    line_h = bottom - min(top, 0) + 1
-    wrapped = [_wrap_text(str(c), tw, measure, max_caption_lines)
-               for c in captions]
-    nlines = max((len(x) for x in wrapped), default=0)
-    cap_h = nlines * line_h + (1 if nlines else 0)
-
-  gh = gap + nrows * (th + cap_h + gap)
+  gh = gap + nrows * (th + text_h + gap)
   gw = gap + ncols * (tw + gap)
   grid = np.full((gh, gw, 3), 255, np.uint8)
-  for i in range(n):
-    r, c = divmod(i, ncols)
-    y, x = gap + r * (th + cap_h + gap), gap + c * (tw + gap)
-    grid[y:y + th, x:x + tw] = tiles[i]
-  if captions is not None and cap_h:
+  if nlines:
     pil = Image.fromarray(grid)
     draw = ImageDraw.Draw(pil)
-    for i, lines in enumerate(wrapped):
+    for i, lines in enumerate(texts):
       r, c = divmod(i, ncols)
-      y, x = gap + r * (th + cap_h + gap) + th + 1, gap + c * (tw + gap)
-      for j, line in enumerate(lines):
-        draw.text((x, y + j * line_h), line, fill=(0, 0, 0), font=font)
-    # Text must not spill onto image tiles: restore them exactly.
+      y, x = gap + r * (th + text_h + gap) + th + 1, gap + c * (tw + gap)
+      for j, (line, color) in enumerate(lines):
+        draw.text((x, y + j * line_h), line, fill=color, font=font)
     grid = np.array(pil)
-    for i in range(n):
-      r, c = divmod(i, ncols)
-      y, x = gap + r * (th + cap_h + gap), gap + c * (tw + gap)
-      grid[y:y + th, x:x + tw] = tiles[i]
+  # Images last: text never spills onto them.
+  for i in range(n):
+    r, c = divmod(i, ncols)
+    y, x = gap + r * (th + text_h + gap), gap + c * (tw + gap)
+    grid[y:y + th, x:x + tw] = tiles[i]
   return grid
+
+
+def samples_grid(images: Any, captions: Sequence[str], rewards: Optional[Sequence] = None,
+                 aligned: Optional[Sequence] = None, labels: Optional[Sequence[str]] = None,
+                 ncols: int = 8) -> np.ndarray:
+  """A grid of generated samples: each image with its whole caption, then its label
+  (e.g. "epoch 0"), its reward and the evaluator's verdict (:func:`sample_note`; green
+  when aligned, red when not), tiles upscaled to about 96 pixels (:func:`grid_scale`).
+  `rewards`, `aligned`, `labels` (or their entries) may be None: left out."""
+  arr = to_uint8_images(images)
+  n = len(arr)
+  rewards = [None] * n if rewards is None else list(rewards)
+  aligned = [None] * n if aligned is None else list(aligned)
+  labels = [""] * n if labels is None else list(labels)
+  notes = ["\n".join(x for x in (label, sample_note(r, a)) if x)
+           for label, r, a in zip(labels, rewards, aligned)]
+  return image_grid(arr, list(captions), ncols=ncols, scale=grid_scale(arr.shape[2]),
+                    notes=notes, note_colors=[note_color(a) for a in aligned])
+
+
+def pick_samples(ids: Sequence[int], groups: Optional[Sequence[Any]] = None, k: int = 16,
+                 seed: int = 0) -> np.ndarray:
+  """Up to `k` positions into `ids` for a sample grid: a fixed, seeded pick spread over
+  every group present (e.g. the caption families single / count / and / relation).
+
+  The groups take turns, in order of first appearance: each turn adds, from that
+  group, a position of an id not shown yet (in a seeded random order), so every group
+  present gets ceil or floor of k / #groups places when it has enough distinct ids;
+  repeated ids fill what is left. `groups` None: one group. The same (ids, groups, k,
+  seed) always gives the same positions, so grids of successive evaluations show the
+  same prompts (with the same initial noise when the evaluation's key is fixed).
+  """
+  ids = np.asarray(ids)
+  n = len(ids)
+  groups = np.zeros(n, np.int64) if groups is None else np.asarray(groups)
+  if len(groups) != n:
+    raise ValueError(f"got {len(groups)} groups for {n} ids")
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(n)
+  _, first = np.unique(groups, return_index=True)
+  names = groups[np.sort(first)]
+  queues = {i: [p for p in order if groups[p] == g] for i, g in enumerate(names)}
+  chosen: List[int] = []
+  shown: set = set()
+  while len(chosen) < min(k, n):
+    added = False
+    for i in range(len(names)):
+      if len(chosen) >= min(k, n):
+        break
+      q = queues[i]
+      j = next((t for t, p in enumerate(q) if ids[p] not in shown), None)
+      if j is None:
+        continue
+      p = q.pop(j)
+      chosen.append(int(p))
+      shown.add(ids[p])
+      added = True
+    if not added:  # every distinct id shown: repeats, in the seeded order
+      rest = [int(p) for p in order if int(p) not in set(chosen)]
+      chosen += rest[:min(k, n) - len(chosen)]
+  rank = {g: i for i, g in enumerate(names)}  # grouped in the grid, groups in order
+  chosen.sort(key=lambda p: rank[groups[p]])
+  return np.asarray(chosen, np.int64)
 
 
 def save_image(path: str, grid: Any) -> None:
@@ -633,25 +580,87 @@ def save_image(path: str, grid: Any) -> None:
 # ----------------------------------------------------------------------------
 
 
-class ProgressBar:
-  """Console progress (tqdm): step/total, steps/s and ETA, a few scalars.
+class _AboveBar(io.TextIOBase):
+  """A stream that writes through `tqdm.external_write_mode`: the bars on `stream` are
+  cleared, the text written, the bars drawn again below it (log lines above the bar,
+  never glued to it)."""
 
-  ``update(step, **scalars)`` takes the *absolute* step. Resuming at
-  ``initial=k`` shows ``k/total`` and computes rate/ETA only from the steps
-  done in this run. Disabled on processes other than 0 (or with
-  ``disable=True``).
+  def __init__(self, stream):
+    super().__init__()
+    self._stream = stream
+
+  def write(self, s):
+    import tqdm  # pylint: disable=g-import-not-at-top
+    with tqdm.tqdm.external_write_mode(file=self._stream):
+      self._stream.write(s)
+    return len(s)
+
+  def flush(self):
+    self._stream.flush()
+
+  def isatty(self):
+    return self._stream.isatty()
+
+
+def _console_handlers(stream) -> list:
+  """The logging StreamHandlers (absl's included) that write to `stream`."""
+  found = []
+  for handler in std_logging.getLogger().handlers:
+    inner = getattr(handler, "python_handler", handler)  # absl's ABSLHandler wraps one
+    if isinstance(inner, std_logging.StreamHandler) and inner.stream is stream:
+      found.append(inner)
+  return found
+
+
+def _is_tty(stream) -> bool:
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError):
+    return False
+
+
+class ProgressBar:
+  """Console progress of a loop: `unit`s done / total, time per unit, ETA, a few scalars.
+
+  On a terminal: a tqdm bar, and while it is open the log lines that go to the same
+  stream (absl's handler, other StreamHandlers) are written above it. When the stream
+  is not a terminal (a SLURM log, a pipe): no bar and no carriage returns, but one
+  plain log line (``prdp: epoch 12/40 (30%), 25.1 s/epoch, 11:40 left, reward=0.41``)
+  at the first update, then at most every `line_every_secs` seconds, and at the end.
+
+  ``update(step, **scalars)`` takes the *absolute* step. Resuming at ``initial=k``
+  shows ``k/total`` and computes rate/ETA only from the steps done in this run.
+  Disabled on processes other than 0 (or with ``disable=True``).
   """
 
   def __init__(self, total: int, initial: int = 0, desc: str = "train", *,
-               disable: Optional[bool] = None, max_postfix: int = 4, **kwargs):
+               unit: str = "step", disable: Optional[bool] = None, max_postfix: int = 4,
+               file=None, interactive: Optional[bool] = None,
+               line_every_secs: float = 60.0, **kwargs):
     import tqdm  # pylint: disable=g-import-not-at-top
     if disable is None:
       disable = jax.process_index() != 0
+    self.disabled = bool(disable)
     self.max_postfix = max_postfix
-    self._bar = tqdm.tqdm(total=int(total), initial=int(initial), desc=desc,
-                          disable=disable, dynamic_ncols=True,
-                          unit="step", smoothing=0.1, **kwargs)
+    self.unit, self.desc, self.total = unit, desc, int(total)
     self.initial = int(initial)
+    self.file = sys.stderr if file is None else file
+    self.interactive = _is_tty(self.file) if interactive is None else bool(interactive)
+    self.line_every_secs = float(line_every_secs)
+    # Without a terminal the bar draws into a sink: it still keeps count, rate and
+    # postfix, and the plain lines are written from them.
+    self._bar = tqdm.tqdm(total=self.total, initial=self.initial, desc=desc,
+                          disable=self.disabled,
+                          file=self.file if self.interactive else io.StringIO(),
+                          dynamic_ncols=self.interactive, unit=unit, smoothing=0.1,
+                          **kwargs)
+    self._t0 = time.time()
+    self._last_line: Optional[float] = None
+    self._redirected = []
+    if self.interactive and not self.disabled:
+      for handler in _console_handlers(self.file):
+        self._redirected.append((handler, handler.stream))
+        handler.stream = _AboveBar(handler.stream)
 
   @property
   def n(self) -> int:
@@ -663,7 +672,9 @@ class ProgressBar:
 
   def update(self, step: int, **scalars: Any) -> None:
     step = int(step)
-    if scalars and not self._bar.disable:
+    if self.disabled:
+      return
+    if scalars:
       post = {}
       for k, v in list(scalars.items())[:self.max_postfix]:
         try:
@@ -679,13 +690,41 @@ class ProgressBar:
       self._bar.refresh()
     elif scalars:
       self._bar.refresh()
+    if not self.interactive:
+      now = time.time()
+      if (self._last_line is None or step >= self.total
+          or now - self._last_line >= self.line_every_secs):
+        self._last_line = now
+        logging.info("%s", self.line())
+
+  def line(self) -> str:
+    """The plain progress line: ``desc: unit n/total (p%), s/unit, time left, postfix``."""
+    import tqdm  # pylint: disable=g-import-not-at-top
+    n, total = self._bar.n, self.total
+    parts = [f"{self.desc}: {self.unit} {n}/{total} ({100 * n / max(total, 1):.0f}%)"]
+    done = n - self.initial
+    if done > 0:
+      per = (time.time() - self._t0) / done
+      parts.append(f"{per:.3g} s/{self.unit}")
+      if n < total:
+        parts.append(f"{tqdm.tqdm.format_interval(per * (total - n))} left")
+    postfix = self._bar.postfix
+    if postfix:
+      parts.append(str(postfix))
+    return ", ".join(parts)
 
   def write(self, msg: str) -> None:
     """Prints a line without breaking the bar."""
-    if not self._bar.disable:
-      self._bar.write(msg)
+    if not self.disabled:
+      if self.interactive:
+        self._bar.write(msg, file=self.file)
+      else:
+        print(msg, file=self.file, flush=True)
 
   def close(self) -> None:
+    for handler, stream in self._redirected:
+      handler.stream = stream
+    self._redirected = []
     self._bar.close()
 
   def __enter__(self):

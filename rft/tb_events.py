@@ -1,6 +1,8 @@
 """Reading TensorBoard event files back without TensorFlow (TFRecord framing + Event protos).
 
-Used by tests and result scripts: `read_scalars(logdir)` -> {tag: [(step, value)]}.
+Used by tests and result scripts: `read_scalars(logdir)` -> {tag: [(step, value)]},
+`read_hparams(logdir)` -> the hyperparameters and metric columns of the HParams dashboard,
+`read_images(logdir)` -> {tag: [(step, uint8 image)]}.
 `trim_after(logdir, step)` is what a resumed run calls before it logs again: points
 written after the checkpoint it resumes from are dropped (the run logs them again), so a
 curve holds every step once, and a record cut short by a kill is removed.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -127,6 +129,50 @@ def read_scalars(logdir: str, *, verify_crc: bool = True
           out.setdefault(tag, []).append((int(event.step), v))
   return out
 
+
+
+def read_hparams(logdir: str) -> Dict[str, Any]:
+  """What TensorBoard's HParams dashboard reads from the event files in ``logdir``:
+  ``{"hparams": {name: value}, "metrics": [metric column tags]}`` from the session-start
+  and experiment summaries (the last ones written); empty when there are none."""
+  from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData  # pylint: disable=g-import-not-at-top
+  out: Dict[str, Any] = {"hparams": {}, "metrics": []}
+  for event in iter_events(logdir):
+    for value in event.summary.value:
+      if value.metadata.plugin_data.plugin_name != "hparams":
+        continue
+      data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+      if data.HasField("session_start_info"):
+        out["hparams"] = {k: getattr(v, v.WhichOneof("kind"))
+                          for k, v in data.session_start_info.hparams.items()}
+      if data.HasField("experiment"):
+        out["metrics"] = [m.name.tag for m in data.experiment.metric_infos]
+  return out
+
+
+def read_images(logdir: str) -> Dict[str, List[Tuple[int, np.ndarray]]]:
+  """{tag: [(step, uint8 [H, W, C] image), ...]} of the image summaries in ``logdir``."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out: Dict[str, List[Tuple[int, np.ndarray]]] = {}
+  for event in iter_events(logdir):
+    for value in event.summary.value:
+      if value.WhichOneof("value") == "image":
+        img = np.array(Image.open(io.BytesIO(value.image.encoded_image_string)))
+        out.setdefault(value.tag, []).append((int(event.step), img))
+  return out
+
+
+def read_texts(logdir: str) -> Dict[str, List[Tuple[int, str]]]:
+  """{tag: [(step, text), ...]} of the text summaries (plugin "text") in ``logdir``."""
+  out: Dict[str, List[Tuple[int, str]]] = {}
+  for event in iter_events(logdir):
+    for value in event.summary.value:
+      if (value.metadata.plugin_data.plugin_name == "text"
+          and value.WhichOneof("value") == "tensor"):
+        text = b"".join(value.tensor.string_val).decode("utf-8")
+        out.setdefault(value.tag, []).append((int(event.step), text))
+  return out
 
 
 def _frame(data: bytes) -> bytes:

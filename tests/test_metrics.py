@@ -9,17 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rft import metrics
+from rft import metrics, tb_events
 
 _TF_INSTALLED = importlib.util.find_spec("tensorflow") is not None
-
-
-def test_clu_interface_exposed():
-  assert issubclass(metrics.TensorBoardWriter, metrics.MetricWriter)
-  assert issubclass(metrics.MultiWriter, metrics.MetricWriter)
-  assert issubclass(metrics.LoggingWriter, metrics.MetricWriter)
-  import clu.metric_writers as mw  # works after rft.metrics, TF or not
-  assert mw.MetricWriter is metrics.MetricWriter
 
 
 def test_tensorboard_writer_roundtrip(tmp_path):
@@ -29,22 +21,22 @@ def test_tensorboard_writer_roundtrip(tmp_path):
   w.write_scalars(10, {"loss": jnp.asarray(0.75, jnp.float32),
                        "acc": np.float64(0.5)})
   w.write_scalars(20, {"loss": jnp.float32(0.125), "count": 7})
-  w.write_images(10, {"grid": np.random.RandomState(0).rand(8, 8, 3),
-                      "batch": np.zeros((2, 4, 4, 3), np.uint8)})
+  grid = np.random.RandomState(0).rand(8, 8, 3)
+  w.write_images(10, {"grid": grid, "batch": np.zeros((2, 4, 4, 3), np.uint8)})
   w.write_texts(10, {"prompt": "a red circle"})
   w.write_histograms(10, {"w": jnp.linspace(-1, 1, 100)})
-  w.write_hparams({"lr": 1e-3, "name": "run", "layers": [1, 2]})
-  w.write_audios(10, {"tone": np.sin(np.linspace(0, 10, 400))[:, None]},
-                 sample_rate=8000)
-  # A tensor-encoded scalar (as TF2's tf.summary.scalar writes it).
-  from tensorboardX.proto import summary_pb2
+  w.write_hparams({"lr": 1e-3, "name": "run", "layers": [1, 2]}, metrics=["loss"])
+  # A tensor-encoded scalar (as TF2's tf.summary.scalar writes it), through
+  # tensorboardX's file writer: read_scalars reads both encodings.
+  from tensorboardX.proto import summary_pb2, tensor_pb2, tensor_shape_pb2
   meta = summary_pb2.SummaryMetadata(
       plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-  w.write_summaries(30, {"tensor_scalar": np.float32(2.5)},
-                    metadata={"tensor_scalar": meta})
-  w.write_summaries(40, {"tensor_scalar": np.float64(-3.25)})
-  with pytest.raises(NotImplementedError, match="videos"):
-    w.write_videos(0, {"v": np.zeros((2, 4, 4, 3))})
+  for step, value, first in ((30, 2.5, True), (40, -3.25, False)):
+    tensor = tensor_pb2.TensorProto(dtype="DT_FLOAT", float_val=[value],
+                                    tensor_shape=tensor_shape_pb2.TensorShapeProto())
+    w._writer._get_file_writer().add_summary(summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag="tensor_scalar", tensor=tensor,
+                                  **({"metadata": meta} if first else {}))]), step)
   w.flush()
   w.close()
 
@@ -58,21 +50,38 @@ def test_tensorboard_writer_roundtrip(tmp_path):
   # Images, texts, histograms, hparams are not scalars.
   assert set(got) == {"loss", "acc", "count", "tensor_scalar"}
 
-  # The other summaries are in the file with the expected kinds.
+  # The other summaries are in the file with the expected kinds and contents.
   kinds = {}
   for ev in metrics.iter_events(logdir):
     for v in ev.summary.value:
       kinds[v.tag] = v.WhichOneof("value")
-  assert kinds["grid"] == "image"
-  assert kinds["batch/0"] == "image" and kinds["batch/1"] == "image"
   assert kinds["w"] == "histo"
-  assert kinds["prompt"] == "tensor"
-  assert kinds["hparams"] == "tensor"
-  assert kinds["tone"] == "audio"
-  assert "_hparams_/session_start_info" in kinds
+  assert "_hparams_/session_start_info" in kinds and "_hparams_/experiment" in kinds
+  images = tb_events.read_images(logdir)
+  assert set(images) == {"grid", "batch/0", "batch/1"}
+  np.testing.assert_array_equal(images["grid"][0][1],
+                                np.round(grid * 255).astype(np.uint8))
+  assert images["grid"][0][0] == 10
+  texts = tb_events.read_texts(logdir)
+  assert texts["prompt"] == [(10, "a red circle")]
+  assert "| layers | [1, 2] |" in texts["hparams"][0][1]
+  assert tb_events.read_hparams(logdir) == {
+      "hparams": {"lr": 1e-3, "name": "run", "layers": "[1, 2]"}, "metrics": ["loss"]}
 
   if not _TF_INSTALLED:
     assert "tensorflow" not in sys.modules
+
+
+def test_flatten_hparams_dots_nested_blocks_and_stringifies_the_rest():
+  from ml_collections import config_dict
+  c = config_dict.ConfigDict({"lr": 3e-4, "epochs": 40, "kl_metric": True, "name": "prdp",
+                              "objective": {"name": "prdp", "beta": 0.1,
+                                            "inner": {"x": None}},
+                              "channels": (16, 32), "reward_options": {}})
+  assert metrics.flatten_hparams(c) == {
+      "lr": 3e-4, "epochs": 40, "kl_metric": True, "name": "prdp",
+      "objective.name": "prdp", "objective.beta": 0.1, "objective.inner.x": "None",
+      "channels": "(16, 32)", "reward_options": "{}"}
 
 
 def test_read_scalars_detects_corruption(tmp_path):
@@ -99,7 +108,7 @@ def test_read_scalars_detects_corruption(tmp_path):
 
 def test_create_writer(tmp_path):
   w = metrics.create_writer(str(tmp_path / "main"), is_main=True)
-  assert isinstance(w, metrics.MultiWriter)
+  assert isinstance(w, metrics.TensorBoardWriter)
   w.write_scalars(3, {"loss": 0.5})
   w.close()
   assert metrics.read_scalars(str(tmp_path / "main")) == {"loss": [(3, 0.5)]}

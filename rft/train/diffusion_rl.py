@@ -15,6 +15,7 @@ theta_old == theta, so a resumed run continues the same curve bit for bit.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import time
@@ -26,7 +27,7 @@ from absl import logging
 from flax import traverse_util
 from flax.core import unfreeze
 
-from rft import checkpoint, metrics
+from rft import checkpoint, metrics, paths
 from rft import config as config_lib
 from rft.placement import Placement
 from rft.diffusion import sampling
@@ -38,10 +39,14 @@ from rft.rewards import base as rewards_lib
 from rft.train import loop
 from rft.worlds import diffusion_worlds
 from rft.train.batching import group_rows, minibatches
-from rft.train.state import TrainState, make_optimizer
+from rft.train.state import TrainState, lr_schedule, make_optimizer
 
 # Per-epoch training metrics kept for results.json["curve"] (learning curves, stability).
 CURVE_KEYS = ("reward_mean", "kl_to_ref", "loss", "grad_norm", "clip_frac", "epoch_seconds")
+# Samples shown in an evaluation's grid (a fixed pick over the caption families).
+GRID_SAMPLES = 16
+# The console line of an evaluation (rft.train.loop.eval_line).
+EVAL_LINE = (("reward", "config_reward", "f"), ("alignment", "alignment", "%"))
 
 
 
@@ -65,8 +70,7 @@ def setup_finetuning(config, base_params, key):
   XLA folds constants with different rounding, which would break ratio == 1 on-policy.
   """
   ft = config.finetune
-  total = config.epochs * max(config.updates_per_epoch, 1)
-  tx = make_optimizer(config.lr, total, config.warmup, config.weight_decay, config.grad_clip,
+  tx = make_optimizer(config.lr, total_updates(config), config.warmup, config.weight_decay, config.grad_clip,
                       config.adam_b1, config.adam_b2, schedule="constant",
                       eps=config.get("adam_eps", 1e-8), name=config.get("optimizer", "adamw"))
   if ft.mode == "lora":
@@ -82,6 +86,17 @@ def setup_finetuning(config, base_params, key):
   # Only the selected leaves are trained (and differentiated: with the text encoder or
   # the UNet's high-resolution blocks frozen, backward passes stop where they start).
   return jax.tree.map(jnp.copy, select_leaves(base_params, mask)), overlay, tx
+
+
+def total_updates(config) -> int:
+  """Optimizer updates of the whole run (the length of the lr schedule)."""
+  return config.epochs * max(config.updates_per_epoch, 1)
+
+
+def lr_of(config):
+  """The optimizer's learning-rate schedule (update count -> lr): constant after a linear
+  warmup of config.warmup updates (rft.train.state.lr_schedule)."""
+  return lr_schedule(config.lr, total_updates(config), config.warmup, "constant")
 
 
 def select_leaves(params, mask):
@@ -142,7 +157,8 @@ def make_trajectory_update(config, scorer: trajectory.StepScorer, loss: registry
     # The reference of a step KL is the frozen base (full finetuning overlays the trained
     # leaves on it; LoRA merges adapters into it).
     value, m, grads = grads_fn(state.params, mat, b, key, on_policy, base)
-    return loop.apply_update(state, grads, tx, dict(m, loss=value), config.ema_decay)
+    return loop.apply_update(state, grads, tx, dict(m, loss=value), config.ema_decay,
+                             lr=lr_of(config))
 
   return _jit(update, placement, state, base, 4, static_argnames=("on_policy",))
 
@@ -170,7 +186,8 @@ def make_backprop_update(config, pipe, sampler: SamplerConfig, reward, rollout, 
   def update(state, base, b, key, reward_params):
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, base, b, key,
                                                                  reward_params)
-    return loop.apply_update(state, grads, tx, dict(m, loss=loss), config.ema_decay)
+    return loop.apply_update(state, grads, tx, dict(m, loss=loss), config.ema_decay,
+                             lr=lr_of(config))
 
   return _jit(update, placement, state, base, 5)
 
@@ -187,7 +204,8 @@ def make_sft_update(config, loss, materialize, tx, placement: Placement | None =
                   sampling_params=materialize(sampling, base), ref_params=base)
 
     (value, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return loop.apply_update(state, grads, tx, dict(m, loss=value), config.ema_decay)
+    return loop.apply_update(state, grads, tx, dict(m, loss=value), config.ema_decay,
+                             lr=lr_of(config))
 
   return _jit(update, placement, state, base, 5)
 
@@ -219,14 +237,62 @@ def _sample_all(sample_images, ids, key, batch_size: int) -> np.ndarray:
   return np.concatenate(out)
 
 
-def distinct_first(ids: np.ndarray, k: int) -> np.ndarray:
-  """Up to k positions into ids: the first occurrence of each distinct id (in order),
-  then the remaining positions, so a grid shows as many different prompts as it can."""
-  ids = np.asarray(ids)
-  _, first = np.unique(ids, return_index=True)
-  first = np.sort(first)
-  rest = np.setdiff1d(np.arange(len(ids)), first)
-  return np.concatenate([first, rest])[:k]
+def shown_samples(images, ids, rewards, aligned, families, k: int = GRID_SAMPLES,
+                  seed: int = 0) -> dict:
+  """The samples an evaluation's grid shows: a fixed, seeded pick of `k` spread over the
+  caption `families` (metrics.pick_samples), as {"images": uint8 [k, H, W, 3], "ids",
+  "rewards", "aligned" (None without an evaluator)}."""
+  shown = metrics.pick_samples(ids, families, k, seed)
+  return {"images": metrics.to_uint8_images(np.asarray(images)[shown]),
+          "ids": np.asarray(ids)[shown], "rewards": np.asarray(rewards, np.float32)[shown],
+          "aligned": None if aligned is None else np.asarray(aligned, bool)[shown]}
+
+
+def sample_grid(samples: dict, texts) -> np.ndarray:
+  """A grid of `samples` (shown_samples): each image with its whole caption, its reward
+  and the evaluator's verdict (metrics.samples_grid)."""
+  return metrics.samples_grid(samples["images"], [texts[i] for i in samples["ids"]],
+                              samples["rewards"], samples["aligned"])
+
+
+def before_after_grid(before: dict, after: dict, texts, epochs: tuple[int, int],
+                      ncols: int = 8) -> np.ndarray:
+  """The same prompts (and initial noise) before and after finetuning: rows of up to
+  `ncols` samples of `before`, each followed by the row of the same samples of `after`,
+  each labelled with its epoch, reward and verdict."""
+  if list(before["ids"]) != list(after["ids"]):
+    raise ValueError("before / after grids of different prompts")
+  k = len(before["ids"])
+  ncols = max(1, min(ncols, k))
+  blank = np.full_like(before["images"][:1], 255)
+  images, captions, rewards, aligned, labels = [], [], [], [], []
+  for start in range(0, k, ncols):
+    sl = slice(start, start + ncols)
+    pad = ncols - len(before["ids"][sl])
+    for src, epoch in ((before, epochs[0]), (after, epochs[1])):
+      got = len(src["ids"][sl])
+      images += list(src["images"][sl]) + [blank[0]] * pad
+      captions += [texts[i] for i in src["ids"][sl]] + [""] * pad
+      rewards += list(src["rewards"][sl]) + [None] * pad
+      aligned += (list(src["aligned"][sl]) if src["aligned"] is not None
+                  else [None] * got) + [None] * pad
+      labels += [f"epoch {epoch}"] * got + [""] * pad
+  return metrics.samples_grid(np.stack(images), captions, rewards, aligned, labels, ncols)
+
+
+def _save_samples(path: str, samples: dict) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **{k: v for k, v in samples.items() if v is not None})
+  paths.write_bytes(path, buf.getvalue())
+
+
+def _load_samples(path: str) -> dict | None:
+  if not paths.path(path).exists():
+    return None
+  with np.load(io.BytesIO(paths.path(path).read_bytes())) as f:
+    out = {k: f[k] for k in f.files}
+  out.setdefault("aligned", None)
+  return out
 
 
 def group_stats(rewards: np.ndarray, group_size: int) -> dict:
@@ -449,6 +515,8 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- evaluation
   # On resume, points logged after the checkpoint are dropped (they are logged again).
   writer = metrics.create_writer(workdir, resume_step=start_epoch)
+  samples_dir = os.path.join(workdir, "samples")
+  main_process = jax.process_index() == 0
 
   def eval_params(st):
     return st.ema_params if st.ema_params is not None else st.params
@@ -466,26 +534,42 @@ def train_and_evaluate(config, workdir: str):
 
       judged = world.evaluate(fn, ids, key, config.eval_batch_size)
       if judged is None:  # no independent evaluator: the configured rewards only
-        m, images = {}, _sample_all(fn, ids, key, config.eval_batch_size)
+        m, images, aligned = {}, _sample_all(fn, ids, key, config.eval_batch_size), None
       else:
-        m, images = judged
+        m, images, aligned = judged
       images = np.asarray(images)
+      ids = ids[:len(images)]
       # The configured reward and each of its terms on the evaluated images ("reward_<term>"
       # where no evaluator judges them, "config_reward_<term>" beside the evaluator's).
-      m["config_reward"] = float(np.mean(score(images, ids[:len(images)])))
+      rewards = score(images, ids)
+      m["config_reward"] = float(np.mean(rewards))
       if judged is None or reward.terms:
         parts = reward.parts(images if reward.host else jnp.asarray(images),
-                             world.reward_prompts(ids[:len(images)]), reward_params)
+                             world.reward_prompts(ids), reward_params)
         prefix = "reward_" if judged is None else "config_reward_"
         m.update({f"{prefix}{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()})
       out.update({f"{split}/{k}": v for k, v in m.items()})
-      shown = distinct_first(ids[:len(images)], 32)
-      grid = metrics.image_grid(images[shown], [world.texts[ids[i]] for i in shown],
-                                ncols=8)
-      writer.write_images(epoch, {f"samples/{split}": grid[None]})
-      if jax.process_index() == 0:
-        metrics.save_image(os.path.join(workdir, "samples", f"{split}_epoch{epoch:04d}.png"),
-                           grid)
+      # The grid: a fixed pick over the caption families (the same prompts and initial
+      # noise at every evaluation), each image with its reward and the evaluator's verdict.
+      shown = shown_samples(images, ids, rewards, aligned, world.families(ids),
+                            seed=config.eval_seed)
+      grid = sample_grid(shown, world.texts)
+      writer.write_images(epoch, {f"samples/{split}": grid})
+      if not main_process:
+        continue
+      metrics.save_image(os.path.join(samples_dir, f"{split}_epoch{epoch:04d}.png"), grid)
+      before_path = os.path.join(samples_dir, f"{split}_before.npz")
+      if epoch == 0:  # kept for the before / after grid at the end (resumes included)
+        _save_samples(before_path, shown)
+      elif epoch == config.epochs:
+        before = _load_samples(before_path)
+        if before is None or list(before["ids"]) != list(shown["ids"]):
+          logging.info("no epoch-0 samples of %s in %s: no before / after grid", split,
+                       samples_dir)
+          continue
+        both = before_after_grid(before, shown, world.texts, (0, epoch))
+        writer.write_images(epoch, {f"samples/{split}/before_after": both})
+        metrics.save_image(os.path.join(samples_dir, f"{split}_before_after.png"), both)
     writer.write_scalars(epoch, {f"eval/{k}": v for k, v in out.items()})
     return out
 
@@ -582,11 +666,16 @@ def train_and_evaluate(config, workdir: str):
 
   # ---------------------------------------------------------------- loop
   if start_epoch == 0:
-    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
+    # The whole config, and as metric columns the final evaluation and training reward.
+    judged = getattr(world, "judge", None) is not None
+    columns = [f"eval/{split}/{name}" for split in world.eval_splits
+               for name in (("alignment",) if judged else ()) + ("config_reward",)
+               ] if config.eval_every else []
+    writer.write_hparams(config, metrics=columns + ["train/reward_mean"])
     if config.eval_every:
       history["0"] = evaluate(eval_params(state), 0)
-      logging.info("epoch 0 (base) eval: %s", history["0"])
-  bar = metrics.ProgressBar(config.epochs, initial=start_epoch, desc=o.name)
+      logging.info("%s", loop.eval_line("epoch", 0, history["0"], EVAL_LINE) + "  (base)")
+  bar = metrics.ProgressBar(config.epochs, initial=start_epoch, desc=o.name, unit="epoch")
   # Reward backprop samples one image for each of its fresh prompts inside every update.
   backprop = obj.kind == "reward_backprop"
   prompts_per_epoch = (config.prompts_per_update * config.updates_per_epoch if backprop
@@ -613,13 +702,15 @@ def train_and_evaluate(config, workdir: str):
                         f"{o.name} at epoch {done}", ckpt, workdir, "epoch")
     m["reward_queries"] = done * samples_per_epoch
     m["epoch_seconds"] = time.time() - t0
+    # Throughput: images sampled per second of the whole epoch (rollout, rewards, update).
+    m["samples_per_sec"] = samples_per_epoch / m["epoch_seconds"]
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     curve[str(done)] = {k: m[k] for k in CURVE_KEYS if k in m}
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
     if loop.due(done, config.eval_every, config.epochs):
       history[str(done)] = evaluate(eval_params(state), done)
       history[str(done)]["train/reward_mean_epoch"] = m["reward_mean"]
-      logging.info("epoch %d eval: %s", done, history[str(done)])
+      logging.info("%s", loop.eval_line("epoch", done, history[str(done)], EVAL_LINE))
     loop.end_of_step(stop, done, config.epochs, config.ckpt_every, lambda: ckpt.save(
         done, ckpt_tree(state), metadata={"history": history, "curve": curve,
                                           "seconds": seconds_before + time.time() - t_start}),

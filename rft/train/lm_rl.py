@@ -43,7 +43,22 @@ from rft.train import loop
 from rft.worlds import arith_eval
 from rft.train.batching import group_rows, minibatches
 from rft.train.pretrain_lm import load_or_pretrain_arith
-from rft.train.state import TrainState, make_optimizer
+from rft.train.state import TrainState, lr_schedule, make_optimizer
+
+# The console line of an evaluation (rft.train.loop.eval_line).
+EVAL_LINE = (("accuracy greedy", "accuracy_greedy", "%"),
+             ("sampled", "accuracy_sampled", "%"))
+
+
+def total_updates(config) -> int:
+  """Optimizer updates of the whole run at most (the length of the lr schedule)."""
+  return config.steps * config.inner_iterations * config.minibatches
+
+
+def lr_of(config):
+  """The optimizer's learning-rate schedule (update count -> lr): constant after a linear
+  warmup of config.warmup updates (rft.train.state.lr_schedule)."""
+  return lr_schedule(config.lr, total_updates(config), config.warmup, "constant")
 from rft.weights import hf_lm, io
 
 
@@ -103,7 +118,7 @@ def make_update(lm_config, config, tx, placement: Placement | None = None, state
 
   def update(state, mb):
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
-    return loop.apply_update(state, grads, tx, dict(m, loss=loss))
+    return loop.apply_update(state, grads, tx, dict(m, loss=loss), lr=lr_of(config))
 
   if placement is None:
     return jax.jit(update, donate_argnums=(0,))
@@ -217,9 +232,8 @@ def train_and_evaluate(config, workdir: str):
                      f"'sum_then_normalize' or 'normalize_then_sum'")
 
   # ---------------------------------------------------------------- state
-  tx = make_optimizer(config.lr, config.steps * config.inner_iterations * config.minibatches,
-                      config.warmup, config.weight_decay, config.grad_clip,
-                      config.adam_b1, config.adam_b2, schedule="constant",
+  tx = make_optimizer(config.lr, total_updates(config), config.warmup, config.weight_decay,
+                      config.grad_clip, config.adam_b1, config.adam_b2, schedule="constant",
                       eps=config.get("adam_eps", 1e-8))
   # Created already sharded (config.sharding.trained; Adam moments follow the params).
   state = placement.create_state(lambda p: TrainState.create(p, tx), base_params)
@@ -239,6 +253,8 @@ def train_and_evaluate(config, workdir: str):
   log_probs_fn = jax.jit(lambda p, b: policy_log_probs(lm_config, sc.temperature, p, b))
 
   # ---------------------------------------------------------------- rollout
+  generated = {"completions": 0, "tokens": 0}  # by the rollouts of the current step
+
   def rollout(params, ids, key) -> dict:
     pt, pm = world.prompt_tokens(ids)
     prompts = placement.batch({"t": pt, "m": pm})  # each process supplies its rows
@@ -253,6 +269,8 @@ def train_and_evaluate(config, workdir: str):
       r_terms = np.concatenate([r_terms, np.asarray(grpo.soft_overlong_punishment(
           lengths, sc.max_new_tokens, o.overlong_buffer), np.float32)[:, None]], axis=1)
     r = r_terms @ weights_with_overlong
+    generated["completions"] += len(lengths)
+    generated["tokens"] += int(lengths.sum())
     return {"prompt": pt, "prompt_mask": pm, "completion": np.asarray(out.tokens),
             "completion_mask": np.asarray(out.mask), "sampler_log_probs": np.asarray(out.log_probs),
             "truncated": np.asarray(out.truncated), "lengths": lengths, "rewards": r,
@@ -285,21 +303,29 @@ def train_and_evaluate(config, workdir: str):
         max_new_tokens=world.max_answer_len if config.model_path else None,
         placement=placement)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
-    writer.write_texts(step, {f"eval_samples/{s}": "\n".join(v) for s, v in examples.items()})
+    writer.write_texts(step, {f"samples/{s}": "\n".join(v) for s, v in examples.items()})
     return m
 
   # ---------------------------------------------------------------- loop
+  if start == 0:
+    # The whole config, and as metric columns the final evaluation and training reward.
+    columns = [f"eval/{split}/accuracy_{mode}" for split in ("train", "heldout")
+               for mode in ("greedy", "sampled")] if config.eval_every else []
+    writer.write_hparams(config, metrics=columns + ["train/reward_mean"])
   if start == 0 and config.eval_every:
     history["0"] = evaluate(state.params, 0)
-    logging.info("step 0 (base) eval: %s", history["0"])
-  bar = metrics.ProgressBar(config.steps, initial=start, desc=f"{o.name}:{obj.label(config)}")
+    logging.info("%s", loop.eval_line("step", 0, history["0"], EVAL_LINE) + "  (base)")
+  bar = metrics.ProgressBar(config.steps, initial=start, desc=f"{o.name}:{obj.label(config)}",
+                            unit="step")
   t_loop = time.time()
   stop = loop.StopSignal()  # SIGTERM: end after this step with a checkpoint
   for step in range(start, config.steps):
     t0 = time.time()
     rng = np.random.default_rng([config.seed, step])
     key = jax.random.fold_in(jax.random.key(config.seed), step)
+    generated.update(completions=0, tokens=0)
     b, m = sample_groups(state.params, rng, key)
+    rollout_seconds = time.time() - t0
     rewards = b["rewards"]
     groups = rewards.reshape(-1, G)
     if len(terms) > 1:
@@ -346,16 +372,22 @@ def train_and_evaluate(config, workdir: str):
     loop.check_diverged(m.get("param_norm", start_norm), start_norm,
                         config.max_param_norm_ratio, f"{o.name} at step {done}", ckpt, workdir)
     m["step_seconds"] = time.time() - t0
+    # Throughput: completions and their tokens generated (every dynamic-sampling round
+    # counted) per second of the rollout (generation, decoding, rewards) and of the step.
+    m["rollout_seconds"] = rollout_seconds
+    for what, count in generated.items():
+      m[f"{what}_per_sec_rollout"] = count / rollout_seconds
+      m[f"{what}_per_sec"] = count / m["step_seconds"]
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
     if done % config.log_every == 0 or done == config.steps:
-      writer.write_texts(done, {"samples/train": "\n".join(
+      writer.write_texts(done, {"samples/rollouts": "\n".join(
           f"{world.prompts[i]}{world.completion_separator}{t}  (reward {r:.2f})"
           for i, t, r in zip(b["ids"][:G * 2], b["texts"][:G * 2], rewards[:G * 2]))})
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
     if loop.due(done, config.eval_every, config.steps):
       history[str(done)] = evaluate(state.params, done)
       history[str(done)]["train/reward_mean_step"] = m["reward_mean"]
-      logging.info("step %d eval: %s", done, history[str(done)])
+      logging.info("%s", loop.eval_line("step", done, history[str(done)], EVAL_LINE))
     loop.end_of_step(stop, done, config.steps, config.ckpt_every,
                      lambda: ckpt.save(done, state, metadata={"history": history}),
                      writer, workdir)

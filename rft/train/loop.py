@@ -10,7 +10,9 @@ end_of_step: the step's checkpoint when due (metrics flushed first), then the st
 StopSignal / stop_if_signalled: SIGTERM (preemption, `kill`, SLURM's --signal) ends the run
   at the next step boundary with a checkpoint, flushed metrics and the command to resume.
 write_results: results.json in the workdir (process 0 only).
-apply_update: the optimizer step with the gradient, parameter and update norms.
+apply_update: the optimizer step with the gradient, parameter and update norms and the
+  learning rate it used.
+eval_line: one readable console line per evaluation.
 """
 from __future__ import annotations
 
@@ -193,14 +195,51 @@ def write_results(workdir: str, results: dict) -> None:
   paths.write_json(os.path.join(workdir, "results.json"), results, indent=1)
 
 
-def apply_update(state, grads, tx, metrics: dict, *args):
-  """(new state, metrics + grad_norm, param_norm and update_norm): one optimizer step
-  (`state.apply_gradients(grads, tx, *args)`) inside a jitted update. The update norm
+def apply_update(state, grads, tx, metrics: dict, *args, lr: Optional[Callable] = None):
+  """(new state, metrics + grad_norm, param_norm and update_norm [+ lr]): one optimizer
+  step (`state.apply_gradients(grads, tx, *args)`) inside a jitted update. The update norm
   ‖θ_new − θ‖ beside the gradient norm shows what the optimizer actually did (Adam's
-  steps stay near lr per coordinate whatever the gradient's scale)."""
+  steps stay near lr per coordinate whatever the gradient's scale).
+
+  `lr`: the optimizer's schedule (rft.train.state.lr_schedule); the metrics then hold
+  `lr(state.step)`, the learning rate of this update (optax counts updates from 0, as
+  TrainState.step does)."""
   new = state.apply_gradients(grads, tx, *args)
   delta = jax.tree.map(lambda a, b: a.astype(jax.numpy.float32) - b.astype(jax.numpy.float32),
                        new.params, state.params)
-  return new, dict(metrics, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(new.params),
-                   update_norm=optax.global_norm(delta))
+  out = dict(metrics, grad_norm=optax.global_norm(grads),
+             param_norm=optax.global_norm(new.params),
+             update_norm=optax.global_norm(delta))
+  if lr is not None:
+    out["lr"] = jax.numpy.asarray(lr(state.step), jax.numpy.float32)
+  return new, out
+
+
+SPLIT_WORDS = {"train": "seen", "heldout": "unseen"}
+
+
+def eval_line(unit: str, done: int, results: dict, fields) -> str:
+  """One console line for an evaluation, e.g.
+  ``epoch 10  reward seen 0.612 unseen 0.480  alignment seen 70.3 % unseen 48.1 %``.
+
+  `results`: {"<split>/<name>": value}; `fields`: (label, name, kind) triples, kind "%"
+  (a fraction shown as a percentage, one decimal) or "f" (three decimals). Each field
+  shows the splits that have a value, train as "seen" and heldout as "unseen"; a field
+  no split has is left out.
+  """
+  splits = sorted({k.split("/", 1)[0] for k in results if "/" in k},
+                  key=lambda s: (s not in SPLIT_WORDS, list(SPLIT_WORDS).index(s)
+                                 if s in SPLIT_WORDS else 0, s))
+  parts = [f"{unit} {done}"]
+  for label, name, kind in fields:
+    vals = []
+    for split in splits:
+      v = results.get(f"{split}/{name}")
+      if v is None:
+        continue
+      v = float(v)
+      shown = f"{100 * v:.1f} %" if kind == "%" else f"{v:.3f}"
+      vals.append(f"{SPLIT_WORDS.get(split, split)} {shown}")
+    if vals:
+      parts.append(f"{label} " + " ".join(vals))
+  return "  ".join(parts)

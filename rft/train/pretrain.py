@@ -24,7 +24,11 @@ from rft.models.dit import TextToImageDiT
 from rft.models.t2i import TextToImage
 from rft.train import loop
 from rft.worlds import shapes_eval
-from rft.train.state import TrainState, make_optimizer
+from rft.train.state import TrainState, lr_schedule, make_optimizer
+
+# Samples shown in an evaluation's grid, and the console line of an evaluation.
+GRID_SAMPLES = 16
+EVAL_LINE = (("reward", "reward", "f"), ("alignment", "alignment", "%"))
 
 
 def build_model(model_cfg, vocab_size: int):
@@ -96,7 +100,9 @@ def high_noise_settings(config):
 
 def make_train_step(pipe, tx, config):
   """(state, batch, key) -> (state, metrics): render the batch's scenes, the eps loss (or
-  the flow-matching loss for a velocity model), AdamW."""
+  the flow-matching loss for a velocity model), AdamW. The metrics hold the update's
+  learning rate ("lr": the schedule at the update count state.step)."""
+  lr = lr_schedule(config.lr, config.steps, config.warmup)  # make_optimizer's schedule
 
   def train_step(state, batch, step_key):
     x0 = shapes.render(batch["cells"], batch["offsets"])
@@ -109,6 +115,7 @@ def make_train_step(pipe, tx, config):
 
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     m["grad_norm"] = optax.global_norm(grads)
+    m["lr"] = jnp.asarray(lr(state.step), jnp.float32)
     return state.apply_gradients(grads, tx, config.ema_decay), m
 
   return train_step
@@ -173,26 +180,34 @@ def train_and_evaluate(config, workdir: str):
     for split in ("train", "heldout"):
       ids = world.eval_prompt_ids(split, config.eval_prompts)
       fn = lambda chunk, k: sample_fn(p, jnp.asarray(prompt_tokens[chunk]), k)
-      if judge is None:
-        images = np.asarray(fn(ids[:32], jax.random.key(step)))
-        m = {}
+      if judge is None:  # samples of the grid's prompts only
+        ids = ids[metrics.pick_samples(ids, world.family_ids[ids], GRID_SAMPLES)]
+        m, images, per = {}, np.asarray(fn(ids, jax.random.key(step))), None
       else:
-        m, images = shapes_eval.evaluate_alignment(fn, judge, world, ids, jax.random.key(step),
-                                                   config.eval_samples_per_prompt,
-                                                   config.eval_batch_size)
+        m, images, per = shapes_eval.evaluate_alignment(
+            fn, judge, world, ids, jax.random.key(step), config.eval_samples_per_prompt,
+            config.eval_batch_size, return_samples=True)
+        ids = per["ids"]  # one per sample
       out.update({f"{split}/{k}": v for k, v in m.items()})
-      if log:
-        writer.write_images(step, {f"samples/{split}": metrics.image_grid(
-            images[:32], [world.texts[i] for i in ids[:32]], ncols=8)[None]})
+      if log:  # a fixed pick over the caption families, with reward and verdict
+        shown = metrics.pick_samples(ids, world.family_ids[ids], GRID_SAMPLES)
+        grid = metrics.samples_grid(
+            images[shown], [world.texts[i] for i in ids[shown]],
+            None if per is None or per["reward"] is None else per["reward"][shown],
+            None if per is None else per["aligned"][shown])
+        writer.write_images(step, {f"samples/{split}": grid})
     if log:
       writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})
     return out
 
   # ---------------------------------------------------------------- loop
-  if start == 0:
-    writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
-  bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain")
+  if start == 0:  # the whole config; metric columns: final alignment and loss
+    columns = [f"eval/{split}/{name}" for split in ("train", "heldout")
+               for name in ("alignment", "reward")] if judge and config.eval_every else []
+    writer.write_hparams(config, metrics=columns + ["train/loss"])
+  bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain", unit="step")
   t0, results = time.time(), {}
+  last_log = (start, time.time())  # (step, time) of the last logged metrics
   stop = loop.StopSignal()  # SIGTERM: end after this step with a checkpoint
   with placement.use_mesh(mesh):
     for step in range(start, config.steps):
@@ -202,13 +217,17 @@ def train_and_evaluate(config, workdir: str):
       if done % config.log_every == 0 or done == config.steps:
         m = jax.device_get(m)
         loop.check_finite(float(m["loss"]), f"pretrain loss at step {done}", ckpt, workdir)
-        m["steps_per_sec"] = (done - start) / (time.time() - t0)
+        now = time.time()
+        m["steps_per_sec"] = (done - start) / (now - t0)
+        # Throughput since the last logged step (the device_get above waited for it).
+        m["samples_per_sec"] = config.batch_size * (done - last_log[0]) / (now - last_log[1])
+        last_log = (done, now)
         writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
         bar.update(done, loss=float(m["loss"]))
       if loop.due(done, config.eval_every, config.steps):  # before the checkpoint: its
         eval_params = state.ema_params if state.ema_params is not None else state.params
         results = evaluate(eval_params, done)  # points are then on disk with it
-        logging.info("step %d eval: %s", done, results)
+        logging.info("%s", loop.eval_line("step", done, results, EVAL_LINE))
       loop.end_of_step(stop, done, config.steps, config.ckpt_every,
                        lambda: ckpt.save(done, state), writer, workdir)
   stop.close()

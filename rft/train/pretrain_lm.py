@@ -23,7 +23,11 @@ from rft.models import lm
 from rft.objectives import grpo
 from rft.train import loop
 from rft.worlds import arith_eval
-from rft.train.state import TrainState, make_optimizer
+from rft.train.state import TrainState, lr_schedule, make_optimizer
+
+# The console line of an evaluation (rft.train.loop.eval_line).
+EVAL_LINE = (("accuracy greedy", "accuracy_greedy", "%"),
+             ("sampled", "accuracy_sampled", "%"))
 
 
 def build_world(config) -> ArithmeticWorld:
@@ -97,10 +101,13 @@ def train_and_evaluate(config, workdir: str):
   start, state, _ = loop.resume(ckpt, state, workdir)
 
   # ---------------------------------------------------------------- update step
+  lr = lr_schedule(config.lr, config.steps, config.warmup)  # make_optimizer's schedule
+
   def train_step(state, batch):
     (_, m), grads = jax.value_and_grad(lambda p: sft_loss(lm_config, p, batch),
                                        has_aux=True)(state.params)
     m["grad_norm"] = optax.global_norm(grads)
+    m["lr"] = jnp.asarray(lr(state.step), jnp.float32)  # this update's learning rate
     return state.apply_gradients(grads, tx), m
 
   train_step = jax.jit(train_step, donate_argnums=(0,))
@@ -116,8 +123,13 @@ def train_and_evaluate(config, workdir: str):
     return m
 
   # ---------------------------------------------------------------- loop
-  bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain_arith")
+  if start == 0:  # the whole config; metric columns: final accuracy and loss
+    columns = [f"eval/{split}/accuracy_{mode}" for split in ("train", "heldout")
+               for mode in ("greedy", "sampled")] if config.eval_every else []
+    writer.write_hparams(config, metrics=columns + ["train/loss"])
+  bar = metrics.ProgressBar(config.steps, initial=start, desc="pretrain_arith", unit="step")
   t0, results = time.time(), {}
+  last_log = (start, time.time())  # (step, time) of the last logged metrics
   stop = loop.StopSignal()  # SIGTERM: end after this step with a checkpoint
   for step in range(start, config.steps):
     state, m = train_step(state, jax.tree.map(jnp.asarray, host_batch(step)))
@@ -125,11 +137,15 @@ def train_and_evaluate(config, workdir: str):
     if done % config.log_every == 0 or done == config.steps:
       m = jax.device_get(m)
       loop.check_finite(float(m["loss"]), f"pretrain_arith loss at step {done}", ckpt, workdir)
+      # Throughput since the last logged step (the device_get above waited for it).
+      now = time.time()
+      m["samples_per_sec"] = config.batch_size * (done - last_log[0]) / (now - last_log[1])
+      last_log = (done, now)
       writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
       bar.update(done, loss=float(m["loss"]))
     if loop.due(done, config.eval_every, config.steps):  # before the checkpoint: its
       results = evaluate(state.params, done)  # points are then on disk with it
-      logging.info("step %d eval: %s", done, results)
+      logging.info("%s", loop.eval_line("step", done, results, EVAL_LINE))
     loop.end_of_step(stop, done, config.steps, config.ckpt_every,
                      lambda: ckpt.save(done, state), writer, workdir)
   stop.close()

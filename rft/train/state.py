@@ -30,6 +30,24 @@ class TrainState:
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
+def lr_schedule(lr: float, steps: int, warmup: int = 0, schedule: str = "cosine"):
+  """The optax learning-rate schedule make_optimizer uses: update `count` (0 for the first
+  update) -> learning rate.
+
+  "cosine": linear warmup 0 -> lr over max(warmup, 1) updates, then cosine decay to
+  0.05 lr at update max(steps, warmup + 1). "constant": lr * count / warmup during the
+  warmup, then lr (warmup 0: the first update already uses lr).
+  """
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
+                                              end_value=lr * 0.05)
+  if schedule == "constant":
+    return (optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                  optax.constant_schedule(lr)], [warmup])
+            if warmup > 0 else optax.constant_schedule(lr))
+  raise ValueError(f"unknown lr schedule {schedule!r}; use 'cosine' or 'constant'")
+
+
 def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float = 0.0,
                    grad_clip: float = 0.0, b1: float = 0.9, b2: float = 0.999,
                    schedule: str = "cosine", eps: float = 1e-8, name: str = "adamw"
@@ -43,15 +61,7 @@ def make_optimizer(lr: float, steps: int, warmup: int = 0, weight_decay: float =
   (conv_out) and broke the model at lr 3e-3 and 1e-2 (README method-table notes), so
   the online configs keep "adamw".
   """
-  if schedule == "cosine":
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
-                                               end_value=lr * 0.05)
-  elif schedule == "constant":  # (warmup 0: the first update already uses lr)
-    sched = (optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
-                                   optax.constant_schedule(lr)], [warmup])
-             if warmup > 0 else optax.constant_schedule(lr))
-  else:
-    raise ValueError(f"unknown lr schedule {schedule!r}; use 'cosine' or 'constant'")
+  sched = lr_schedule(lr, steps, warmup, schedule)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
   if name == "adamw":
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))

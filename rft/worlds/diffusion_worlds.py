@@ -16,7 +16,8 @@
 All give the loop the same things: ``pipe`` (a Text2ImagePipeline whose ``images``
 decodes latents), the full ``base_params`` tree, the prompt ``texts`` and their ``tokens``,
 prompt sampling per split, the per-sample ``reward_prompts`` dict, the kwargs the reward
-factories get, an ``evaluate`` hook and an ``export`` of the finetuned model.
+factories get, an ``evaluate`` hook (metrics, images and per-image verdicts, or None), the
+caption ``families`` of prompts (None: one family) and an ``export`` of the finetuned model.
 """
 from __future__ import annotations
 
@@ -77,12 +78,20 @@ class ShapesSetup:
     return {"ids": ids, "tokens": self.tokens[ids], "assignments": self.world.assignments(ids)}
 
   def evaluate(self, sample_images: Callable, ids, key, batch_size: int):
-    """(metrics, images): the independent evaluator's alignment (None without a judge)."""
+    """(metrics, images [len(ids)], aligned bool [len(ids)]): the independent evaluator's
+    alignment and its verdict on each image (None without a judge)."""
     from rft.worlds import shapes_eval
     if self.judge is None:
       return None
-    return shapes_eval.evaluate_alignment(sample_images, self.judge, self.world, ids, key,
-                                          batch_size=batch_size)
+    m, images, per_sample = shapes_eval.evaluate_alignment(
+        sample_images, self.judge, self.world, ids, key, batch_size=batch_size,
+        return_samples=True)
+    return m, images, per_sample["aligned"]
+
+  def families(self, ids) -> list[str]:
+    """The caption family of each prompt (rft.data.shapes.FAMILIES: single, count, and,
+    relation)."""
+    return [shapes.FAMILIES[f] for f in self.world.family_ids[np.asarray(ids)]]
 
   def export(self, final_params, workdir: str, objective: str, results: dict) -> str:
     """The finetuned model as a bundle: rft.pretrained.load_shapes_base(workdir)."""
@@ -159,6 +168,10 @@ class StableDiffusionSetup:
   def evaluate(self, sample_images, ids, key, batch_size: int):
     del sample_images, ids, key, batch_size
     return None  # no independent evaluator: the loop logs the configured rewards
+
+  def families(self, ids) -> None:
+    del ids
+    return None  # one family: sample grids pick distinct prompts
 
   def export(self, final_params, workdir: str, objective: str, results: dict) -> str:
     """The finetuned UNet as a diffusers folder ``<workdir>/unet`` (loads with

@@ -34,16 +34,19 @@ def make_judge(evaluator: Scorer, reward: Scorer | None = None) -> Callable:
 
 def evaluate_alignment(sample_images: Callable, judge: Callable, world: shapes.ShapesWorld,
                        prompt_ids: np.ndarray, key, samples_per_prompt: int = 1,
-                       batch_size: int = 256) -> tuple[dict, np.ndarray]:
+                       batch_size: int = 256, return_samples: bool = False) -> tuple:
   """Sample images for prompt_ids (x samples_per_prompt) and judge them.
 
-  sample_images(prompt_ids, key) -> images [n,16,16,3]. Returns (metrics, first images).
+  sample_images(prompt_ids, key) -> images [n,16,16,3]. Returns (metrics, the images of
+  the first batch), or with `return_samples` (metrics, every image [N,16,16,3], per
+  sample {"ids": [N] (prompt_ids, each repeated samples_per_prompt times), "aligned":
+  bool [N], "reward": [N] or None}).
   Metrics: alignment, reward (if the judge has a reward model), alignment per family,
   and objects_present: every named (colour, shape) object is there, as often as named,
   ignoring sizes, positions, relations and extra objects (a looser, diagnostic score).
   """
   ids = np.repeat(np.asarray(prompt_ids), samples_per_prompt)
-  aligned, reward, present, first = [], [], [], None
+  aligned, reward, present, first, every = [], [], [], None, []
   for i, start in enumerate(range(0, len(ids), batch_size)):
     chunk = ids[start:start + batch_size]
     pad = batch_size - len(chunk)  # keep one compiled shape
@@ -57,6 +60,8 @@ def evaluate_alignment(sample_images: Callable, judge: Callable, world: shapes.S
       reward.append(np.asarray(out["reward"])[:len(chunk)])
     if first is None:
       first = np.asarray(images)[:len(chunk)]
+    if return_samples:
+      every.append(np.asarray(images)[:len(chunk)])
   aligned = np.concatenate(aligned)
   m = {"alignment": float(aligned.mean()), "objects_present": float(np.mean(np.concatenate(present)))}
   if reward:
@@ -65,6 +70,9 @@ def evaluate_alignment(sample_images: Callable, judge: Callable, world: shapes.S
   for f, name in enumerate(shapes.FAMILIES):
     if np.any(fams == f):
       m[f"alignment_{name}"] = float(aligned[fams == f].mean())
+  if return_samples:
+    return m, np.concatenate(every), {"ids": ids, "aligned": aligned,
+                                      "reward": np.concatenate(reward) if reward else None}
   return m, first
 
 
