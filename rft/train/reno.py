@@ -77,7 +77,9 @@ def run(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- per split
   writer = metrics.create_writer(workdir)
-  writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
+  # The whole config; metric columns: the reward and alignment ReNO reached per split.
+  writer.write_hparams(config, metrics=[f"{split}/{name}" for split in ("train", "heldout")
+                                        for name in ("alignment_best", "reward_best")])
   key = jax.random.key(config.seed)
   bs = config.batch_size
   results = {}
@@ -130,14 +132,22 @@ def run(config, workdir: str) -> dict:
                                f"{split}/grad_norm": cat("grad_norms")[i].mean()})
     writer.write_scalars(config.iterations, {f"{split}/{k}": v for k, v in res.items()
                                              if isinstance(v, float)})
-    # Before (top row) / after (bottom row) for the first prompts.
-    k = min(8, len(ids))
-    captions = [world.texts[i] for i in ids[:k]]
-    grid = metrics.image_grid(np.concatenate([cat("initial_images")[:k], cat("images")[:k]]),
-                              captions + captions, ncols=k)
-    writer.write_images(config.iterations, {f"reno/{split}_before_after": grid[None]})
+    # Before (top row) / after (bottom row), prompts picked over the caption families,
+    # each with its reward (config.reward) and the evaluator's verdict.
+    shown = metrics.pick_samples(ids, world.family_ids[ids], min(8, len(ids)))
+    k = len(shown)
+    grid = metrics.samples_grid(
+        np.concatenate([cat("initial_images")[shown], cat("images")[shown]]),
+        [world.texts[i] for i in ids[shown]] * 2,
+        np.concatenate([cat("initial_reward")[shown], cat("reward")[shown]]),
+        np.concatenate([cat("initial_aligned")[shown], cat("best_aligned")[shown]]),
+        ["before"] * k + ["after"] * k, ncols=k)
+    writer.write_images(config.iterations, {f"samples/{split}/before_after": grid})
     metrics.save_image(os.path.join(workdir, f"{split}_before_after.png"), grid)
-    logging.info("ReNO %s: %s", split, {k: v for k, v in res.items() if k != "reward_curve"})
+    logging.info("ReNO %s: reward %.3f -> %.3f, alignment %.1f %% -> %.1f %% (%d prompts, "
+                 "%.1f s)", split, res["reward_initial"], res["reward_best"],
+                 100 * res["alignment_initial"], 100 * res["alignment_best"], len(ids),
+                 res["seconds"])
     results[split] = res
 
   # ---------------------------------------------------------------- results
