@@ -75,9 +75,8 @@ def main(argv):
   if info.process_index != 0:  # one log per job: the others report warnings and errors only
     logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  logging.info("config %s, workdir %s (the whole config: %s)",
-               config_flags.get_config_filename(flags.FLAGS["config"]), workdir,
-               os.path.join(workdir, "config.json"))
+  logging.info("config %s, workdir %s (the whole config: config.json there)",
+               config_flags.get_config_filename(flags.FLAGS["config"]), workdir)
   # Every process checks (a changed config fails everywhere, no process is left waiting);
   # process 0 records.
   train = training.prepare(config, workdir, allow_config_change=_ALLOW_CHANGE.value,

@@ -199,8 +199,9 @@ def test_without_a_terminal_plain_lines_and_no_carriage_returns(caplog):
 # ------------------------------------------------------------------ smoke runs
 
 
-def _console(p) -> list[str]:
-  text = p.stdout + p.stderr
+def _console(p, workdir) -> list[str]:
+  """The run's output lines, the workdir's path (its length is the caller's) as "WD"."""
+  text = (p.stdout + p.stderr).replace(str(workdir), "WD")
   assert "\r" not in text  # no bar redraws in a log file
   return [l for l in text.split("\n") if l.strip()]
 
@@ -230,9 +231,10 @@ def test_prdp_smoke_tensorboard_and_console(tmp_path):
   results = json.loads((wd / "results.json").read_text())
 
   # Console: 97 lines of up to 913 characters before (config dump, writer echo).
-  lines = _console(p)
+  lines = _console(p, wd)
   _check_console(lines, "epoch", "prdp", (0, 2), max_lines=10)
-  assert "config configs/prdp.py:smoke, workdir" in lines[0]
+  assert "config configs/prdp.py:smoke, workdir WD (the whole config: config.json there)" \
+      in lines[0]
 
   # Hyperparameters: the whole config, nested blocks included, and metric columns whose
   # last values are the final evaluation.
@@ -274,7 +276,7 @@ def test_grpo_smoke_tensorboard_and_console(tmp_path):
   p = run_main("configs/grpo.py:smoke", wd)
   config = config_lib.load("grpo", "smoke")
   results = json.loads((wd / "results.json").read_text())
-  _check_console(_console(p), "step", "grpo:grpo", (0, 2), max_lines=10)
+  _check_console(_console(p, wd), "step", "grpo:grpo", (0, 2), max_lines=10)
 
   hp = tb_events.read_hparams(str(wd))
   assert hp["hparams"]["objective.beta"] == pytest.approx(config.objective.beta)
@@ -306,7 +308,7 @@ def test_pretrain_smoke_tensorboard_and_console(tmp_path):
   wd = tmp_path / "run"
   p = run_main("configs/pretrain_shapes.py:smoke", wd)
   config = config_lib.load("pretrain_shapes", "smoke")
-  _check_console(_console(p), "step", "pretrain", (config.steps,), max_lines=10)
+  _check_console(_console(p, wd), "step", "pretrain", (config.steps,), max_lines=10)
   hp = tb_events.read_hparams(str(wd))
   assert hp["hparams"]["model.unet.channels"] == str(config.model.unet.channels)
   assert hp["hparams"]["sampler.num_steps"] == config.sampler.num_steps
