@@ -273,6 +273,10 @@ def test_dit_flow_training_reduces_the_loss():
   assert float(loss_fn(params)) < 0.5 * first
 
 
+NFT_ARGS = ("--config.reward=brightness", "--config.objective.old_decay=(0.0, 0.25, 0.5)",
+            "--config.eval_every=0")
+
+
 def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   """configs/pretrain_flow_shapes.py:smoke exports a DiT bundle (family "dit", flow
   schedule) that loads back with the same params, and PRDP runs on it with the flow SDE
@@ -301,28 +305,13 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   assert max(jax.tree.leaves(moved)) > 0  # the DiT was trained
   np.testing.assert_array_equal(np.asarray(tuned_params["text"]["tok_embed"]["embedding"]),
                                 np.asarray(params["text"]["tok_embed"]["embedding"]))
-  # Flow-GRPO as MixGRPO on the same base (a 2-step SDE window in the 3-step smoke
-  # rollout; tests/test_sd3.py runs plain Flow-GRPO with its KL term end to end); without
-  # a base_dir its config stops at once, naming it.
-  run_main("configs/flow_grpo.py:smoke,mix", tmp_path / "mix", f"--config.base_dir={base}",
-           "--config.reward=brightness", "--config.sde_window.every=1")
-  results = json.load(open(tmp_path / "mix" / "results.json"))
-  assert results["objective"] == "flow_grpo" and results["epochs"] == 2
+  # Without a base_dir Flow-GRPO's config stops at once, naming it (tests/test_sd3.py runs
+  # plain Flow-GRPO with its KL term end to end; MixGRPO below, in the slow set).
   p = run_main("configs/flow_grpo.py:smoke", tmp_path / "fg2", check=False)
   assert p.returncode != 0 and "config.base_dir" in p.stderr
-  # DiffusionNFT on the same base; with a fast-moving sampling policy (d = 0.5 after the
-  # first epoch's 2 optimizer steps) a run resumed after epoch 1 must end where an
-  # uninterrupted one does: the lagged policy is in the checkpoint.
-  nft = ("--config.reward=brightness", "--config.objective.old_decay=(0.0, 0.25, 0.5)",
-         "--config.eval_every=0")
-  run_main("configs/nft.py:smoke", tmp_path / "nft", f"--config.base_dir={base}", *nft)
-  run_main("configs/nft.py:smoke", tmp_path / "nft_r", f"--config.base_dir={base}", *nft,
-           "--config.epochs=1")
-  run_main("configs/nft.py:smoke", tmp_path / "nft_r", f"--config.base_dir={base}", *nft)
+  # DiffusionNFT on the same base trains the DiT (its resume is in the slow set below).
+  run_main("configs/nft.py:smoke", tmp_path / "nft", f"--config.base_dir={base}", *NFT_ARGS)
   _, straight, _ = pretrained.load_shapes_base(str(tmp_path / "nft"))
-  _, resumed, _ = pretrained.load_shapes_base(str(tmp_path / "nft_r"))
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert max(jax.tree.leaves(jax.tree.map(
       lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
       straight["dit"], params["dit"]))) > 0
@@ -330,6 +319,32 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   p = run_main("configs/prdp.py:all_captions,smoke", tmp_path / "bad",
                f"--config.base_dir={base}", check=False)
   assert p.returncode != 0 and "velocity" in p.stderr
+
+
+@pytest.mark.slow
+def test_mixgrpo_and_a_resumed_nft_run_on_the_flow_base(tmp_path):
+  """Flow-GRPO as MixGRPO (a 2-step SDE window in the 3-step smoke rollout) runs on the
+  flow base; DiffusionNFT with a fast-moving sampling policy (d = 0.5 after the first
+  epoch's 2 optimizer steps) resumed after epoch 1 ends where an uninterrupted run does:
+  the lagged policy is in the checkpoint."""
+  import json
+
+  from rft import pretrained
+  from tests.helpers import run_main
+  base = tmp_path / "base"
+  run_main("configs/pretrain_flow_shapes.py:smoke", base)
+  run_main("configs/flow_grpo.py:smoke,mix", tmp_path / "mix", f"--config.base_dir={base}",
+           "--config.reward=brightness", "--config.sde_window.every=1")
+  results = json.load(open(tmp_path / "mix" / "results.json"))
+  assert results["objective"] == "flow_grpo" and results["epochs"] == 2
+  run_main("configs/nft.py:smoke", tmp_path / "nft", f"--config.base_dir={base}", *NFT_ARGS)
+  run_main("configs/nft.py:smoke", tmp_path / "nft_r", f"--config.base_dir={base}", *NFT_ARGS,
+           "--config.epochs=1")
+  run_main("configs/nft.py:smoke", tmp_path / "nft_r", f"--config.base_dir={base}", *NFT_ARGS)
+  _, straight, _ = pretrained.load_shapes_base(str(tmp_path / "nft"))
+  _, resumed, _ = pretrained.load_shapes_base(str(tmp_path / "nft_r"))
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_flow_grpo_group_advantages_by_hand():

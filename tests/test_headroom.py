@@ -1,5 +1,6 @@
 """rft.tools.headroom: caption classification, and each measurement end to end (tiny)."""
 import numpy as np
+import pytest
 
 from rft.data import shapes
 from rft.tools import headroom
@@ -17,6 +18,7 @@ def test_position_words_match_the_grammar():
       assert headroom.has_position(text) == (" at the " in text), text
 
 
+@pytest.mark.slow  # two evaluations of the base model; the probes' pieces are tested below
 def test_captions_and_supervised_run_and_add_up():
   out = headroom.main(["captions", "--train_prompts", "4", "--samples", "2"])
   assert out["captions"] == 4 and 0 <= out["alignment"] <= 1

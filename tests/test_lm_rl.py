@@ -8,7 +8,14 @@ import pytest
 from rft import pretrained
 from tests.helpers import run_main
 
-VARIANTS = ["", "dapo", "dr_grpo", "gspo,kl", "rloo", "raft"]
+# CI runs the plain GRPO smoke and GSPO with the KL term end to end; DAPO runs three times
+# in test_resumed_run_continues_the_same_curve. Dr.GRPO, RLOO and RAFT differ only in
+# their advantage / loss kernels (hand-computed in test_grpo.py), so their end-to-end
+# smoke runs are in the slow set.
+VARIANTS = ["", pytest.param("dapo", marks=pytest.mark.slow),
+            pytest.param("dr_grpo", marks=pytest.mark.slow), "gspo,kl",
+            pytest.param("rloo", marks=pytest.mark.slow),
+            pytest.param("raft", marks=pytest.mark.slow)]
 
 
 def _results(workdir):

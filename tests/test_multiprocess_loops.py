@@ -72,6 +72,10 @@ def _assert_close_params(a, b, base, atol):
     np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
 
 
+# Slow (~3 min alone, three 8-device runs): CI keeps the GRPO two-process test below
+# (the same distributed machinery: rft.distributed, placement, global statistics) and the
+# PRDP update's 8-device equality (test_update_sharding.py).
+@pytest.mark.slow
 def test_prdp_epoch_two_processes_equal_one_and_resume_in_one(tmp_path):
   cfg = "configs/prdp.py:smoke"
   common = ("--config.eval_every=0", "--config.ckpt_every=1", *OPTIMIZER)

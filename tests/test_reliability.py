@@ -118,6 +118,8 @@ def test_set_aside_after_moves_later_steps_and_deletes_nothing(tmp_path):
     checkpoint.set_aside_after(tmp_path / "checkpoints", 7)
 
 
+# End to end (two pretraining runs); the error and its message are tested in process above.
+@pytest.mark.slow
 def test_a_run_with_a_damaged_checkpoint_stops_and_resumes_from_the_offered_one(tmp_path):
   run_main(SMOKE, tmp_path, "--config.eval_every=0", "--config.steps=10",
            "--config.ckpt_every=5")

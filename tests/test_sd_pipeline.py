@@ -178,8 +178,13 @@ def test_paper_configs_name_missing_model(tmp_path, monkeypatch):
   assert c.reward == "pickscore:10,hpsv2:2,aesthetic:0.05"
 
 
-@pytest.mark.parametrize("config", ["configs/prdp.py:smoke", "configs/draft.py:smoke",
-                                    "configs/ddpo.py:smoke", "configs/raft.py:smoke"])
+# CI runs one objective of each kind that samples differently on SD (trajectories: PRDP;
+# reward backprop through the VAE: DRaFT); DDPO and RAFT run on ShapesWorld in CI
+# (test_online.py) and on SD in the slow set.
+@pytest.mark.parametrize("config", [
+    "configs/prdp.py:smoke", "configs/draft.py:smoke",
+    pytest.param("configs/ddpo.py:smoke", marks=pytest.mark.slow),
+    pytest.param("configs/raft.py:smoke", marks=pytest.mark.slow)])
 def test_online_loop_on_tiny_sd(tmp_path, config):
   """PRDP, DRaFT, DDPO and RAFT run unchanged on a diffusers SD folder (LoRA on the UNet
   attention, an image reward on VAE-decoded samples, differentiated through the decoder

@@ -74,7 +74,8 @@ class Scorer:
     from rft.models import scorers
     meta = pretrained.load_meta(name, directory)
     module = scorers.make_scorer(meta["arch"])
-    template = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    template = jax.eval_shape(module.init, jax.random.key(0),  # shapes only: no compute
+                              jnp.zeros((1, 16, 16, 3)))["params"]
     params, _ = pretrained.load_bundle(name, template, directory)
     return cls(name, module, params)
 
