@@ -265,42 +265,22 @@ def read_named_weights(model_dir: str, name: str, *,
 
 
 def load_safetensors(paths: Sequence[str]) -> Dict[str, np.ndarray]:
+  """The tensors of safetensors files as numpy arrays; bfloat16 ones (HF's usual dtype for
+  LMs) are read through ml_dtypes' numpy bfloat16 and upcast to float32. A key in more
+  than one file is an error naming it."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top  # registers numpy's bfloat16
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   state: Dict[str, np.ndarray] = {}
   for p in paths:
     try:
       part = load_file(p)
     except Exception as e:  # safetensors raises its own error types
-      if "bfloat16" in str(e) or "bf16" in str(e).lower():
-        part = _load_safetensors_bf16(p)
-      else:
-        raise ValueError(f"{p}: cannot read as safetensors: {e}") from e
+      raise ValueError(f"{p}: cannot read as safetensors: {e}") from e
     for k, v in part.items():
       if k in state:
         raise ValueError(f"{p}: key {k} appears in more than one weight file")
-      state[k] = v
+      state[k] = v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v
   return state
-
-
-def _load_safetensors_bf16(path: str) -> Dict[str, np.ndarray]:
-  """bf16 safetensors (numpy has no bfloat16): read through ml_dtypes, upcast to f32."""
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-    data = f.read()
-  dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-            "I64": np.int64, "I32": np.int32, "F64": np.float64, "U8": np.uint8}
-  out = {}
-  for k, info in header.items():
-    if k == "__metadata__":
-      continue
-    if info["dtype"] not in dtypes:
-      raise ValueError(f"{path}: {k} has unsupported dtype {info['dtype']}")
-    a, b = info["data_offsets"]
-    arr = np.frombuffer(data[a:b], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    out[k] = arr.astype(np.float32) if info["dtype"] == "BF16" else arr.copy()
-  return out
 
 
 def load_pickles(paths: Sequence[str]) -> Dict[str, np.ndarray]:
