@@ -25,7 +25,9 @@ def test_every_config_file_has_command_docstring_and_smoke():
 
 
 def test_pretrain_smoke_writes_events_checkpoint_and_bundle(tmp_path):
-  run_main(SMOKE, tmp_path)
+  p = run_main(SMOKE, tmp_path)
+  from tests.test_tensorboard_console import check_pretrain_smoke
+  check_pretrain_smoke(p, tmp_path)  # hparams, lr, throughput, grids, console
   scalars = metrics.read_scalars(str(tmp_path))
   assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
   assert all(np.isfinite(v) for _, v in scalars["train/loss"])

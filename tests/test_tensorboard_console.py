@@ -304,9 +304,9 @@ def test_grpo_smoke_tensorboard_and_console(tmp_path):
   assert {"samples/train", "samples/heldout", "samples/rollouts"} <= set(texts)
 
 
-def test_pretrain_smoke_tensorboard_and_console(tmp_path):
-  wd = tmp_path / "run"
-  p = run_main("configs/pretrain_shapes.py:smoke", wd)
+def check_pretrain_smoke(p, wd):
+  """What pretraining's smoke run (configs/pretrain_shapes.py:smoke) shows: called from
+  tests/test_main.py's pretraining smoke test (one run for both)."""
   config = config_lib.load("pretrain_shapes", "smoke")
   _check_console(_console(p, wd), "step", "pretrain", (config.steps,), max_lines=10)
   hp = tb_events.read_hparams(str(wd))
