@@ -27,6 +27,7 @@ CORE = [
     "safetensors>=0.4",  # HF checkpoints (rft.weights), read without torch
     "matplotlib>=3.8.4",  # rft.repro: learning curves of the paper tables
     "etils[epath]>=1.15.0",  # rft.paths: local and gs:// workdirs (also what orbax uses)
+    "huggingface_hub>=2.4.0",  # hub ids of models (rft.weights.io.resolve_model_dir)
 ]
 
 # configs/ and launch/ stay at the repository root (README: --config=configs/prdp.py); a

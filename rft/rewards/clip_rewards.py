@@ -73,14 +73,32 @@ def model_dir_for(path: Any, *, reward: str, key: str, how: str, expected: str) 
 
 
 def weights_file_for(path: Any, *, reward: str, key: str, how: str) -> str:
-  """An existing weight file; FileNotFoundError naming the config key and where to get it."""
+  """An existing weight file: a local path, or ``hf://<org>/<name>/<file>`` (a file of a
+  hub repo: the HF cache's copy, else downloaded unless ``$HF_HUB_OFFLINE`` is set).
+  FileNotFoundError naming the config key and where to get it."""
   if path is None or path == "":
     raise FileNotFoundError(f"reward {reward!r}: config.reward_options.{reward}.{key} is not "
                             f"set. {how}")
-  path = os.path.expanduser(os.fspath(path))
+  path = os.fspath(path)
+  where = f"reward {reward!r}: config.reward_options.{reward}.{key}={path!r}"
+  if path.startswith("hf://"):
+    parts = path[len("hf://"):].split("/")
+    if len(parts) < 3 or not all(parts):
+      raise ValueError(f"{where}: a hub file is hf://<org>/<name>/<file in the repo>")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+      return hf_hub_download(repo, filename, local_files_only=offline)
+    except Exception as e:  # not cached and offline, no network, no such file, ...
+      why = "downloads are off (HF_HUB_OFFLINE)" if offline else "downloading it failed"
+      raise FileNotFoundError(
+          f"{where}: not in the HF cache and {why} "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fetch it with "
+          f"`hf download {repo} {filename}` where the network allows. {how}") from None
+  path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"reward {reward!r}: config.reward_options.{reward}.{key}="
-                            f"{path!r}: no such file. {how}")
+    raise FileNotFoundError(f"{where}: no such file. {how}")
   return path
 
 
@@ -248,8 +266,8 @@ _PICKSCORE_HOW = ("Get PickScore with `hf download yuvalkirstain/PickScore_v1` a
                   "laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (tokenizer_path).")
 _CLIPSCORE_HOW = ("Get a CLIP model, e.g. `hf download openai/clip-vit-base-patch32` (the "
                   "CLIPScore paper's ViT-B/32).")
-_HPS_HOW = ("Get HPS_v2_compressed.pt / HPS_v2.1_compressed.pt from "
-            "https://huggingface.co/xswu/HPSv2 (pickles: set "
+_HPS_HOW = ("HPS_v2_compressed.pt / HPS_v2.1_compressed.pt are in the hub repo xswu/HPSv2 "
+            "(weights_file=hf://xswu/HPSv2/HPS_v2_compressed.pt fetches it; pickles: set "
             "--config.reward_options.<hpsv2 or hpsv2.1>.allow_pickle=True, or convert "
             "them to .safetensors) and a CLIP tokenizer folder, e.g. `hf download "
             "openai/clip-vit-large-patch14` or an SD pipeline's tokenizer/ (tokenizer_path).")

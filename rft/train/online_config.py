@@ -191,7 +191,8 @@ def sd3_world(c: config_dict.ConfigDict, model_path: str, prompt_set: str = "ani
 # Where each SD reward model's files are expected by default (override with
 # --config.reward_options.<name>.<key>=...): hub ids resolve in the local HF cache.
 REWARD_FILES = {
-    "hpsv2": {"weights_file": "HPS_v2_compressed.pt", "allow_pickle": False,
+    # hf://<org>/<name>/<file>: a file of a hub repo (the HF cache's copy, else downloaded)
+    "hpsv2": {"weights_file": "hf://xswu/HPSv2/HPS_v2_compressed.pt", "allow_pickle": False,
               "tokenizer_path": "openai/clip-vit-large-patch14"},
     "pickscore": {"model_path": "yuvalkirstain/PickScore_v1",
                   "tokenizer_path": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},

@@ -106,48 +106,85 @@ def hub_cache_dirs() -> List[str]:
   return out
 
 
+# What a hub download fetches: configs, safetensors weights, tokenizer files (vocab /
+# merges / sentencepiece), nothing pickled (.bin / .ckpt / .pt stay behind).
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
+
+
+def _is_hub_id(name: str) -> bool:
+  parts = name.split("/")
+  return bool(name) and not name.startswith((".", "/", "~")) and len(parts) <= 2 and all(parts)
+
+
+def _cached_snapshot(parts: List[str], marker: str, tried: List[str]) -> Optional[str]:
+  """A snapshot of hub repo `org/name` in the local HF cache holding `marker`: the one
+  `refs/main` names, else the newest (caches copied without refs)."""
+  repo_dir_name = "models--" + "--".join(parts)
+  for cache in hub_cache_dirs():
+    repo = os.path.join(cache, repo_dir_name)
+    tried.append(repo)
+    snapshots = os.path.join(repo, "snapshots")
+    if not os.path.isdir(snapshots):
+      continue
+    ref = os.path.join(repo, "refs", "main")
+    if os.path.isfile(ref):
+      with open(ref) as f:
+        rev = f.read().strip()
+      snap = os.path.join(snapshots, rev)
+      if os.path.exists(os.path.join(snap, marker)):
+        return snap
+      tried.append(snap)
+      logging.warning("resolve_model_dir: %s names snapshot %s, which lacks %s; "
+                      "falling back to the newest snapshot with it", ref, rev, marker)
+    candidates = [os.path.join(snapshots, s) for s in os.listdir(snapshots)]
+    candidates = [c for c in candidates if os.path.exists(os.path.join(c, marker))]
+    if candidates:
+      return max(candidates, key=os.path.getmtime)
+  return None
+
+
 def resolve_model_dir(name_or_path: Any, *, marker: str = "config.json",
-                      expected: str = "config.json and *.safetensors weights") -> str:
-  """Returns the folder holding a model, without touching the network.
+                      expected: str = "config.json and *.safetensors weights",
+                      download: Optional[bool] = None) -> str:
+  """Returns the folder holding a model: a local folder as it is, or a hub id
+  (``org/name``) through the HF cache and ``huggingface_hub``.
 
-  ``name_or_path`` is a local folder, or a hub id (``org/name``) already downloaded
-  into the HF cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or
-  ``~/.cache/huggingface/hub``, layout ``models--org--name/snapshots/<rev>/``; the
-  snapshot named by ``refs/main`` when present, else the newest one holding ``marker``).
-
-  Raises FileNotFoundError naming every path tried and the files ``expected``.
+  A hub id resolves to its cached snapshot when one holds ``marker`` (``$HF_HUB_CACHE``,
+  ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``; the snapshot ``refs/main`` names,
+  else the newest), and otherwise is downloaded with ``huggingface_hub.snapshot_download``
+  (only ``HUB_PATTERNS``: configs, safetensors, tokenizer files) unless ``download`` is
+  False or ``$HF_HUB_OFFLINE`` is set. Raises FileNotFoundError naming the id, every path
+  tried, the files ``expected`` and the command that fetches them.
   """
   name = os.fspath(name_or_path)
   if os.path.isdir(name):
     return name
   tried = [os.path.abspath(name)]
+  if not _is_hub_id(name):
+    raise FileNotFoundError(f"No model found for {name!r}: tried {tried}. Expected a folder "
+                            f"with {expected}.")
   parts = name.split("/")
-  if name and not name.startswith((".", "/", "~")) and len(parts) <= 2 and all(parts):
-    repo_dir_name = "models--" + "--".join(parts)
-    for cache in hub_cache_dirs():
-      repo = os.path.join(cache, repo_dir_name)
-      tried.append(repo)
-      snapshots = os.path.join(repo, "snapshots")
-      if not os.path.isdir(snapshots):
-        continue
-      ref = os.path.join(repo, "refs", "main")
-      if os.path.isfile(ref):
-        with open(ref) as f:
-          rev = f.read().strip()
-        snap = os.path.join(snapshots, rev)
-        if os.path.isdir(snap):
-          return snap
-        tried.append(snap)
-        logging.warning("resolve_model_dir: %s names snapshot %s, which is missing; "
-                        "falling back to the newest snapshot with a %s", ref, rev, marker)
-      candidates = [os.path.join(snapshots, s) for s in os.listdir(snapshots)]
-      candidates = [c for c in candidates if os.path.exists(os.path.join(c, marker))]
-      if candidates:
-        return max(candidates, key=os.path.getmtime)
+  snap = _cached_snapshot(parts, marker, tried)
+  if snap is not None:
+    return snap
+  if download is None:
+    download = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
+  fetch = f"`hf download {name} --include {' '.join(repr(p) for p in HUB_PATTERNS)}`"
+  why = "downloads are off (HF_HUB_OFFLINE is set)" if not download else ""
+  if download:
+    try:
+      from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+      snap = snapshot_download(name, allow_patterns=list(HUB_PATTERNS))
+    except Exception as e:  # no network, unknown or gated repo, ...: say which, no retry
+      why = f"downloading it failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    else:
+      if os.path.exists(os.path.join(snap, marker)):
+        return snap
+      why = f"the downloaded snapshot {snap} has no {marker}"
   raise FileNotFoundError(
-      f"No model found for {name!r}: tried {tried}. Expected a folder with {expected}. "
-      "For a hub id, download it first (no network is used here), e.g. "
-      "`hf download ORG/NAME`.")
+      f"No model found for hub id {name!r}: not in the HF cache (tried {tried}) and {why}. "
+      f"Expected a folder with {expected}. Fetch it where the network allows with {fetch} "
+      "(then copy the cache, or pass the folder).")
 
 
 def save_folder(folder: Any, config: Mapping[str, Any], state: Mapping[str, np.ndarray],
