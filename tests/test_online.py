@@ -36,8 +36,10 @@ def test_smoke_run_writes_results_checkpoint_and_model(name, tmp_path):
       assert 0.0 <= h[k] <= 1.0 and math.isfinite(h[k])
   assert r["reward_queries"] > 0
   assert (wd / "checkpoints").is_dir()
-  # The finetuned params differ from the base model's, and load back as a bundle.
-  _, base, _ = pretrained.load_shapes_base()
+  # The finetuned params differ from the base model's (the one the config starts from:
+  # PRDP's main job starts from assets/positions), and load back as a bundle.
+  base_dir = json.loads((wd / "config.json").read_text())["base_dir"]
+  _, base, _ = pretrained.load_shapes_base(base_dir or None)
   _, tuned, meta = pretrained.load_shapes_base(str(wd))
   assert meta["objective"] == r["objective"]
   moved = max(float(np.max(np.abs(a - b)))

@@ -39,7 +39,8 @@ def toy_diffusion():
 def test_a_toy_objective_registered_here_runs_through_the_diffusion_loop(toy_diffusion,
                                                                          tmp_path):
   from rft.train import diffusion_rl
-  config = config_lib.load("prdp", "smoke")
+  # PRDP's generic settings (no step baselines: the toy objective takes none)
+  config = config_lib.load("prdp", "all_captions,smoke")
   config.objective.name = "toy_reinforce"
   config.eval_every = 0
   results = diffusion_rl.train_and_evaluate(config, str(tmp_path))
