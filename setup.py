@@ -1,7 +1,7 @@
 """rft: reward finetuning of generative models in JAX/Flax."""
 from setuptools import find_namespace_packages, find_packages, setup
 
-# Floors: the JAX stack (jax, flax, optax, orbax-checkpoint, chex, clu, ml-collections,
+# Floors: the JAX stack (jax, flax, optax, orbax-checkpoint, chex, ml-collections,
 # etils)
 # at the versions installed where the test suite runs (the only ones tested); these
 # libraries change APIs between minor releases and an older one next to a newer jax is
@@ -18,11 +18,10 @@ CORE = [
     "orbax-checkpoint>=0.12.8",
     "chex>=0.1.92",
     "ml-collections>=1.1.0",
-    "clu>=0.0.12",
     "numpy>=2.0",
     "pillow>=10",
     "absl-py>=2.3.1",
-    "tensorboardX>=2.6",  # TF-free TensorBoard event files behind clu's MetricWriter
+    "tensorboardX>=2.6",  # TF-free TensorBoard event files (rft.metrics)
     "tqdm>=4.66",
     "safetensors>=0.4",  # HF checkpoints (rft.weights), read without torch
     "matplotlib>=3.8.4",  # rft.repro: learning curves of the paper tables

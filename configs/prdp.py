@@ -12,8 +12,8 @@ trains the UNet's low-resolution blocks with Adam lr 3e-4, and uses the two vari
 levers of rft.objectives.step_baselines (a group shares its initial noise; per-step
 x0_reward baselines) on 8 XLA CPU devices.
 EXPECTED (3 seeds, 95 % t interval): seen-caption alignment 66.0 -> 72.1 %, gain +6.1
-[5.0, 7.2] points; unseen +4.0 [-1.3, 9.4]; 9.1 min per run on one 2-core CPU, 15-17 min
-on a slower one.
+[5.0, 7.2] points; unseen +4.0 [-1.3, 9.4]; 9.1 min per run on one 2-core CPU; about 14-16 min
+on a slower one (a third of its 120-epoch runs).
 
 Variants:
   long          the same for 120 epochs (61,440 reward queries): seen gain +11.8 [8.7,

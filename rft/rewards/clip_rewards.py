@@ -21,8 +21,8 @@ tower makes irrelevant); HPSv2 uses open_clip's format: SOT 49406, BPE ids, EOT 
 zeros, truncated to 77 keeping EOT (made with a transformers CLIPTokenizer of the same
 BPE, after open_clip's ftfy / html-unescape cleaning).
 
-Factory options (``config.reward_options.<name>.<key>``; folders may be hub ids already
-in the local HF cache, nothing is downloaded):
+Factory options (``config.reward_options.<name>.<key>``; folders may be hub ids: the HF
+cache's copy, else downloaded, rft.weights.io.resolve_model_dir):
 
   pickscore:  model_path ("yuvalkirstain/PickScore_v1"), tokenizer_path (default: the
               model folder if it has tokenizer files; PickScore's own is

@@ -1,7 +1,7 @@
 """Hugging Face (torch) causal LM checkpoints <-> :class:`rft.models.lm.DecoderLM` params.
 
-* :func:`resolve_model_dir` -- a local folder, or a hub id found in the local HF cache
-  (no network).
+* :func:`resolve_model_dir` -- a local folder, or a hub id (the HF cache's snapshot,
+  else downloaded; io.resolve_model_dir).
 * :func:`load_lm` -- ``config.json`` + ``*.safetensors`` (single file or sharded with
   ``model.safetensors.index.json``) -> ``(LMConfig, params)``. Pickle files
   (``pytorch_model.bin``, ``*.pt``, ``*.pth``) only with ``allow_pickle=True``.
@@ -59,7 +59,8 @@ _IGNORED_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 def resolve_model_dir(name_or_path: Any) -> str:
-  """A local folder, or a hub id in the local HF cache (see :func:`rft.weights.io.resolve_model_dir`)."""
+  """A local folder, or a hub id (cached or downloaded;
+  :func:`rft.weights.io.resolve_model_dir`)."""
   return io.resolve_model_dir(name_or_path, expected=_EXPECTED_FILES)
 
 
@@ -180,7 +181,7 @@ def load_lm(path: Any, *, allow_pickle: bool = False,
   """Loads a Llama / Qwen2 / Qwen3 HF checkpoint: ``(LMConfig, params)``.
 
   Args:
-    path: a local folder or a hub id in the local HF cache (see
+    path: a local folder or a hub id (cached or downloaded; see
       :func:`resolve_model_dir`).
     allow_pickle: also accept ``pytorch_model*.bin`` / ``*.pt`` / ``*.pth`` (loaded with
       ``torch.load(weights_only=True)``) when the folder has no safetensors file.

@@ -1,6 +1,6 @@
 """Stable Diffusion 3 / 3.5 from a diffusers-format folder -> rft modules and params.
 
-The folder (or a hub id already in the local HF cache) is what
+The folder (or a hub id, cached or downloaded: io.resolve_model_dir) is what
 ``StableDiffusion3Pipeline.save_pretrained`` writes and what the hub serves::
 
   model_index.json   _class_name StableDiffusion3Pipeline

@@ -108,7 +108,7 @@ def load_t5_encoder(path: Any, *, subfolder: Optional[str] = None, allow_pickle:
   """A transformers T5 folder -> ``(config, model, params)``.
 
   Args:
-    path: a folder, or a hub id in the local HF cache (``io.resolve_model_dir``), e.g.
+    path: a folder, or a hub id (cached or downloaded: ``io.resolve_model_dir``), e.g.
       an SD3 pipeline with ``subfolder="text_encoder_3"``.
     subfolder: a folder inside ``path`` holding the encoder.
     allow_pickle: also accept ``pytorch_model.bin`` when there is no safetensors file.

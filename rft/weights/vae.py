@@ -1,7 +1,7 @@
 """diffusers ``AutoencoderKL`` checkpoints -> :class:`rft.models.vae.AutoencoderKL` params.
 
 * :func:`load_vae` -- a diffusers pipeline folder (``model_index.json`` + ``vae/``), a hub
-  id already in the local HF cache, or the VAE folder itself (``config.json`` +
+  id (``io.resolve_model_dir``: cached or downloaded), or the VAE folder itself (``config.json`` +
   ``diffusion_pytorch_model.safetensors``) -> ``(VAEConfig, module, params)``.
   ``diffusion_pytorch_model.bin`` (pickle) only with ``allow_pickle=True``.
 * :func:`vae_from_diffusers` -- a torch-format state dict (numpy) -> params tree.
@@ -123,7 +123,7 @@ def vae_from_diffusers(state: Dict[str, np.ndarray], config: VAEConfig, *, sourc
 
 def resolve_vae_dir(path: Any, *, subfolder: Optional[str] = "vae") -> str:
   """The folder holding the VAE's ``config.json``: ``path/subfolder`` when it has one,
-  else ``path`` itself. ``path`` may be a hub id in the local HF cache (a pipeline repo
+  else ``path`` itself. ``path`` may be a hub id (cached or downloaded; a pipeline repo
   with ``model_index.json`` or a standalone VAE repo). FileNotFoundError names the paths
   tried and the files expected."""
   return io.resolve_component_dir(path, subfolder, "VAE", _EXPECTED_FILES)
@@ -141,7 +141,7 @@ def load_vae(path: Any, *, subfolder: Optional[str] = "vae", allow_pickle: bool 
 
   Args:
     path: a pipeline folder (the VAE in ``subfolder``), the VAE folder itself, or a hub
-      id in the local HF cache (no network).
+      id (cached or downloaded: ``io.resolve_model_dir``).
     subfolder: where the VAE lives inside a pipeline folder.
     allow_pickle: also read ``diffusion_pytorch_model.bin`` (``torch.load`` with
       ``weights_only=True``) when there is no safetensors file.
