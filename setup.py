@@ -52,6 +52,8 @@ setup(
                  # (torch: the CPU build). open_clip_torch is installed with --no-deps by
                  # the test command: its torchvision dependency is a CUDA build on PyPI.
                  "torch==2.13.0", "transformers>=5", "safetensors>=0.4",
+                 # diffusers' load_lora_weights (the exported LoRA adapters)
+                 "peft>=0.21",
                  "diffusers>=0.40", "ftfy>=6",
                  # the Colab notebooks, executed top to bottom in smoke mode
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],

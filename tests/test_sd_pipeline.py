@@ -201,6 +201,8 @@ def test_online_loop_on_tiny_sd(tmp_path, config):
   results = json.load(open(work / "results.json"))
   assert "train/reward_brightness" in results["history"]["2"]
   tuned = UNet2DConditionModel.from_pretrained(str(work / "unet"))
+  # the adapter alone, in diffusers' PEFT format (tests/test_sd_lora_export.py loads one)
+  assert (work / "lora" / "pytorch_lora_weights.safetensors").is_file()
   base = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
   diffs = {k: float((v - base.state_dict()[k]).abs().max()) for k, v in tuned.state_dict().items()}
   changed = [k for k, d in diffs.items() if d > 0]

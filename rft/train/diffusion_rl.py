@@ -728,7 +728,10 @@ def train_and_evaluate(config, workdir: str):
              "samples_per_epoch": samples_per_epoch,
              "history": history, "curve": curve}
   final = placement.gather(materialize(eval_params(state), base_params))  # all processes
+  ft = config.finetune
+  lora_out = ((placement.gather(eval_params(state)), ft.lora_alpha, ft.lora_rank)
+              if ft.mode == "lora" else None)  # the adapter alone, for worlds that export it
   loop.write_results(workdir, results)
   if jax.process_index() == 0:
-    world.export(final, workdir, o.name, results)
+    world.export(final, workdir, o.name, results, lora=lora_out)
   return results

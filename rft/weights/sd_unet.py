@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rft import paths
 from rft.models.sd_unet import UNet2DCondition, UNetConfig
 from rft.weights import io
 
@@ -215,3 +216,56 @@ def save_unet(folder: Any, config: Union[UNetConfig, Mapping[str, Any]], params)
       raise ValueError(f"save_unet: {k} holds NaN or Inf; not writing {folder}")
   d.setdefault("_class_name", "UNet2DConditionModel")
   return io.save_folder(folder, d, state, f"{WEIGHTS_NAME}.safetensors")
+
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def lora_to_diffusers(lora_tree: Mapping[str, Mapping[str, Any]], config: UNetConfig, *,
+                      alpha: float, rank: int, prefix: str = "unet/") -> Dict[str, np.ndarray]:
+  """An rft LoRA tree on the UNet (``rft.models.lora``: ``{"unet/.../kernel": {"a", "b"}}``
+  with W' = W + (alpha/rank) · A @ B over W's ``[fan_in, fan_out]`` view) -> diffusers'
+  PEFT-format LoRA state dict: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` with
+  ΔW_torch = lora_B @ lora_A at scale 1 (alpha/rank is folded into lora_B, so a loader
+  that assumes lora_alpha = rank reproduces W'). Linear kernels [in, out] give lora_A
+  [r, in], lora_B [out, r]; 3x3 conv kernels [kh, kw, in, out] give a conv lora_A
+  [r, in, kh, kw] and a 1x1 lora_B [out, r, 1, 1] (PEFT's Conv2d LoRA)."""
+  expected = expected_shapes(config)
+  scale = float(alpha) / rank
+  out: Dict[str, np.ndarray] = {}
+  for path, ab in lora_tree.items():
+    if not path.startswith(prefix):
+      raise ValueError(f"lora_to_diffusers: {path!r} is not a UNet param (prefix {prefix!r})")
+    key = tuple(path[len(prefix):].split("/"))
+    if key not in expected or key[-1] != "kernel":
+      raise ValueError(f"lora_to_diffusers: {path!r} is not a kernel of this UNet")
+    shape = expected[key]
+    a = np.asarray(jax.device_get(ab["a"]), np.float32)
+    b = np.asarray(jax.device_get(ab["b"]), np.float32) * scale
+    module = "unet." + _to_key(key)[:-len(".weight")]
+    if len(shape) == 2:
+      lora_a, lora_b = a.T, b.T
+    elif len(shape) == 4:
+      kh, kw, cin, _ = shape
+      lora_a = np.transpose(a.reshape(kh, kw, cin, -1), (3, 2, 0, 1))
+      lora_b = b.T[:, :, None, None]
+    else:
+      raise ValueError(f"lora_to_diffusers: {path!r} has shape {shape}")
+    out[f"{module}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+    out[f"{module}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+  return out
+
+
+def save_unet_lora(folder: Any, config: UNetConfig, lora_tree, *, alpha: float,
+                   rank: int) -> str:
+  """Writes ``pytorch_lora_weights.safetensors`` (``lora_to_diffusers``) into ``folder``:
+  ``StableDiffusionPipeline.load_lora_weights(folder)`` (diffusers with peft) applies it
+  to the base pipeline's UNet. Refuses NaN / Inf. Returns the file's path."""
+  state = lora_to_diffusers(lora_tree, config, alpha=alpha, rank=rank)
+  for k, v in state.items():
+    if not np.all(np.isfinite(v)):
+      raise ValueError(f"save_unet_lora: {k} holds NaN or Inf; not writing {folder}")
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  target = paths.path(folder) / LORA_WEIGHTS_NAME
+  paths.write_bytes(target, save(state, metadata={"format": "pt"}))
+  return str(target)

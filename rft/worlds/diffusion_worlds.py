@@ -93,8 +93,11 @@ class ShapesSetup:
     relation)."""
     return [shapes.FAMILIES[f] for f in self.world.family_ids[np.asarray(ids)]]
 
-  def export(self, final_params, workdir: str, objective: str, results: dict) -> str:
-    """The finetuned model as a bundle: rft.pretrained.load_shapes_base(workdir)."""
+  def export(self, final_params, workdir: str, objective: str, results: dict,
+             lora=None) -> str:
+    """The finetuned model as a bundle: rft.pretrained.load_shapes_base(workdir) (a LoRA
+    run's adapter is merged into it)."""
+    del lora
     meta = dict(self.meta, command=pretrained.invocation(),
                 finetuned_from=self.base_dir or "rft/assets/shapes_base",
                 objective=objective, results=results)
@@ -173,12 +176,20 @@ class StableDiffusionSetup:
     del ids
     return None  # one family: sample grids pick distinct prompts
 
-  def export(self, final_params, workdir: str, objective: str, results: dict) -> str:
+  def export(self, final_params, workdir: str, objective: str, results: dict,
+             lora=None) -> str:
     """The finetuned UNet as a diffusers folder ``<workdir>/unet`` (loads with
-    ``UNet2DConditionModel.from_pretrained`` or rft's ``load_unet``)."""
-    from rft.weights.sd_unet import save_unet
+    ``UNet2DConditionModel.from_pretrained`` or rft's ``load_unet``). A LoRA run
+    (``lora`` = (trained LoRA tree, alpha, rank)) also writes the adapter alone as
+    ``<workdir>/lora/pytorch_lora_weights.safetensors`` in diffusers' PEFT format
+    (``pipe.load_lora_weights(<workdir>/lora)`` on the base pipeline)."""
+    from rft.weights.sd_unet import save_unet, save_unet_lora
     out = os.path.join(workdir, "unet")
     save_unet(out, self.sd.unet_config, jax.device_get(final_params["unet"]))
+    if lora is not None:
+      tree, alpha, rank = lora
+      save_unet_lora(os.path.join(workdir, "lora"), self.sd.unet_config,
+                     jax.device_get(tree), alpha=alpha, rank=rank)
     paths.write_json(os.path.join(out, "rft_finetune.json"), {
         "base_model": self.sd.path, "objective": objective,
         "command": pretrained.invocation(), "results": results}, indent=1)
@@ -215,9 +226,11 @@ class StableDiffusion3Setup(StableDiffusionSetup):
                  "on" if self.sd.text.encoders.t5 is not None else "off",
                  len(self.split_ids["train"]), len(self.split_ids["heldout"]))
 
-  def export(self, final_params, workdir: str, objective: str, results: dict) -> str:
+  def export(self, final_params, workdir: str, objective: str, results: dict,
+             lora=None) -> str:
     """The finetuned MMDiT as a diffusers folder ``<workdir>/transformer`` (loads with
     ``SD3Transformer2DModel.from_pretrained`` or rft's ``load_mmdit``)."""
+    del lora  # merged into final_params (no SD3 adapter export yet)
     from rft.weights.mmdit import save_mmdit
     out = os.path.join(workdir, "transformer")
     save_mmdit(out, self.sd.transformer_config, jax.device_get(final_params["transformer"]))
