@@ -60,5 +60,7 @@ setup(
         "tfds": ["tensorflow-datasets"],
         # gs:// workdirs through etils.epath + fsspec (rft.paths); TensorFlow also works
         "gcs": ["gcsfs"],
+        # hub datasets as prompt sets / LM problems (rft.data.hf_datasets)
+        "datasets": ["datasets"],
     },
 )

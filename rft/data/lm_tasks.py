@@ -154,9 +154,22 @@ def generation_eos_ids(model_dir: str) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- prompt files
 
 
-def read_rows(path: str) -> list[tuple[str, dict]]:
+def read_rows(path) -> list[tuple[str, dict]]:
   """[(where, row)] of a prompt file; `where` is "line N" (jsonl, 1-based) or "row N"
-  (json / parquet, 0-based) for error messages."""
+  (json / parquet / dataset, 0-based) for error messages. `path` may also name a hub
+  dataset ("datasets:<id>[/<config>][:<split>]") or be a datasets.Dataset / a list of
+  dict rows (rft.data.hf_datasets)."""
+  from rft.data import hf_datasets  # pylint: disable=g-import-not-at-top
+  if hf_datasets.is_rows(path) or hf_datasets.is_spec(path):
+    where = "the dataset" if hf_datasets.is_rows(path) else path
+    rows = (hf_datasets.rows_of(path, where) if hf_datasets.is_rows(path)
+            else hf_datasets.load_rows(path))
+    out = []
+    for i, r in enumerate(rows):
+      if not isinstance(r, dict):
+        raise ValueError(f"{where}, row {i}: expected a dict, got a {type(r).__name__}")
+      out.append((f"row {i}", r))
+    return out
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()
   if ext not in (".jsonl", ".json", ".parquet"):
@@ -299,14 +312,15 @@ class PromptFileTask(SplitSampling):
                system_prompt: str | None = None, use_chat_template: bool = True,
                heldout_fraction: float = 0.1, split_seed: int = 0, max_prompt_len: int = 256,
                max_answer_len: int = 512):
-    self.path = os.fspath(path)
+    from rft.data import hf_datasets  # pylint: disable=g-import-not-at-top
+    self.path = "a dataset object" if hf_datasets.is_rows(path) else os.fspath(path)
     self.tokenizer = tokenizer
     if not 0.0 <= heldout_fraction < 1.0:
       raise ValueError(f"heldout_fraction={heldout_fraction}; expected 0 <= fraction < 1")
     if max_prompt_len < 1 or max_answer_len < 1:
       raise ValueError(f"max_prompt_len={max_prompt_len} and max_answer_len={max_answer_len} "
                        f"must be positive")
-    rows = read_rows(self.path)
+    rows = read_rows(path if hf_datasets.is_rows(path) else self.path)
     pkey = _pick_key(rows, prompt_key, PROMPT_ALIASES, "prompt", self.path)
     akey = _pick_key(rows, answer_key, ANSWER_ALIASES, "answer", self.path)
     template = use_chat_template and getattr(tokenizer, "has_chat_template", False)

@@ -213,6 +213,14 @@ def get_prompt_set(name_or_path: str, *, path: str | None = None, key: str | Non
   the holdout), ``holdout_fraction`` > 0 (a fraction in [0, 1) or an int count) makes a
   seeded random split (:meth:`PromptSet.split`).
   """
+  from rft.data import hf_datasets  # pylint: disable=g-import-not-at-top
+  if hf_datasets.is_rows(name_or_path) or hf_datasets.is_spec(name_or_path):
+    spec = name_or_path if hf_datasets.is_spec(name_or_path) else None
+    where = spec or "the dataset"
+    rows = hf_datasets.load_rows(spec) if spec else hf_datasets.rows_of(name_or_path, where)
+    prompts = [_prompt_of(r, key or "prompt", f"{where}, row {i}") for i, r in enumerate(rows)]
+    label = hf_datasets.parse_spec(spec)[0].split("/")[-1] if spec else "dataset"
+    return PromptSet.split(label, _dedupe(prompts), holdout_fraction, seed=seed)
   name = os.fspath(name_or_path)
   head, sep, tail = name.partition(":")
   if sep and head in _WHERE:

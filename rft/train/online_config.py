@@ -21,6 +21,10 @@ def base() -> config_dict.ConfigDict:
   # sd: the model folder or cached hub id, the prompt set, resolution (0 = the model's).
   c.model_path = ""
   c.prompt_set = "animals45"
+  # The field holding the prompt in a prompt file's objects or a hub dataset's rows
+  # (prompt_set="datasets:<id>[/<config>][:<split>]", rft.data.hf_datasets); "" = the
+  # set's default ("prompt"; Pick-a-Pic "caption").
+  c.prompt_key = ""
   c.holdout_fraction = 0.0
   # shapes: train on a fixed set of this many training captions (0 = all of them; the
   # small-scale setting of PRDP's Table 1), drawn with train_prompts_seed.

@@ -138,7 +138,7 @@ class StableDiffusionSetup:
     eval_splits and reward_kwargs from config.prompt_set."""
     from rft.data import prompt_sets
     ps = prompt_sets.get_prompt_set(config.prompt_set, holdout_fraction=config.holdout_fraction,
-                                    seed=config.seed)
+                                    seed=config.seed, key=config.get("prompt_key") or None)
     self.texts = list(ps.train) + list(ps.holdout)
     self.split_ids = {"train": np.arange(len(ps.train)),
                       "heldout": np.arange(len(ps.train), len(self.texts))}
