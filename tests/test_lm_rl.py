@@ -26,7 +26,10 @@ def _results(workdir):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_grpo_smoke_runs(variant, tmp_path):
   wd = tmp_path / "run"
-  run_main("configs/grpo.py:smoke" + (f",{variant}" if variant else ""), wd)
+  p = run_main("configs/grpo.py:smoke" + (f",{variant}" if variant else ""), wd)
+  if not variant:
+    from tests.test_tensorboard_console import check_grpo_smoke
+    check_grpo_smoke(p, wd)  # hparams, lr by hand, throughput, texts, console
   r = _results(wd)
   assert r["objective"] == ("raft" if variant == "raft" else "grpo")
   assert set(r["history"]) == {"0", "2"}

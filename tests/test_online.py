@@ -26,7 +26,11 @@ def _results(workdir):
 def test_smoke_run_writes_results_checkpoint_and_model(name, tmp_path):
   config, _, arg = name.partition(":")
   wd = tmp_path / "run"
-  run_main(f"configs/{config}.py:smoke" + (f",{arg}" if arg else ""), wd)
+  from tests import test_tensorboard_console as tbc
+  extra = tbc.PRDP_SMOKE_ARGS if name == "prdp" else ()
+  p = run_main(f"configs/{config}.py:smoke" + (f",{arg}" if arg else ""), wd, *extra)
+  if name == "prdp":
+    tbc.check_prdp_smoke(p, wd)  # hparams, lr by hand, throughput, grids, console
   r = _results(wd)
   assert r["objective"] == {"draft:lv": "draft_lv"}.get(name, config)
   hist = r["history"]

@@ -58,6 +58,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+# Slow (8-device compile of the pretraining step): the same placement code runs under
+# meshes in CI on the RL updates (test_update_sharding.py) and an SD UNet step
+# (test_sharding.py).
+@pytest.mark.slow
 def test_sharded_train_step_equals_single_device():
   p = run_python(["-c", SCRIPT], devices=8)
   assert "OK" in p.stdout, p.stdout + p.stderr[-2000:]

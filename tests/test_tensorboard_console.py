@@ -5,7 +5,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 
 import jax
@@ -18,7 +17,6 @@ from rft import config as config_lib
 from rft import metrics, tb_events
 from rft.data import shapes
 from rft.train import diffusion_rl, loop, state as state_lib
-from tests.helpers import run_main
 
 # ------------------------------------------------------------------ pieces by hand
 
@@ -221,12 +219,14 @@ def _check_console(lines, unit, loop_name, evals, max_lines):
   assert not any(f"s/{other}" in l for l in prog)
 
 
-def test_prdp_smoke_tensorboard_and_console(tmp_path):
-  wd = tmp_path / "run"
-  # Two updates per epoch under a 4-update warmup: epoch 1 uses lr 0 and lr/4, epoch 2
-  # lr/2 and 3 lr/4 (train/lr is their mean).
-  p = run_main("configs/prdp.py:smoke", wd, "--config.warmup=4",
-               "--config.updates_per_epoch=2")
+# Two updates per epoch under a 4-update warmup: epoch 1 uses lr 0 and lr/4, epoch 2 lr/2
+# and 3 lr/4 (train/lr is their mean). tests/test_online.py's PRDP smoke run uses these.
+PRDP_SMOKE_ARGS = ("--config.warmup=4", "--config.updates_per_epoch=2")
+
+
+def check_prdp_smoke(p, wd):
+  """What the PRDP smoke run (configs/prdp.py:smoke + PRDP_SMOKE_ARGS) shows: called from
+  tests/test_online.py's smoke test (one run for both)."""
   config = config_lib.load("prdp", "smoke")
   results = json.loads((wd / "results.json").read_text())
 
@@ -271,9 +271,9 @@ def test_prdp_smoke_tensorboard_and_console(tmp_path):
                                   images[f"samples/{split}/before_after"][0][1])
 
 
-def test_grpo_smoke_tensorboard_and_console(tmp_path):
-  wd = tmp_path / "run"
-  p = run_main("configs/grpo.py:smoke", wd)
+def check_grpo_smoke(p, wd):
+  """What the GRPO smoke run (configs/grpo.py:smoke) shows: called from
+  tests/test_lm_rl.py's smoke test (one run for both)."""
   config = config_lib.load("grpo", "smoke")
   results = json.loads((wd / "results.json").read_text())
   _check_console(_console(p, wd), "step", "grpo:grpo", (0, 2), max_lines=10)
