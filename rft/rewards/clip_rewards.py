@@ -87,7 +87,7 @@ def weights_file_for(path: Any, *, reward: str, key: str, how: str) -> str:
       raise ValueError(f"{where}: a hub file is hf://<org>/<name>/<file in the repo>")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = io.hub_offline()
     try:
       return hf_hub_download(repo, filename, local_files_only=offline)
     except Exception as e:  # not cached and offline, no network, no such file, ...

@@ -111,6 +111,11 @@ def hub_cache_dirs() -> List[str]:
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
 
 
+def hub_offline() -> bool:
+  """Whether $HF_HUB_OFFLINE turns hub downloads off (huggingface_hub's truthy values)."""
+  return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _is_hub_id(name: str) -> bool:
   parts = name.split("/")
   return bool(name) and not name.startswith((".", "/", "~")) and len(parts) <= 2 and all(parts)
@@ -168,7 +173,7 @@ def resolve_model_dir(name_or_path: Any, *, marker: str = "config.json",
   if snap is not None:
     return snap
   if download is None:
-    download = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
+    download = not hub_offline()
   fetch = f"`hf download {name} --include {' '.join(repr(p) for p in HUB_PATTERNS)}`"
   why = "downloads are off (HF_HUB_OFFLINE is set)" if not download else ""
   if download:
