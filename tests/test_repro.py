@@ -1,5 +1,6 @@
 """rft.repro: intervals and verdicts by hand, the run plan, resuming and skipping, the
 report from finished runs, and one smoke table end to end."""
+import dataclasses
 import json
 import math
 import os
@@ -228,3 +229,57 @@ def test_table_commands_are_shell_lines_that_parse_back():
   line = report.shell_command(argv)
   assert line.startswith("python -m rft.main --config=configs/prdp.py ")
   assert shlex.split(line)[4:] == argv[1:]  # the regex and the space survive the shell
+
+
+def test_seed_lists():
+  assert runner.seed_list(None, 3) == [0, 1, 2]
+  assert runner.seed_list(2, 3) == [0, 1]
+  assert runner.seed_list("4", 3) == [0, 1, 2, 3]
+  assert runner.seed_list("3-5", 3) == [3, 4, 5]
+  assert runner.seed_list("0,2,4", 3) == [0, 2, 4]
+  for bad in ("x", "5-3", "1,1", "-1,2"):
+    with pytest.raises(ValueError, match="--seeds"):
+      runner.seed_list(bad, 3)
+  t = tables.get("prdp_table1")
+  runs = runner.plan(t, "cpu", "/w", seeds="3-4", rows=["prdp"])
+  assert [r.seed for r in runs] == [3, 4]
+  assert runs[0].workdir == "/w/prdp_table1/cpu/prdp/seed3"
+  assert "--config.seed=3" in runs[0].argv and "--config.eval_seed=3" in runs[0].argv
+
+
+def test_a_table_is_reported_and_extended_from_its_records(tmp_path):
+  """The report keeps each run's record in the table's folder; with the run folders gone
+  the runs still count as finished and the report is the same; more seeds extend it; a
+  record made by a different command is an error."""
+  import shutil
+  t = tables.get("prdp_table1")
+  runs = runner.plan(t, "cpu", str(tmp_path), seeds=2, rows=["ddpo", "prdp"])
+  gains = {"prdp": [0.12, 0.15, 0.10], "ddpo": [0.02, 0.04, 0.0]}
+  for r in runs:
+    _fake_run(r.workdir, r.seed, 0.45, 0.45 + gains[r.row][r.seed])
+  out = str(tmp_path / "prdp_table1" / "cpu")
+  first = report.write(t, "cpu", runs, out)
+  for row in ("prdp", "ddpo"):
+    shutil.rmtree(tmp_path / "prdp_table1" / "cpu" / row)
+    assert (tmp_path / "prdp_table1" / "cpu" / "records" / row / "seed1.json").exists()
+  again = runner.plan(t, "cpu", str(tmp_path), seeds=2, rows=["ddpo", "prdp"])
+  assert all(r.done and not r.has_results for r in again)
+  assert report.write(t, "cpu", again, out) == first
+  said = []
+  runner.execute(again, echo=said.append)
+  assert said == ["4 of 4 runs already finished"]
+  # a third seed: its runs are to do; once finished the table has three seeds
+  more = runner.plan(t, "cpu", str(tmp_path), seeds="0-2", rows=["ddpo", "prdp"])
+  assert [r.done for r in more] == [True, True, True, True, False, False]
+  for r in more[4:]:
+    _fake_run(r.workdir, r.seed, 0.45, 0.45 + gains[r.row][r.seed])
+  summary = report.write(t, "cpu", more, out)
+  assert summary["rows"]["prdp"]["train/alignment"]["gain"]["n"] == 3
+  csv_rows = (tmp_path / "prdp_table1" / "cpu" / "table.csv").read_text().splitlines()
+  assert csv_rows[0].endswith(",values,seed_ids")
+  assert any(",prdp,train/alignment,gain," in r and r.endswith('"[0, 1, 2]"') for r in csv_rows)
+  # the same seed under another command (here another learning rate)
+  changed = runner.plan(t, "cpu", str(tmp_path), seeds=1, rows=["prdp"])[0]
+  changed = dataclasses.replace(changed, argv=changed.argv + ("--config.lr=0.1",))
+  with pytest.raises(ValueError, match=r"record .*seed0.json was made by a different command"):
+    changed.done

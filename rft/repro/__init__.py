@@ -30,7 +30,7 @@ def hardware() -> str:
 
 
 def run(table: str, preset: str = "cpu", workdir: str = "workdirs/repro",
-        seeds: int | None = None, rows: list[str] | None = None, report_only: bool = False,
+        seeds: int | str | None = None, rows: list[str] | None = None, report_only: bool = False,
         echo=print) -> dict:
   """Runs (or resumes) a table and writes its report; returns the summary dict."""
   t = tables.get(table)

@@ -1,4 +1,4 @@
-"""python -m rft.repro <table>[,<table>...] [--preset P] [--seeds N] [--workdir DIR]"""
+"""python -m rft.repro <table>[,<table>...] [--preset P] [--seeds N|A-B] [--workdir DIR]"""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,9 @@ def main(argv=None) -> None:
   ap.add_argument("tables", help="table name(s), comma-separated, or 'list'; known: "
                   + ", ".join(sorted(repro.tables.ALL)))
   ap.add_argument("--preset", default="cpu", help="cpu | accelerator | smoke | sd (per table)")
-  ap.add_argument("--seeds", type=int, default=None, help="seeds per row (default: the preset's)")
+  ap.add_argument("--seeds", default=None,
+                  help="seeds per row: a count (3 = seeds 0-2; default: the preset's), a "
+                       "range (3-5) or a list (0,2,4)")
   ap.add_argument("--rows", default="", help="only these rows, comma-separated")
   ap.add_argument("--workdir", default="workdirs/repro")
   ap.add_argument("--report_only", action="store_true",

@@ -1,7 +1,9 @@
 """A table's outputs from its finished runs: table.md, table.csv, curves.png, grids, verdicts.
 
 * table.csv: one line per (row, metric, statistic) with the mean, the 95 % interval over
-  seeds and the per-seed values (statistic: base, final, gain).
+  seeds, the per-seed values (statistic: base, final, gain) and the seeds they belong to.
+* records/<row>/seed<k>.json: each finished run's command and results (rft.repro.runner),
+  from which the table can be re-reported and extended without the run folders.
 * table.md: the table (base row, then each method's final value and gain, "mean [low,
   high]"), each claim with its verdict and interval, the commands and the budget.
 * curves.png: the curve metric against reward queries, one line (mean over seeds) and
@@ -22,6 +24,7 @@ import numpy as np
 from rft import paths
 from rft.repro import stats
 from rft.repro import tables as tables_lib
+from rft.repro import runner
 from rft.repro.runner import Run
 
 
@@ -120,6 +123,7 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
           hardware: str = "") -> dict:
   """Writes table.md, table.csv, curves.png and grids/ into out_dir; returns the summary."""
   paths.makedirs(out_dir)
+  runner.keep_records(runs)
   metrics = table.metrics_of(preset_name)
   data = collect(metrics, runs)
   ver = verdicts(table, preset_name, runs)
@@ -128,13 +132,14 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
   with io.StringIO(newline="") as f:
     w = csv.writer(f)
     w.writerow(["table", "preset", "row", "metric", "statistic", "mean", "ci95_low",
-                "ci95_high", "seeds", "values"])
+                "ci95_high", "seeds", "values", "seed_ids"])
     for row, per in data.items():
       for m in metrics:
         for which in ("base", "final", "gain"):
           iv = per[m.key][which]
           w.writerow([table.name, preset_name, row, m.key, which, iv.mean, iv.low, iv.high,
-                      iv.n, json.dumps(per[m.key][f"{which}_values"])])
+                      iv.n, json.dumps(per[m.key][f"{which}_values"]),
+                      json.dumps(per["_seeds"])])
     paths.write_text(os.path.join(out_dir, "table.csv"), f.getvalue())
   # ------------------------------------------------------------------ markdown
   lines = [f"# {table.title}", "", f"Paper: {table.paper}", "",

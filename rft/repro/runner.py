@@ -7,6 +7,12 @@ skipped; an interrupted one is resumed by the same command (rft.main continues f
 latest checkpoint, bit for bit). The command is stored in `<run dir>/command.json`; a run
 directory made by a different command is an error, never silently mixed. Run directories
 may be local or not (gs://...: files through rft.paths).
+
+The report keeps each finished run's record (its command and results.json) in the table's
+folder, `<workdir>/<table>/<preset>/records/<row>/seed<k>.json`: a run whose folder is gone
+(checkpoints are large; a committed table keeps only its report) counts as finished from
+its record, so a table can be re-reported and extended with more seeds (`--seeds 3-5`)
+without its run folders. A record made by a different command is an error.
 """
 from __future__ import annotations
 
@@ -29,13 +35,71 @@ class Run:
   seed: int
   workdir: str
   argv: tuple[str, ...]  # after `python -m rft.main`
+  record: str = ""  # the run's record in the table's folder (see the module doc)
+
+  @property
+  def has_results(self) -> bool:
+    return paths.path(os.path.join(self.workdir, "results.json")).exists()
 
   @property
   def done(self) -> bool:
-    return paths.path(os.path.join(self.workdir, "results.json")).exists()
+    return self.has_results or self._stored() is not None
 
   def results(self) -> dict:
-    return paths.read_json(os.path.join(self.workdir, "results.json"))
+    if self.has_results:
+      return paths.read_json(os.path.join(self.workdir, "results.json"))
+    stored = self._stored()
+    if stored is None:
+      raise FileNotFoundError(f"{self.workdir}/results.json (run not finished, no record "
+                              f"at {self.record or '-'})")
+    return stored["results"]
+
+  def _stored(self) -> dict | None:
+    if not self.record or not paths.path(self.record).exists():
+      return None
+    stored = paths.read_json(self.record)
+    if tuple(stored["command"]) != command_key(self.argv):
+      changed = sorted(set(stored["command"]) ^ set(command_key(self.argv)))
+      raise ValueError(f"record {self.record} was made by a different command (differs in "
+                       f"{changed}); remove it or pass another --workdir")
+    return stored
+
+
+def command_key(argv) -> tuple[str, ...]:
+  """A run's command without what differs between machines: the run folder, and the
+  config file's directory (`--config=prdp.py:arg`)."""
+  out = []
+  for a in argv:
+    if a.startswith("--workdir="):
+      continue
+    if a.startswith("--config="):
+      a = "--config=" + os.path.basename(a[len("--config="):])
+    out.append(a)
+  return tuple(out)
+
+
+def seed_list(seeds, default: int) -> list[int]:
+  """The seeds to run: None -> the preset's count (0..default-1); an int N or "N" -> 0..N-1;
+  "A-B" -> A..B; "a,b,c" -> those."""
+  if seeds is None:
+    return list(range(default))
+  if isinstance(seeds, int):
+    return list(range(seeds))
+  text = str(seeds).strip()
+  try:
+    if "," in text:
+      out = [int(x) for x in text.split(",") if x.strip()]
+    elif "-" in text.lstrip("-"):
+      a, b = text.split("-", 1)
+      out = list(range(int(a), int(b) + 1))
+    else:
+      out = list(range(int(text)))
+  except ValueError:
+    raise ValueError(f"--seeds {seeds!r}: use a count (3), a range (3-5) or a list "
+                     "(0,2,4)") from None
+  if not out or min(out) < 0 or len(set(out)) != len(out):
+    raise ValueError(f"--seeds {seeds!r}: gives {out}; seeds are distinct and >= 0")
+  return out
 
 
 def _flag(key: str, value) -> str:
@@ -44,10 +108,11 @@ def _flag(key: str, value) -> str:
   return f"--config.{key}={value}"
 
 
-def plan(table: tables_lib.Table, preset_name: str, workdir: str, seeds: int | None = None,
-         rows: list[str] | None = None) -> list[Run]:
+def plan(table: tables_lib.Table, preset_name: str, workdir: str,
+         seeds: int | str | None = None, rows: list[str] | None = None) -> list[Run]:
   """Every (row, seed) run of the preset, in order: seed-major, so a partial table has
-  every method at the first seeds before any method at the later ones."""
+  every method at the first seeds before any method at the later ones. `seeds`: see
+  seed_list."""
   preset = table.preset(preset_name)
   names = [r.name for r in table.rows if r.name in preset.rows]
   if rows:
@@ -56,7 +121,7 @@ def plan(table: tables_lib.Table, preset_name: str, workdir: str, seeds: int | N
       raise ValueError(f"--rows {unknown}: table {table.name} preset {preset_name} runs {names}")
     names = [n for n in names if n in rows]
   out = []
-  for seed in range(seeds if seeds is not None else preset.seeds):
+  for seed in seed_list(seeds, preset.seeds):
     for name in names:
       row = table.row(name)
       config = row.config
@@ -70,7 +135,8 @@ def plan(table: tables_lib.Table, preset_name: str, workdir: str, seeds: int | N
       run_dir = os.path.join(workdir, table.name, preset_name, name, f"seed{seed}")
       argv = (f"--config={file}", f"--workdir={run_dir}",
               *(_flag(k, v) for k, v in overrides.items()))
-      out.append(Run(table.name, name, seed, run_dir, argv))
+      record = os.path.join(workdir, table.name, preset_name, "records", name, f"seed{seed}.json")
+      out.append(Run(table.name, name, seed, run_dir, argv, record))
   return out
 
 
@@ -112,6 +178,17 @@ def _run_logged(argv: list, log: str, env: dict) -> int:
     f.seek(0)
     paths.append_text(log, f.read().decode("utf-8", "replace"))
   return code
+
+
+def keep_records(runs: list[Run]) -> int:
+  """Writes the record of every run finished in its folder (module doc); returns how many."""
+  n = 0
+  for r in runs:
+    if r.record and r.has_results:
+      paths.write_json(r.record, {"command": list(command_key(r.argv)), "results": r.results()},
+                       indent=1)
+      n += 1
+  return n
 
 
 def execute(runs: list[Run], env: dict | None = None, echo=print, retries: int = 2) -> None:
