@@ -2,7 +2,8 @@
 import importlib
 
 # Every module that registers reward factories (rft.rewards.base.register).
-REWARD_MODULES = ("shapes_alignment", "jpeg", "image_stats", "text", "clip_rewards", "aesthetic")
+REWARD_MODULES = ("shapes_alignment", "jpeg", "image_stats", "text", "clip_rewards", "aesthetic",
+                  "ensemble")
 
 
 def ensure_registered():

@@ -35,6 +35,10 @@ class Reward:
   terms: tuple[tuple[float, "Reward"], ...] = ()
   # Frozen weights: when not None, fn(images, prompts, params).
   params: Any = None
+  # Per-term values for `parts` beyond the score itself (an ensemble's members, a shaped
+  # reward's value before shaping): parts_fn(images, prompts, params) -> {name: scores},
+  # computed in one pass with the score, which it includes under `name`.
+  parts_fn: Callable[..., Mapping[str, Any]] | None = None
 
   def __call__(self, images, prompts, params=None):
     """Scores; ``params`` (e.g. traced inside jit) replaces ``self.params`` when given."""
@@ -45,6 +49,8 @@ class Reward:
   def parts(self, images, prompts, params=None) -> dict:
     """{name: scores} of every term (just {name: scores} for a single reward)."""
     if not self.terms:
+      if self.parts_fn is not None:
+        return dict(self.parts_fn(images, prompts, params))
       return {self.name: self(images, prompts, params)}
     out = {}
     for (_, r), p in zip(self.terms, params or (None,) * len(self.terms)):
@@ -128,6 +134,44 @@ def parse_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
   return out
 
 
+def build_term(name: str, options: Mapping[str, Any] | None = None,
+               kwargs: Mapping[str, Any] | None = None, *,
+               where: str | None = None, origin: str = "config.reward") -> Reward:
+  """One registered reward: factory ``name`` called with the shared ``kwargs`` it accepts
+  and its own ``options``, then shaped when the options ask for it (``shaping``,
+  ``shaping_reference``, ``shaping_k``: rft.rewards.shaping.apply).
+
+  ``where`` is the config key the options live under (default
+  "config.reward_options.<name>") and ``origin`` the key that named the reward; errors
+  name them. A factory with a ``shared_kwargs`` parameter (a reward built of other
+  rewards, e.g. "ensemble") receives ``kwargs`` whole, to pass on to its members.
+  """
+  import inspect
+
+  from rft.rewards import ensure_registered, shaping
+  ensure_registered()
+  where = where or f"config.reward_options.{name}"
+  if name not in REGISTRY:
+    raise ValueError(f"unknown reward {name!r} in {origin}; known: {sorted(REGISTRY)}")
+  factory = REGISTRY[name]
+  accepted = {k for k in inspect.signature(factory).parameters if k != "shared_kwargs"}
+  own, shaping_options = shaping.split_options(dict(options or {}))
+  bad = [k for k in own if k not in accepted]
+  if bad:
+    raise ValueError(f"{where}: unknown option(s) {bad}; the {name!r} reward takes "
+                     f"{sorted(accepted | set(shaping.SHAPING_KEYS))}")
+  kwargs = dict(kwargs or {})
+  args = {k: v for k, v in kwargs.items() if k in accepted}
+  args.update(own)
+  if "shared_kwargs" in inspect.signature(factory).parameters:
+    args["shared_kwargs"] = kwargs
+  from rft.weights import io  # pylint: disable=g-import-not-at-top
+  key = where[len("config."):] if where.startswith("config.") else where
+  with io.pickle_key(f"{key}.allow_pickle"):  # refusals name the key
+    reward = factory(**args)
+  return shaping.apply(reward, shaping_options, where)
+
+
 def build(weights: str | Mapping[str, float], options: Mapping[str, Mapping] | None = None,
           **kwargs) -> Reward:
   """A combined reward from "name:weight,..." or {name: weight}, e.g.
@@ -135,33 +179,16 @@ def build(weights: str | Mapping[str, float], options: Mapping[str, Mapping] | N
 
   kwargs (e.g. scorer_dir, prompt_texts) go to each factory that accepts them;
   ``options[name]`` (config.reward_options) go to that reward's factory only, e.g.
-  {"hpsv2": {"weights_file": ".../HPS_v2.1_compressed.pt", "allow_pickle": True}}. An
-  unknown reward name or an option its factory does not take is an error naming it.
+  {"hpsv2": {"weights_file": ".../HPS_v2.1_compressed.pt", "allow_pickle": True}}, or
+  shape it: {"shapes_alignment_log": {"shaping": "par", "shaping_reference": -1.0}}
+  (rft.rewards.shaping). An unknown reward name or an option its factory does not take is
+  an error naming it. "ensemble" combines several reward models (rft.rewards.ensemble).
   """
-  import inspect
-
-  from rft.rewards import ensure_registered
-  ensure_registered()
   options = {k: dict(v) for k, v in dict(options or {}).items()}
   spec = parse_spec(weights)
   for name in options:
     if name not in spec:
       raise ValueError(f"config.reward_options has options for {name!r}, which is not a term "
                        f"of config.reward {weights!r}")
-  terms = []
-  for name, w in spec.items():
-    if name not in REGISTRY:
-      raise ValueError(f"unknown reward {name!r} in config.reward; known: {sorted(REGISTRY)}")
-    factory = REGISTRY[name]
-    accepted = inspect.signature(factory).parameters
-    own = options.get(name, {})
-    bad = [k for k in own if k not in accepted]
-    if bad:
-      raise ValueError(f"config.reward_options.{name}: unknown option(s) {bad}; the {name!r} "
-                       f"reward takes {sorted(accepted)}")
-    args = {k: v for k, v in kwargs.items() if k in accepted}
-    args.update(own)
-    from rft.weights import io  # pylint: disable=g-import-not-at-top
-    with io.pickle_key(f"reward_options.{name}.allow_pickle"):  # refusals name the key
-      terms.append((w, factory(**args)))
-  return combine(terms)
+  return combine([(w, build_term(name, options.get(name), kwargs))
+                  for name, w in spec.items()])
