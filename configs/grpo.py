@@ -8,6 +8,8 @@ COMMAND:
   python -m rft.main --config=configs/grpo.py:gspo       # GSPO (sequence-level ratio)
   python -m rft.main --config=configs/grpo.py:rloo       # RLOO advantages
   python -m rft.main --config=configs/grpo.py:raft       # RAFT (rejection-sampling SFT)
+  python -m rft.main --config=configs/grpo.py:rebel      # REBEL (pair regression to θ_old)
+  python -m rft.main --config=configs/grpo.py:copg       # CoPG (pair regression to π_ref)
 
   # A real HF model (Llama / Qwen2 / Qwen3 safetensors folder, or a hub id already in the
   # HF cache) on a prompt file of math problems (.jsonl / .json / .parquet with
@@ -30,7 +32,8 @@ from ml_collections import config_dict
 
 from rft import config as config_lib
 
-VARIANTS = ("smoke", "dapo", "dr_grpo", "gspo", "rloo", "bnpo", "raft", "kl", "hf_math")
+VARIANTS = ("smoke", "dapo", "dr_grpo", "gspo", "rloo", "bnpo", "raft", "rebel", "copg", "kl",
+            "hf_math")
 BOXED_SYSTEM_PROMPT = ("Please reason step by step, and put your final answer within "
                        "\\boxed{}.")
 
@@ -67,7 +70,7 @@ def get_config(arg=None):
   c.inner_iterations = 1
   c.minibatches = 1
   c.objective = config_dict.ConfigDict({
-      "name": "grpo",  # "grpo" (policy-gradient family, see `loss`) | "raft"
+      "name": "grpo",  # "grpo" (policy-gradient family, see `loss`) | "raft" | "rebel" | "copg"
       "loss": "grpo",  # preset: grpo | dapo | dr_grpo | gspo | bnpo (rft.objectives.grpo)
       # Overrides of the preset ("" / -1 = keep the preset's value).
       "advantage": "",  # grpo | dr_grpo | rloo
@@ -77,7 +80,7 @@ def get_config(arg=None):
       "importance": "",  # token | sequence
       "aggregation": "",  # grpo | bnpo | dr_grpo | dapo
       "kl_estimator": "",  # k1 | k3
-      "beta": 0.0,  # KL weight; 0 = no reference model held
+      "beta": 0.0,  # KL weight; 0 = no reference model held (CoPG: its β, must be > 0)
       # DAPO extras.
       "dynamic_sampling": False,  # drop groups whose rewards all agree, refill the batch
       "max_rounds": 4,
@@ -87,6 +90,10 @@ def get_config(arg=None):
       # RAFT: a kept completion must also score above this (0: with a 0/1 reward only
       # correct ones are trained on; -inf keeps each group's best whatever it scored).
       "min_reward": 0.0,
+      # REBEL / CoPG (rft.objectives.rebel, copg): pairs of completions of a prompt,
+      # "all" (i < j) or "consecutive" ((0, 1), (2, 3), ...; even group_size).
+      "pairs": "all",
+      "eta": 1.0,  # REBEL's η: log-ratio differences to θ_old are divided by it
   })
   c.lr = 1e-4
   c.warmup = 20
@@ -132,7 +139,16 @@ def get_config(arg=None):
     o.advantage = "rloo"
   if "raft" in variants:
     o.name = "raft"
+  if "rebel" in variants and "copg" in variants:
+    raise ValueError("variants rebel and copg pick two objectives; keep one")
+  if "rebel" in variants:
+    o.name = "rebel"
+  if "copg" in variants:
+    o.name, o.beta = "copg", 0.1
   if "kl" in variants:
+    if o.name in ("rebel", "copg"):
+      raise ValueError("the kl variant sets GRPO's k3 penalty; with rebel or copg set "
+                       "--config.objective.beta instead")
     o.beta, o.kl_estimator = 0.04, "k3"
   if "smoke" in variants:
     c.steps, c.prompts_per_step, c.group_size = 2, 2, 4

@@ -36,11 +36,18 @@ Aggregation of l over tokens (m the mask):
 * dr_grpo Σ_{i,t} m l / (N · max_len)         constant divisor (no length bias)
 * dapo    Σ_{i,t} m l / num_tokens_total      token mean over the whole generation batch
 
-bnpo and dapo agree on one batch. Under gradient accumulation (a generation batch split
-into micro-batches) bnpo normalises each micro-batch by its own token count, so the
-micro-batch mean of losses is not the batch token mean; dapo divides every micro-batch
-by the token count of the whole generation batch (`num_tokens_total`), so the *sum* of
-the micro-batch losses is exactly DAPO's token-level loss.
+bnpo and dapo agree on one batch. When a step's generation batch is split into
+minibatches, bnpo normalises each minibatch by its own token count, so the minibatch
+losses do not add up to the batch token mean; dapo divides every minibatch by the token
+count of the whole generation batch (`num_tokens_total`), so the *sum* of the minibatch
+losses (and of their gradients) is exactly DAPO's token-level loss of the whole batch,
+as in the DAPO paper and TRL (its "dapo" loss divides each micro-batch's sum by
+num_items_in_batch, the active completion tokens of the whole generation batch over all
+processes). The lm_rl loop passes that count as the batch column "step_loss_tokens": Σ
+completion_mask · loss_weight over the rows of the step's pass (all minibatches, all
+processes), the same value in every row. Without that column (one batch on its own) the
+divisor is the batch's own count. With M minibatches the logged loss, a mean over the
+updates, is then the step's token-mean loss divided by M.
 
 DAPO's other tools: dynamic sampling (keep only groups whose rewards differ, refill by
 generating more: `fill_batch`), overlong filtering (truncated completions drop out of
@@ -491,9 +498,13 @@ def _prepare_grpo(config, kw, rollout, group_size, term_weights):
 
 
 def _grpo_loss(kw, log_probs, mask, batch):
+  extra = {}
+  if kw["aggregation"] == "dapo" and "step_loss_tokens" in batch:
+    # the whole step's loss tokens (every row holds the same count): module docstring
+    extra["num_tokens_total"] = batch["step_loss_tokens"][0]
   return policy_loss(log_probs, batch["old_log_probs"], batch["advantages"], mask,
                      ref_log_probs=batch.get("ref_log_probs"),
-                     max_len=batch["completion"].shape[1],
+                     max_len=batch["completion"].shape[1], **extra,
                      **{k: v for k, v in kw.items() if k not in ADVANTAGE_KEYS})
 
 

@@ -115,7 +115,9 @@ class LMObjective:
     host arrays for the update batch: "loss_weight" [N] (0 drops a completion) and
     whatever the loss reads (e.g. "advantages").
   loss(settings, log_probs [N, L], mask [N, L], batch) -> (loss, metrics); mask already
-    carries loss_weight. batch holds "old_log_probs" and, with uses_reference,
+    carries loss_weight. batch holds "old_log_probs", "step_loss_tokens" (the loss-token
+    count Σ completion_mask · loss_weight of the step's whole pass over its minibatches,
+    all processes, in every row: dapo's divisor) and, with uses_reference,
     "ref_log_probs".
   uses_reference(settings): the loss needs the frozen base model's log-probs.
   dynamic_sampling(config): groups whose rewards all agree are dropped and refilled.

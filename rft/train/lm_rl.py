@@ -1,4 +1,5 @@
-"""Online RL for decoder LMs: GRPO, DAPO, Dr.GRPO, GSPO, RLOO, BNPO and RAFT on one loop.
+"""Online RL for decoder LMs: GRPO, DAPO, Dr.GRPO, GSPO, RLOO, BNPO, RAFT, REBEL and CoPG
+on one loop.
 
     prompts x G -> generate(theta_old) -> reward -> [dynamic sampling] -> advantages
                -> old / ref log-probs -> mu x minibatch updates
@@ -123,6 +124,29 @@ def make_update(lm_config, config, tx, placement: Placement | None = None, state
   if placement is None:
     return jax.jit(update, donate_argnums=(0,))
   return placement.jit_update(update, state, num_args=2)
+
+
+def loss_tokens(host: dict) -> np.ndarray:
+  """[N] loss-token count of each row: Σ_t completion_mask · loss_weight."""
+  return (np.asarray(host["completion_mask"], np.float32)
+          * np.asarray(host["loss_weight"], np.float32)[:, None]).sum(axis=1)
+
+
+def minibatch_plan(config, step: int, it: int, num_groups: int, row_tokens: np.ndarray):
+  """(row indices of each minibatch of inner iteration `it`, the loss-token count of all
+  of them together).
+
+  Minibatches are whole groups, drawn from a permutation that is a function of (seed,
+  step, it). The count (every minibatch's rows, every process's rows: the host batch
+  holds them all) is what the loss receives as the batch column "step_loss_tokens", so a
+  token-mean over the whole step (the dapo aggregation) is the sum of the minibatch
+  losses.
+  """
+  G = config.group_size
+  order = np.random.default_rng([config.seed, step, it]).permutation(num_groups)
+  rows = [group_rows(g, G) for g in minibatches(order, max(num_groups // config.minibatches, 1),
+                                                config.minibatches)]
+  return rows, float(sum(row_tokens[idx].sum() for idx in rows))
 
 
 # ------------------------------------------------------------------------ task and model
@@ -352,13 +376,15 @@ def train_and_evaluate(config, workdir: str):
     # returns what it kept); slicing Q groups would silently repeat rows (JAX clamps).
     num_groups = len(rewards) // G
     m["groups_in_batch"] = float(num_groups)
+    row_tokens = loss_tokens(host)
     ums = []
     for it in range(config.inner_iterations if num_groups else 0):
-      order = np.random.default_rng([config.seed, step, it]).permutation(num_groups)
-      for g in minibatches(order, max(num_groups // config.minibatches, 1),
-                           config.minibatches):
-        idx = group_rows(g, G)
-        state, um = update(state, placement.take_rows(batch, idx, strict=False))
+      rows, step_tokens = minibatch_plan(config, step, it, num_groups, row_tokens)
+      for idx in rows:
+        mb = placement.take_rows(batch, idx, strict=False)
+        mb["step_loss_tokens"] = placement.batch(
+            np.full(len(idx), step_tokens, np.float32), strict=False)
+        state, um = update(state, mb)
         ums.append(um)
     if not ums:
       logging.warning("step %d: every sampled group's rewards agree after %d rounds; no "
