@@ -9,13 +9,18 @@ from rft import pretrained
 from tests.helpers import run_main
 
 # CI runs the plain GRPO smoke and GSPO with the KL term end to end; DAPO runs three times
-# in test_resumed_run_continues_the_same_curve. Dr.GRPO, RLOO and RAFT differ only in
-# their advantage / loss kernels (hand-computed in test_grpo.py), so their end-to-end
-# smoke runs are in the slow set.
+# in test_resumed_run_continues_the_same_curve. Dr.GRPO, RLOO, RAFT, REBEL and CoPG differ
+# only in their advantage / loss kernels (hand-computed in test_grpo.py and
+# test_lm_pair_objectives.py), so their end-to-end smoke runs are in the slow set; REBEL's
+# and CoPG's updates of the arithmetic LM run in CI in process
+# (test_pair_objective_updates_train_the_lm).
 VARIANTS = ["", pytest.param("dapo", marks=pytest.mark.slow),
             pytest.param("dr_grpo", marks=pytest.mark.slow), "gspo,kl",
             pytest.param("rloo", marks=pytest.mark.slow),
-            pytest.param("raft", marks=pytest.mark.slow)]
+            pytest.param("raft", marks=pytest.mark.slow),
+            pytest.param("rebel", marks=pytest.mark.slow),
+            pytest.param("copg", marks=pytest.mark.slow)]
+OBJECTIVE = {"raft": "raft", "rebel": "rebel", "copg": "copg"}  # variant -> record
 
 
 def _results(workdir):
@@ -31,7 +36,7 @@ def test_grpo_smoke_runs(variant, tmp_path):
     from tests.test_tensorboard_console import check_grpo_smoke
     check_grpo_smoke(p, wd)  # hparams, lr by hand, throughput, texts, console
   r = _results(wd)
-  assert r["objective"] == ("raft" if variant == "raft" else "grpo")
+  assert r["objective"] == OBJECTIVE.get(variant, "grpo")
   assert set(r["history"]) == {"0", "2"}
   for h in r["history"].values():
     for k in ("train/accuracy_greedy", "heldout/accuracy_sampled"):
@@ -95,3 +100,52 @@ def test_dynamic_sampling_that_runs_out_of_rounds_trains_on_what_it_kept(tmp_pat
   from rft import tb_events
   groups = [v for _, v in tb_events.read_scalars(str(wd))["train/groups_in_batch"]]
   assert len(groups) == 4 and all(0 <= g <= 2 for g in groups)
+
+
+@pytest.mark.parametrize("variant", ["rebel", "copg"])
+def test_pair_objective_updates_train_the_lm(variant):
+  """The records' entries through lm_rl.make_update on the shipped arithmetic LM: the first
+  update sees ratio 1 exactly, the loss is the hand formula's value at θ = θ_old, and
+  three updates lower it."""
+  from rft import config as config_lib
+  from rft.objectives import lm_pairs, registry
+  from rft.train import lm_rl
+  from rft.train.state import TrainState, make_optimizer
+  cfg, base, _ = pretrained.load_arith_base()
+  config = config_lib.load("grpo", f"smoke,{variant}")
+  obj = lm_rl.validate(config)
+  kw = obj.settings(config.objective)
+  tx = make_optimizer(1e-5, 10, schedule="constant")  # Adam's first steps are sign-like
+  update = lm_rl.make_update(cfg, config, tx)
+  rng = np.random.default_rng(0)
+  N, Lp, Lc, G = 8, 5, 4, config.group_size
+  rewards = np.array([1, 0, 0, 1, 1, 1, 0, 1], np.float32)
+  entries, _ = obj.prepare(config, kw, {"rewards": rewards, "truncated": np.zeros(N, bool)},
+                           G, None)
+  completion_mask = (np.arange(Lc)[None] < rng.integers(1, Lc + 1, N)[:, None])
+  batch = {"prompt": rng.integers(1, cfg.vocab_size, (N, Lp)).astype(np.int32),
+           "prompt_mask": np.ones((N, Lp), bool),
+           "completion": rng.integers(1, cfg.vocab_size, (N, Lc)).astype(np.int32),
+           "completion_mask": completion_mask.astype(np.float32), **entries,
+           "step_loss_tokens": np.full(N, completion_mask.sum(), np.float32)}
+  T = config.sampling.temperature
+  old, _ = jax.jit(lambda p, b: lm_rl.policy_log_probs(cfg, T, p, b))(base, batch)
+  batch["old_log_probs"] = old
+  ref = np.asarray(old) - 0.5 * completion_mask  # a reference 0.5 nats below per token
+  if obj.uses_reference(kw):
+    batch["ref_log_probs"] = ref
+  # At θ = θ_old the score of a row is 0 (REBEL) or β · 0.5 · length (CoPG).
+  scores = (0.0 if variant == "rebel" else kw["beta"] * 0.5 * completion_mask.sum(1))
+  want, _ = lm_pairs.pair_regression(np.zeros(N) + scores, rewards, entries["pair_group"],
+                                     entries["loss_weight"] > 0)
+  state = TrainState.create(base, tx)
+  losses = []
+  for i in range(4):
+    state, m = update(state, batch)
+    if i == 0:
+      assert float(m["ratio_mean"]) == 1.0
+      np.testing.assert_allclose(float(m["loss"]), float(want), rtol=1e-5)
+      assert float(m["pairs"]) == 2 * G * (G - 1) / 2
+    losses.append(float(m["loss"]))
+  assert losses[-1] < losses[0], losses
+  assert registry.lm(variant) is obj

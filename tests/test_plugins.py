@@ -107,8 +107,8 @@ def test_a_toy_lm_loss_registered_here_runs_through_the_lm_loop(tmp_path):
   assert results["objective"] == "toy_weighted_sft" and results["loss"] == "weighted_sft"
   assert calls == [config.prompts_per_step * config.group_size] * config.steps
   config.objective.name = "toy_weighted_sft"  # unregistered again: a clear error
-  with pytest.raises(ValueError, match=r"not a registered LM objective; known: \['grpo', "
-                                       r"'raft'\]"):
+  with pytest.raises(ValueError, match=r"not a registered LM objective; known: \['copg', "
+                                       r"'grpo', 'raft', 'rebel'\]"):
     lm_rl.validate(config)
 
 
