@@ -157,3 +157,14 @@ def test_ensemble_option_errors():
   with pytest.raises(ValueError, match=r"config\.reward_options\.ensemble: unknown "
                                        r"option\(s\) \['shared_kwargs'\]"):
     build(members=two, shared_kwargs={})
+
+
+def test_ensemble_of_text_rewards():
+  r = base.build("ensemble", options={"ensemble": {"members": "math_answer,exact_match",
+                                                   "combine": "mean_minus_std"}})
+  assert r.host and not r.differentiable
+  completions = ["4", "so \\boxed{4}", "5"]
+  # math_answer [1, 1, 0], exact_match [1, 0, 0]: mean − std = [1, 0.5 − 0.5, 0].
+  np.testing.assert_allclose(r(completions, ["4", "4", "4"]), [1.0, 0.0, 0.0], atol=1e-6)
+  parts = r.parts(completions, {"answers": ["4", "4", "4"]})
+  np.testing.assert_allclose(parts["ensemble_member_std"], [0.0, 0.5, 0.0], atol=1e-6)
