@@ -14,12 +14,15 @@ completion's baseline is its partner's regularised reward:
 Its fixed point is π* ∝ π_ref · exp(R/β), the optimum of the KL-regularised objective,
 whatever μ: no importance ratio to μ is needed, which makes the method off-policy. As a
 loss, g is −∇ of the surrogate −sg[R_β^π(y) − R_β^π(y')] · (ln π(y) − ln π(y')) (sg: stop
-gradient) and (−1/(2β))·∇ of the squared, "supervised-friendly" form this module
-minimises, which is IPO's loss with the preference margin replaced by the reward
-difference:
+gradient), and −1/(2β) times the gradient of the squared, "supervised-friendly" form
+this module minimises (the loss value is then a regression error):
 
     ℓ(y, y') = ( R(y) − R(y') − β [ ln π(y)/π_ref(y) − ln π(y')/π_ref(y') ] )²
              = ( R_β^π(y) − R_β^π(y') )²,        ∇ℓ = −2β g
+
+With h = ln π(y)/π_ref(y) − ln π(y')/π_ref(y'), ℓ = β² (h − (R(y) − R(y'))/β)²: IPO's
+loss (h − 1/(2β))² scaled by β², with the fixed margin replaced by the reward difference
+(the paper's "generalises IPO").
 
 L = the mean of ℓ over the pairs of every group (rft.objectives.lm_pairs). β > 0 is
 required (with β = 0, ℓ does not depend on π). The same regression as REBEL with the
