@@ -11,17 +11,17 @@ Each update draws K ~ U{min_grad_steps..T} and backpropagates through the last K
 from ml_collections import config_dict
 
 from rft import config as config_lib
-from rft.train import online_config
+from rft.configs import common
 
 
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke", "lora"))
-  c = online_config.base()
+  c = common.base()
   c.objective = config_dict.ConfigDict({"name": "alignprop", "min_grad_steps": 1})
-  online_config.reward_backprop(c, epochs=100)
+  common.reward_backprop(c, epochs=100)
   if "lora" in variants:
     c.finetune.mode = "lora"
     c.lr = 1e-3
   if "smoke" in variants:
-    online_config.smoke(c)
+    common.smoke(c)
   return config_lib.lock(c)

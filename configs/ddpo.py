@@ -21,7 +21,7 @@ statistics (buffer 16, min count 16), LoRA rank 4 at lr 3e-4.
 from ml_collections import config_dict
 
 from rft import config as config_lib
-from rft.train import online_config
+from rft.configs import common
 
 
 PRDP_SETTINGS = ("sd14_hpsv2", "sd14_pickscore", "hpdv2_hpsv2")
@@ -30,7 +30,7 @@ PRDP_SETTINGS = ("sd14_hpsv2", "sd14_pickscore", "hpdv2_hpsv2")
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke", "sf", "compressibility", "sd14_aesthetic",
                                        "sd14_compressibility") + PRDP_SETTINGS)
-  c = online_config.base()
+  c = common.base()
   c.objective = config_dict.ConfigDict({
       "name": "ddpo",
       "importance_sampling": "sf" not in variants,  # DDPO_IS (PPO clip) vs DDPO_SF
@@ -59,19 +59,19 @@ def get_config(arg=None):
   if "compressibility" in variants:
     c.reward = "jpeg_compressibility"
   if variants & {"sd14_aesthetic", "sd14_compressibility", *PRDP_SETTINGS}:
-    online_config.sd_world(c, prompt_set="hpdv2" if "hpdv2_hpsv2" in variants else "animals45")
+    common.sd_world(c, prompt_set="hpdv2" if "hpdv2_hpsv2" in variants else "animals45")
     c.epochs, c.lr, c.objective.skip_last_steps = 100, 3e-4, 0
     c.prompts_per_epoch, c.samples_per_prompt = 32, 8
     c.updates_per_epoch, c.prompts_per_update = 2, 16
     c.objective.min_count = 16
     if "sd14_aesthetic" in variants:
-      c.reward, c.reward_options = "aesthetic", online_config.reward_files("aesthetic")
+      c.reward, c.reward_options = "aesthetic", common.reward_files("aesthetic")
     elif "sd14_compressibility" in variants:
       c.reward = "jpeg_compressibility"
     else:  # PRDP's Table 1 / 2 rewards
       name = "pickscore" if "sd14_pickscore" in variants else "hpsv2"
-      c.reward, c.reward_options = name, online_config.reward_files(name)
+      c.reward, c.reward_options = name, common.reward_files(name)
   if "smoke" in variants:
-    online_config.smoke(c)
+    common.smoke(c)
     c.objective.min_count = 2
   return config_lib.lock(c)

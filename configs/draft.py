@@ -19,26 +19,26 @@ Stable Diffusion (needs the model files locally, see README "Real models"):
 from ml_collections import config_dict
 
 from rft import config as config_lib
-from rft.train import online_config
+from rft.configs import common
 
 
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke", "lv", "full", "sd14_hpsv2"))
-  c = online_config.base()
+  c = common.base()
   c.objective = config_dict.ConfigDict({
       "name": "draft_lv" if "lv" in variants else "draft",
       "grad_steps": 1,  # DRaFT-K: gradients through the last K steps
       "num_renoise": 2,  # DRaFT-LV: re-noised copies of the final sample
   })
-  online_config.reward_backprop(c, epochs=150)
+  common.reward_backprop(c, epochs=150)
   if "sd14_hpsv2" in variants:
-    online_config.sd_world(c, prompt_set="hpdv2")
-    c.reward, c.reward_options = "hpsv2", online_config.reward_files("hpsv2")
+    common.sd_world(c, prompt_set="hpdv2")
+    c.reward, c.reward_options = "hpsv2", common.reward_files("hpsv2")
     c.sampler.guidance_scale = 7.5
     c.finetune.lora_rank, c.finetune.lora_alpha = 32, 32.0
     c.lr, c.epochs, c.prompts_per_epoch, c.prompts_per_update = 2e-4, 2000, 8, 8
   if "full" in variants:
     c.objective.grad_steps = c.sampler.num_steps
   if "smoke" in variants:
-    online_config.smoke(c)
+    common.smoke(c)
   return config_lib.lock(c)

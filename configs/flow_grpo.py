@@ -26,13 +26,13 @@ evaluation. Not run here (no weights, no accelerator).
 from ml_collections import config_dict
 
 from rft import config as config_lib
-from rft.train import online_config
+from rft.configs import common
 
 
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke", "dance", "fast", "mix",
                                                   "sd35_pickscore"))
-  c = online_config.base()
+  c = common.base()
   c.base_dir = config_lib.required(
       "--config.base_dir=<a flow base folder, e.g. the workdir of configs/pretrain_flow_shapes.py>")
   c.sampler.name = "flow"
@@ -68,11 +68,11 @@ def get_config(arg=None):
     c.sde_window.stride = 1
     c.sde_window.every = 3
   if "sd35_pickscore" in variants:
-    online_config.sd3_world(c, "stabilityai/stable-diffusion-3.5-medium",
+    common.sd3_world(c, "stabilityai/stable-diffusion-3.5-medium",
                             prompt_set="pickapic", lora=True)
     c.resolution = 512
     c.reward = "pickscore"
-    c.reward_options = online_config.reward_files("pickscore")
+    c.reward_options = common.reward_files("pickscore")
     c.sampler.eta = 0.7
     c.objective.kl_coef = 0.01
     c.objective.global_std = True
@@ -87,5 +87,5 @@ def get_config(arg=None):
     c.eval_every = 60
     c.ckpt_every = 20
   if "smoke" in variants:
-    online_config.smoke(c)
+    common.smoke(c)
   return config_lib.lock(c)

@@ -57,6 +57,10 @@ def get_config(arg=None):
   c.heldout_fraction = 0.1  # without a "split" field in the file
   # Reward: "name[:weight],..." (rft/rewards: exact_match, math_answer, format, ...).
   c.reward = "exact_match"
+  # Per-reward factory options (set in a config file or from Python: the dict starts
+  # empty), e.g. {"ensemble": {"members": "math_answer,exact_match", "combine": "min"}} or
+  # {"math_answer": {"shaping": "par", "shaping_reference": 0.5}} (rft/rewards/base.py).
+  c.reward_options = config_dict.ConfigDict()
   # Several rewards: "sum_then_normalize" (weighted sum, then group advantages) or
   # "normalize_then_sum" (each reward normalised within its group, then summed; GDPO).
   c.reward_aggregation = "sum_then_normalize"

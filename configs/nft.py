@@ -17,12 +17,12 @@ decay (flat 0, rate 0.001, cap 0.5); two updates per epoch; the whole DiT at Ada
 from ml_collections import config_dict
 
 from rft import config as config_lib
-from rft.train import online_config
+from rft.configs import common
 
 
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke",))
-  c = online_config.base()
+  c = common.base()
   c.base_dir = config_lib.required(
       "--config.base_dir=<a flow base folder, e.g. the workdir of configs/pretrain_flow_shapes.py>")
   c.sampler.name = "flow"
@@ -46,5 +46,5 @@ def get_config(arg=None):
   c.eval_every = 10
   c.ckpt_every = 5
   if "smoke" in variants:
-    online_config.smoke(c)
+    common.smoke(c)
   return config_lib.lock(c)

@@ -39,16 +39,16 @@ e.g. --config.reward_options.hpsv2.weights_file=/path/HPS_v2_compressed.pt.
 from ml_collections import config_dict
 
 from rft import config as config_lib
-from rft.train import online_config
+from rft.configs import common
 
 
 SD_VARIANTS = ("sd14_hpsv2", "sd14_pickscore", "hpdv2_hpsv2", "multi_reward")
 SD_REWARDS = {
-    "sd14_hpsv2": ("hpsv2", online_config.reward_files("hpsv2")),
-    "sd14_pickscore": ("pickscore", online_config.reward_files("pickscore")),
-    "hpdv2_hpsv2": ("hpsv2", online_config.reward_files("hpsv2")),
+    "sd14_hpsv2": ("hpsv2", common.reward_files("hpsv2")),
+    "sd14_pickscore": ("pickscore", common.reward_files("pickscore")),
+    "hpdv2_hpsv2": ("hpsv2", common.reward_files("hpsv2")),
     "multi_reward": ("pickscore:10,hpsv2:2,aesthetic:0.05",
-                     online_config.reward_files("pickscore", "hpsv2", "aesthetic")),
+                     common.reward_files("pickscore", "hpsv2", "aesthetic")),
 }
 
 
@@ -79,7 +79,7 @@ SMALL_SCALE = {
 def get_config(arg=None):
   variants = config_lib.parse_arg(
       arg, ("smoke", "long", "all_captions", "paper_small", "paper_large") + SD_VARIANTS)
-  c = online_config.base()
+  c = common.base()
   c.objective = config_dict.ConfigDict({
       "name": "prdp",
       "beta": 1e-3,  # KL weight: targets are (r(a) - r(b)) / beta
@@ -117,7 +117,7 @@ def get_config(arg=None):
     raise ValueError(f"pick one Stable Diffusion variant, got {sorted(sd)}")
   if sd:
     variants.add("paper_large" if sd & {"hpdv2_hpsv2", "multi_reward"} else "paper_small")
-    online_config.sd_world(c, prompt_set="hpdv2" if "paper_large" in variants else "animals45")
+    common.sd_world(c, prompt_set="hpdv2" if "paper_large" in variants else "animals45")
     c.reward, c.reward_options = SD_REWARDS[sd.pop()]
   if "paper_small" in variants or "paper_large" in variants:
     c.objective.skip_last_steps = 0
@@ -138,6 +138,6 @@ def get_config(arg=None):
     c.prompts_per_epoch, c.samples_per_prompt, c.prompts_per_update = 64, 8, 64
     c.objective.beta, c.objective.clip_eps, c.lr = 3e-6, 1e-4, 7e-6
   if "smoke" in variants:
-    online_config.smoke(c)
+    common.smoke(c)
     c.objective.skip_last_steps = min(c.objective.skip_last_steps, 2)  # smoke has 3 steps
   return config_lib.lock(c)

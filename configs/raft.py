@@ -12,12 +12,12 @@ on minibatches of the kept images. Variants: `smoke`.
 from ml_collections import config_dict
 
 from rft import config as config_lib
-from rft.train import online_config
+from rft.configs import common
 
 
 def get_config(arg=None):
   variants = config_lib.parse_arg(arg, ("smoke",))
-  c = online_config.base()
+  c = common.base()
   c.objective = config_dict.ConfigDict({"name": "raft", "keep": 1, "cond_dropout": 0.1})
   c.epochs = 40
   c.prompts_per_epoch = 64
@@ -26,5 +26,5 @@ def get_config(arg=None):
   c.prompts_per_update = 16
   c.lr = 1e-4
   if "smoke" in variants:
-    online_config.smoke(c)
+    common.smoke(c)
   return config_lib.lock(c)

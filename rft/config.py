@@ -37,11 +37,16 @@ CONFIG_DIR = PACKAGED_CONFIG_DIR if os.path.isdir(PACKAGED_CONFIG_DIR) else CHEC
 
 
 def shipped_configs() -> list[str]:
-  """Names (without .py) of the config files that come with rft, sorted."""
+  """Names (without .py) of the config files that come with rft, sorted: the files of
+  CONFIG_DIR that define get_config (common.py holds the helpers they share)."""
   if not os.path.isdir(CONFIG_DIR):
     return []
+
+  def is_config(f):
+    with open(os.path.join(CONFIG_DIR, f), encoding="utf-8") as fh:
+      return "\ndef get_config(" in fh.read()
   return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                if f.endswith(".py") and not f.startswith("_"))
+                if f.endswith(".py") and not f.startswith("_") and is_config(f))
 
 
 def resolve(path: str) -> str:

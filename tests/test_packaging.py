@@ -57,14 +57,36 @@ def test_unknown_name_is_an_error_listing_the_shipped_configs(tmp_path, monkeypa
   monkeypatch.chdir(tmp_path)
   shipped = config_lib.shipped_configs()
   assert "prdp" in shipped and "grpo" in shipped
-  # In a checkout the shipped configs are exactly the files of configs/.
+  # In a checkout the shipped configs are exactly the files of configs/ but the helpers
+  # they share (common.py: no get_config).
   assert shipped == sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
-                           if f.endswith(".py"))
+                           if f.endswith(".py") and f != "common.py")
+  assert "common" not in shipped
   # A path into another directory is not replaced by the shipped file of that name.
   for bad in ("no_such_config", "no_such_config.py:smoke", "elsewhere/prdp.py"):
     with pytest.raises(FileNotFoundError) as e:
       config_lib.load(bad)
     assert all(name in str(e.value) for name in shipped), str(e.value)
+
+
+def test_a_checkout_on_pythonpath_imports_its_own_configs_package(tmp_path):
+  """rft.configs (the config files' shared helpers, configs/common.py) is the configs/
+  beside the rft package that was imported: also for a checkout that is only on
+  PYTHONPATH while another checkout is installed in editable mode (as here)."""
+  (tmp_path / "rft").mkdir()
+  shutil.copy(os.path.join(ROOT, "rft", "__init__.py"), tmp_path / "rft" / "__init__.py")
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "common.py").write_text("WHERE = 'the copy'\n")
+  p = subprocess.run([sys.executable, "-c", "import rft.configs.common as m; print(m.WHERE, "
+                      "m.__file__)"], cwd=tmp_path, capture_output=True, text=True,
+                     env=clean_env(PYTHONPATH=str(tmp_path)), timeout=120)
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.split()[:2] == ["the", "copy"], p.stdout
+  assert p.stdout.split()[-1] == str(tmp_path / "configs" / "common.py")
+  # and the shipped configs import it from this checkout
+  from rft.configs import common
+  assert os.path.dirname(common.__file__) == os.path.join(ROOT, "configs")
+  assert config_lib.load("prdp").trainer == common.base().trainer
 
 
 def _main_here(cwd, *args, env=None, timeout=600):

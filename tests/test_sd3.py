@@ -268,8 +268,8 @@ def test_online_loop_on_tiny_sd3(tmp_path, tiny_sd3):
 
 def test_default_trainable_selects_the_mmdit():
   import re
-  from rft.train import online_config
-  c = online_config.base()
+  from rft.configs import common
+  c = common.base()
   paths = ["transformer/transformer_blocks_0/attn/to_q/kernel", "text_encoder/x", "vae/y",
            "transformer/transformer_blocks_0/attn/add_k_proj/kernel",
            "transformer/transformer_blocks_0/ff/net_2/kernel"]
@@ -277,5 +277,5 @@ def test_default_trainable_selects_the_mmdit():
                                                                         True, True]
   assert [bool(re.search(c.finetune.lora_targets, p)) for p in paths] == [True, False, False,
                                                                           True, False]
-  online_config.sd3_world(c, "some/folder")
+  common.sd3_world(c, "some/folder")
   assert c.world == "sd3" and c.sampler.name == "flow" and c.base_dir == ""
