@@ -12,8 +12,8 @@ from tests.helpers import run_main
 # in test_resumed_run_continues_the_same_curve. Dr.GRPO, RLOO, RAFT, REBEL and CoPG differ
 # only in their advantage / loss kernels (hand-computed in test_grpo.py and
 # test_lm_pair_objectives.py), so their end-to-end smoke runs are in the slow set; REBEL's
-# and CoPG's updates of the arithmetic LM run in CI in process
-# (test_pair_objective_updates_train_the_lm).
+# update of the arithmetic LM runs in CI in process (test_pair_objective_updates_train_the_lm;
+# CoPG's in the slow set).
 VARIANTS = ["", pytest.param("dapo", marks=pytest.mark.slow),
             pytest.param("dr_grpo", marks=pytest.mark.slow), "gspo,kl",
             pytest.param("rloo", marks=pytest.mark.slow),
@@ -51,10 +51,22 @@ def test_grpo_smoke_runs(variant, tmp_path):
 
 
 def test_multi_reward_normalize_then_sum_runs(tmp_path):
+  """Two reward terms normalised separately; one of them an ensemble of two text rewards
+  configured through config.reward_options (which the LM loop passes to the rewards)."""
   wd = tmp_path / "run"
-  run_main("configs/grpo.py:smoke", wd, "--config.reward=exact_match:1,math_answer:0.5",
+  cfg = tmp_path / "ensemble_grpo.py"
+  cfg.write_text(
+      "from rft import config as config_lib\n"
+      "def get_config(arg=None):\n"
+      "  c = config_lib.load('grpo', 'smoke')\n"
+      "  c.reward_options = {'ensemble': {'members': 'exact_match,math_answer',\n"
+      "                                   'combine': 'min'}}\n"
+      "  return c\n")
+  run_main(str(cfg), wd, "--config.reward=ensemble:1,math_answer:0.5",
            "--config.reward_aggregation=normalize_then_sum", "--config.eval_every=0")
   assert _results(wd)["steps"] == 2
+  with open(wd / "config.json") as f:
+    assert json.load(f)["reward_options"]["ensemble"]["combine"] == "min"
   p = run_main("configs/grpo.py:smoke", tmp_path / "bad", "--config.reward_aggregation=mean",
                check=False)
   assert p.returncode != 0 and "config.reward_aggregation='mean'" in p.stderr
@@ -102,7 +114,9 @@ def test_dynamic_sampling_that_runs_out_of_rounds_trains_on_what_it_kept(tmp_pat
   assert len(groups) == 4 and all(0 <= g <= 2 for g in groups)
 
 
-@pytest.mark.parametrize("variant", ["rebel", "copg"])
+# CoPG's update runs through the same pair path (lm_pairs) as REBEL's; its loss and
+# gradient are hand-computed in test_lm_pair_objectives.py, so its loop run is slow-only.
+@pytest.mark.parametrize("variant", ["rebel", pytest.param("copg", marks=pytest.mark.slow)])
 def test_pair_objective_updates_train_the_lm(variant):
   """The records' entries through lm_rl.make_update on the shipped arithmetic LM: the first
   update sees ratio 1 exactly, the loss is the hand formula's value at θ = θ_old, and

@@ -168,3 +168,27 @@ def test_ensemble_of_text_rewards():
   np.testing.assert_allclose(r(completions, ["4", "4", "4"]), [1.0, 0.0, 0.0], atol=1e-6)
   parts = r.parts(completions, {"answers": ["4", "4", "4"]})
   np.testing.assert_allclose(parts["ensemble_member_std"], [0.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_evaluation_logs_an_ensembles_members_beside_the_evaluator():
+  """The diffusion loop's evaluation metrics (diffusion_rl.reward_eval_metrics): a lone
+  ensemble reward judged by an evaluator still logs its members and their mean/std; a
+  lone plain reward adds only config_reward."""
+  from rft.train import diffusion_rl
+  x = np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+  r = base.build("ensemble", options={"ensemble": {
+      "members": "saturation,brightness", "combine": "mean"}})
+  assert not r.terms
+  got = diffusion_rl.reward_eval_metrics(r, r(x, {}), x, {}, None, judged=True)
+  sat = np.asarray(base.build("saturation")(x, {}), np.float64)
+  lum = np.asarray(base.build("brightness")(x, {}), np.float64)
+  np.testing.assert_allclose(got["config_reward"], np.mean((sat + lum) / 2), rtol=1e-5)
+  np.testing.assert_allclose(got["config_reward_ensemble_member_std"],
+                             np.mean(np.abs(sat - lum) / 2), rtol=1e-4, atol=1e-6)
+  assert {"config_reward_ensemble_member0", "config_reward_ensemble_member1",
+          "config_reward_ensemble_member_mean"} <= set(got)
+  plain = base.build("brightness")
+  assert set(diffusion_rl.reward_eval_metrics(plain, plain(x, {}), x, {}, None,
+                                              judged=True)) == {"config_reward"}
+  alone = diffusion_rl.reward_eval_metrics(plain, plain(x, {}), x, {}, None, judged=False)
+  np.testing.assert_allclose(alone["reward_brightness"], np.mean(lum), rtol=1e-5)

@@ -227,6 +227,20 @@ def soft_update(old, new, decay):
   return jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, old, new)
 
 
+def reward_eval_metrics(reward, rewards, images, prompts, params, judged: bool) -> dict:
+  """The configured reward's mean on evaluated images ("config_reward") and the mean of
+  each of its terms or parts (a weighted sum's terms, an ensemble's members and their
+  mean/std, a shaped reward's value before shaping): "reward_<part>" where no evaluator
+  judges the images, "config_reward_<part>" beside the evaluator's metrics. A single
+  plain reward beside an evaluator adds nothing (its value is config_reward)."""
+  m = {"config_reward": float(np.mean(rewards))}
+  if not judged or reward.terms or reward.parts_fn is not None:
+    parts = reward.parts(images if reward.host else jnp.asarray(images), prompts, params)
+    prefix = "config_reward_" if judged else "reward_"
+    m.update({f"{prefix}{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()})
+  return m
+
+
 def _sample_all(sample_images, ids, key, batch_size: int) -> np.ndarray:
   """Images for every id, in chunks of batch_size (the last one padded: one compiled shape)."""
   out = []
@@ -539,15 +553,9 @@ def train_and_evaluate(config, workdir: str):
         m, images, aligned = judged
       images = np.asarray(images)
       ids = ids[:len(images)]
-      # The configured reward and each of its terms on the evaluated images ("reward_<term>"
-      # where no evaluator judges them, "config_reward_<term>" beside the evaluator's).
       rewards = score(images, ids)
-      m["config_reward"] = float(np.mean(rewards))
-      if judged is None or reward.terms:
-        parts = reward.parts(images if reward.host else jnp.asarray(images),
-                             world.reward_prompts(ids), reward_params)
-        prefix = "reward_" if judged is None else "config_reward_"
-        m.update({f"{prefix}{k}": float(np.mean(np.asarray(v))) for k, v in parts.items()})
+      m.update(reward_eval_metrics(reward, rewards, images, world.reward_prompts(ids),
+                                   reward_params, judged=judged is not None))
       out.update({f"{split}/{k}": v for k, v in m.items()})
       # The grid: a fixed pick over the caption families (the same prompts and initial
       # noise at every evaluation), each image with its reward and the evaluator's verdict.

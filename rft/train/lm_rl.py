@@ -236,7 +236,7 @@ def train_and_evaluate(config, workdir: str):
                                temperature=config.sampling.temperature,
                                top_k=config.sampling.top_k, top_p=config.sampling.top_p)
   # ---------------------------------------------------------------- reward
-  reward = rewards_lib.build(config.reward)
+  reward = rewards_lib.build(config.reward, options=config.get("reward_options"))
   kw = obj.settings(o)
 
   terms = reward.terms or ((1.0, reward),)
