@@ -283,3 +283,52 @@ def test_a_table_is_reported_and_extended_from_its_records(tmp_path):
   changed = dataclasses.replace(changed, argv=changed.argv + ("--config.lr=0.1",))
   with pytest.raises(ValueError, match=r"record .*seed0.json was made by a different command"):
     changed.done
+
+
+def test_pooled_reports_equal_one_report_of_all_seeds(tmp_path):
+  """Seeds 0-1 reported in one folder and seed 2 in another, pooled, give the intervals
+  and verdicts of one report over seeds 0-2; an old table.csv without seed ids is read as
+  seeds 0..n-1; a seed in two reports and reports of different presets are errors."""
+  from rft.repro import pool
+  t = tables.get("prdp_table1")
+  gains = {"prdp": [0.12, 0.15, 0.10], "ddpo": [0.02, 0.04, 0.0]}
+
+  def report_of(workdir, seeds):
+    runs = runner.plan(t, "cpu", str(workdir), seeds=seeds, rows=["ddpo", "prdp"])
+    for r in runs:
+      _fake_run(r.workdir, r.seed, 0.45 + 0.01 * r.seed, 0.45 + 0.01 * r.seed
+                + gains[r.row][r.seed])
+    return report.write(t, "cpu", runs, str(workdir / "out"))
+
+  whole = report_of(tmp_path / "all", 3)
+  report_of(tmp_path / "a", "0-1")
+  report_of(tmp_path / "b", "2-2")  # "2" alone would be a count (seeds 0-1)
+  pooled = pool.write(pool.pool([str(tmp_path / "a" / "out"), str(tmp_path / "b" / "out")]),
+                      str(tmp_path / "pooled"))
+  assert [(v["claim"], v["verdict"]) for v in pooled["verdicts"]] == [
+      (v["claim"], v["verdict"]) for v in whole["verdicts"]]
+  for got, want in zip(pooled["verdicts"], whole["verdicts"]):
+    np.testing.assert_allclose([got["interval"][k] for k in ("mean", "low", "high")],
+                               [want["interval"][k] for k in ("mean", "low", "high")])
+  for row in ("prdp", "ddpo"):
+    for m in ("train/alignment", "heldout/alignment", "train/reward"):
+      for st in ("base", "final", "gain"):
+        np.testing.assert_allclose(pooled["rows"][row][m][st]["mean"],
+                                   whole["rows"][row][m][st]["mean"])
+  assert "(n=3)" in (tmp_path / "pooled" / "table.md").read_text()
+  # an older table.csv (no seed_ids column) is read as seeds 0..n-1
+  old = tmp_path / "old.csv"
+  lines = (tmp_path / "a" / "out" / "table.csv").read_text().splitlines()
+  old.write_text("\n".join(ln.rsplit(",", 1)[0] if i == 0 else ln.rsplit(",\"[", 1)[0]
+                           for i, ln in enumerate(lines)) + "\n")
+  read = pool.read_values(str(old))
+  assert read["assumed_seeds"] and set(read["values"][("prdp", "train/alignment", "gain")]) == {0, 1}
+  again = pool.write(pool.pool([str(old), str(tmp_path / "b" / "out")]), str(tmp_path / "p2"))
+  assert again["verdicts"] == pooled["verdicts"]
+  assert "does not name its seeds" in (tmp_path / "p2" / "table.md").read_text()
+  with pytest.raises(ValueError, match=r"seed\(s\) \[0, 1\] of .* are in two reports"):
+    pool.pool([str(tmp_path / "a" / "out"), str(tmp_path / "all" / "out")])
+  other = tmp_path / "other.csv"
+  other.write_text((tmp_path / "b" / "out" / "table.csv").read_text().replace(",cpu,", ",cpu_long,"))
+  with pytest.raises(ValueError, match="different tables or presets"):
+    pool.pool([str(tmp_path / "a" / "out"), str(other)])
