@@ -17,7 +17,7 @@ from rft.tools import kill_resume
 from tests.helpers import JAX_CACHE, ROOT, run_main
 
 SMOKE = "configs/pretrain_shapes.py:smoke"
-ARGS = ["--config.eval_every=0", "--config.steps=40", "--config.ckpt_every=5",
+ARGS = ["--config.eval_every=0", "--config.steps=20", "--config.ckpt_every=5",
         "--config.log_every=5"]
 
 
@@ -162,7 +162,7 @@ def test_sigkill_and_sigterm_resume_to_the_same_params_and_curves(tmp_path):
   assert line.startswith(f"stopped by SIGTERM after step {stopped}: checkpoint step {stopped} "
                          f"in {intr}/checkpoints; resume with: python -m rft.main "
                          f"--config={SMOKE} --workdir={intr}")
-  assert stopped < 40 and not os.path.exists(os.path.join(intr, "shapes_base.msgpack"))
+  assert stopped < 20 and not os.path.exists(os.path.join(intr, "shapes_base.msgpack"))
   # SIGKILL as soon as the resumed run has written a newer checkpoint.
   starts = kill_resume.run_interrupted(cmd, intr, env, kills=1, duration=0.0,
                                        rng=random.Random(0))
@@ -172,7 +172,7 @@ def test_sigkill_and_sigterm_resume_to_the_same_params_and_curves(tmp_path):
   assert out["ok"], out["problems"]
   assert out["exports"] == ["shapes_base.msgpack"]
   steps = [s for s, _ in tb_events.read_scalars(intr)["train/loss"]]
-  assert steps == list(range(5, 41, 5)), steps
+  assert steps == list(range(5, 21, 5)), steps
 
 
 def test_compare_finds_a_duplicated_step_and_a_different_export(tmp_path):
