@@ -31,6 +31,7 @@ TRAINERS = {
     "reno": "rft.train.reno:run",  # inference-time noise optimisation
     "pretrain_arith": "rft.train.pretrain_lm:train_and_evaluate",
     "lm_rl": "rft.train.lm_rl:train_and_evaluate",  # GRPO, DAPO, Dr.GRPO, GSPO, RLOO, RAFT
+    "reward_model": "rft.train.reward_model:train_and_evaluate",  # BT / regression from pairs, ratings
 }
 
 

@@ -1,0 +1,58 @@
+"""A trained reward model as a reward: "lm_reward_model".
+
+    config.reward = "lm_reward_model"
+    config.reward_options.lm_reward_model = {"path": "<reward_model workdir or bundle folder>"}
+
+The model is the bundle `reward_model.{msgpack,json}` that `configs/reward_model.py`
+(rft.train.reward_model) writes in its workdir; it scores prompt + completion
+(rft.reward_models.model). Text-reward interface (rft.rewards.text):
+
+    reward(completions: list[str], targets) -> scores [N] float32
+
+The prompt of each completion comes from `targets`: a mapping holding "prompts" (one per
+completion; other keys, e.g. "answers", are ignored). With `prompt_in_completion=True`
+the completions are whole texts (prompt + response) and `targets` is ignored. A plain
+list of target answers (what the LM loop passes today) is an error: the reward model
+needs the prompts. A host reward (the scores are not differentiated).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from rft.rewards.base import Reward, register
+
+
+@register("lm_reward_model")
+def lm_reward_model(path: str = "", prompt_in_completion: bool = False,
+                    batch_size: int = 256) -> Reward:
+  """Scores of the reward model saved in `path` (see the module docstring)."""
+  if not path:
+    raise ValueError("config.reward_options.lm_reward_model.path is not set: give the "
+                     "workdir of a configs/reward_model.py run (or a folder holding "
+                     "reward_model.msgpack and reward_model.json)")
+  from rft.reward_models import model as rm  # pylint: disable=g-import-not-at-top
+  loaded = rm.load(path)
+  loaded.batch_size = int(batch_size)
+
+  def fn(completions: Sequence[str], targets=None) -> np.ndarray:
+    completions = [str(c) for c in completions]
+    if prompt_in_completion:
+      prompts = [""] * len(completions)
+    else:
+      if not isinstance(targets, Mapping) or "prompts" not in targets:
+        got = (f"a mapping with keys {sorted(targets)}" if isinstance(targets, Mapping)
+               else f"a {type(targets).__name__}")
+        raise ValueError(
+            f"lm_reward_model ({path}) needs each completion's prompt: targets must be a "
+            f"mapping holding 'prompts', got {got}; or set "
+            f"config.reward_options.lm_reward_model.prompt_in_completion=True and pass "
+            f"whole texts")
+      prompts = [str(p) for p in targets["prompts"]]
+      if len(prompts) != len(completions):
+        raise ValueError(f"lm_reward_model: {len(completions)} completions but "
+                         f"{len(prompts)} prompts")
+    return np.asarray(loaded.score(prompts, completions), np.float32)
+
+  return Reward("lm_reward_model", fn, differentiable=False, host=True)
