@@ -296,7 +296,7 @@ def test_smoke_trains_evaluates_checkpoints_exports_and_scores(tmp_path):
   assert np.allclose(got, loaded.score(prompts, texts), atol=1e-6)
   t, m = data.encode(CharTokenizer(), prompts, texts, 16)
   cfg = loaded.lm_config
-  assert np.allclose(got, rm.scores(cfg, "last", loaded.params, t, m), atol=1e-5)
+  assert np.allclose(got, rm.scores(cfg, loaded.pooling, loaded.params, t, m), atol=1e-5)
   whole = rewards_lib.build("lm_reward_model", options={"lm_reward_model": {
       "path": str(full), "prompt_in_completion": True}})
   assert np.allclose(whole([p + x for p, x in zip(prompts, texts)], None), got, atol=1e-6)
@@ -363,11 +363,13 @@ EASY = ("ops=+", "max_operand=4", "batch_size=32", "lr=3e-3", "warmup=10", "tie_
 def test_learns_easy_noise_free_pairs(tmp_path):
   """A tiny random LM on the 25 problems a+b (a, b in 0..4), noise-free pairs (true
   answer vs a near miss): after 200 steps it ranks the training problems' pairs
-  (128 fixed, clean) right at least 75 % of the time (chance: 50 %; measured 93 %)."""
+  (128 fixed, clean) right at least 75 % of the time and 20 points above the untrained
+  head (measured: 68.8 -> 96.9 %; the untrained mean-pooled head is above 50 % on these
+  few correlated pairs)."""
   res = training.train(smoke_config(*EASY, "steps=200", "eval_every=200",
                                     "ckpt_every=200"), tmp_path)
-  assert res["history"]["0"]["train/pair_accuracy"] < 0.65
-  assert res["final"]["train/pair_accuracy"] > 0.75
+  start = res["history"]["0"]["train/pair_accuracy"]
+  assert res["final"]["train/pair_accuracy"] > max(0.75, start + 0.2)
   assert res["final"]["train/bt_loss"] < 0.4
 
 
