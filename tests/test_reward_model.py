@@ -382,3 +382,21 @@ def test_loss_falls_on_easy_pairs(tmp_path):
   start, end = res["history"]["0"]["train/bt_loss"], res["final"]["train/bt_loss"]
   assert abs(start - math.log(2)) < 0.01
   assert end < start - 0.05
+
+
+@pytest.mark.slow
+def test_grpo_trains_against_a_trained_reward_model(tmp_path):
+  """GRPO (configs/grpo.py:smoke) with config.reward = "lm_reward_model": the LM loop
+  passes each completion's prompt with the reference answers, so the learned reward
+  scores (prompt, completion) pairs. (CI: the text rewards read the same mapping in every
+  GRPO smoke run; the reward's prompt handling is in the smoke test above.)"""
+  rm_dir = tmp_path / "rm"
+  training.train(smoke_config(), rm_dir)
+  c = config_lib.load("grpo", "smoke")
+  c.reward = "lm_reward_model"
+  c.reward_options = {"lm_reward_model": {"path": str(rm_dir)}}
+  res = training.train(c, tmp_path / "grpo")
+  assert res["steps"] == 2
+  rewards = [h["train/reward_mean_step"] for h in res["history"].values()
+             if "train/reward_mean_step" in h]
+  assert rewards and all(np.isfinite(rewards))

@@ -244,7 +244,9 @@ def train_and_evaluate(config, workdir: str):
 
   def score(texts, ids):
     """[N, R] per-term rewards (weights in term_weights; their weighted sum is the reward)."""
-    targets = [world.answers[i] for i in ids]
+    # Text rewards read the reference answers ("answers"); reward models the prompts.
+    targets = {"answers": [world.answers[i] for i in ids],
+               "prompts": [world.prompts[i] for i in ids]}
     out = np.stack([np.asarray(r(texts, targets), np.float32) for _, r in terms], axis=1)
     rewards_lib.check_finite_rewards(out, config.reward, [r.name for _, r in terms])
     return out
