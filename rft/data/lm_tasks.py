@@ -177,16 +177,9 @@ def read_rows(path) -> list[tuple[str, dict]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"prompt file {path} not found (expected {FORMATS})")
   if ext == ".parquet":
-    rows = [(f"row {i}", r) for i, r in enumerate(_read_parquet(path))]
+    rows = [(f"row {i}", r) for i, r in enumerate(read_parquet(path))]
   else:
-    with open(path, "rb") as f:
-      raw = f.read()
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      line = raw.count(b"\n", 0, e.start) + 1
-      raise ValueError(f"prompt file {path}: not UTF-8 text at line {line} (byte offset "
-                       f"{e.start}: {raw[e.start:e.start + 4]!r}); save it as UTF-8") from None
+    text = read_utf8(path, "prompt file")
     rows = None
     if ext == ".json":
       try:
@@ -199,14 +192,7 @@ def read_rows(path) -> list[tuple[str, dict]]:
                            f"{type(data).__name__}")
         rows = [(f"row {i}", r) for i, r in enumerate(data)]
     if rows is None:
-      rows = []
-      for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-          continue
-        try:
-          rows.append((f"line {n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"prompt file {path}, line {n}: invalid JSON ({e})") from None
+      rows = json_lines(text, f"prompt file {path}")
   for where, r in rows:
     if not isinstance(r, dict):
       raise ValueError(f"prompt file {path}, {where}: expected a JSON object, got a "
@@ -216,7 +202,34 @@ def read_rows(path) -> list[tuple[str, dict]]:
   return rows
 
 
-def _read_parquet(path: str) -> list[dict]:
+def read_utf8(path: str, what: str) -> str:
+  """The text of file `path`; a ValueError naming `what`, the file, the line and the bytes
+  where it is not UTF-8."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{what} {path}: not UTF-8 text at line {line} (byte offset "
+                     f"{e.start}: {raw[e.start:e.start + 4]!r}); save it as UTF-8") from None
+
+
+def json_lines(text: str, where: str) -> list[tuple[str, object]]:
+  """[("line n", value)] of JSON-lines text, blank lines skipped; a line that is not JSON
+  is a ValueError "<where>, line n: invalid JSON (...)"."""
+  rows = []
+  for n, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append((f"line {n}", json.loads(line)))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}, line {n}: invalid JSON ({e})") from None
+  return rows
+
+
+def read_parquet(path: str) -> list[dict]:
   try:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     return pq.read_table(path).to_pylist()

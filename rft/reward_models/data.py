@@ -29,13 +29,13 @@ file, the line (jsonl, 1-based) or row (parquet, 0-based) and the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Sequence
 
 import numpy as np
 
+from rft.data import lm_tasks
 from rft.reward_models import losses
 
 FORMATS = ".jsonl (one JSON object a line) or .parquet"
@@ -165,23 +165,10 @@ def _rows(path: str) -> list[tuple[str, dict]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"reward-model data file {path} not found ({FORMATS})")
   if ext == ".parquet":
-    from rft.data.lm_tasks import _read_parquet  # pylint: disable=g-import-not-at-top
-    rows = [(f"{path}, row {i}", r) for i, r in enumerate(_read_parquet(path))]
+    rows = [(f"{path}, row {i}", r) for i, r in enumerate(lm_tasks.read_parquet(path))]
   else:
-    raw = open(path, "rb").read()
-    try:
-      text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      line = raw.count(b"\n", 0, e.start) + 1
-      raise ValueError(f"{path}, line {line}: not UTF-8 text (byte offset {e.start})") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        rows.append((f"{path}, line {n}", json.loads(line)))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {n}: invalid JSON ({e})") from None
+    text = lm_tasks.read_utf8(path, "reward-model data file")
+    rows = [(f"{path}, {where}", r) for where, r in lm_tasks.json_lines(text, path)]
   for where, r in rows:
     if not isinstance(r, dict):
       raise ValueError(f"{where}: expected a JSON object, got a {type(r).__name__}")
