@@ -66,6 +66,7 @@ import numpy as np
 
 from rft.objectives import registry
 from rft.objectives.raft import select_top
+from rft.rewards import shaping
 
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -163,11 +164,10 @@ def aggregate(reward_matrix, weights, group_size: int, order: str = "sum_then_no
     raise ValueError("scale_rewards applies to order='sum_then_normalize' only; "
                      "normalize_then_sum always ends with a batch z-score")
   _groups(x[:, 0], group_size)  # shape checks
-  g = x.reshape(-1, group_size, x.shape[1])
-  norm = (g - g.mean(axis=1, keepdims=True)) / (jnp.std(g, axis=1, ddof=1, keepdims=True) + eps)
-  s = (norm @ w)  # [groups, G]
-  adv = (s - s.mean()) / (jnp.std(s, ddof=1) + eps)
-  return adv.reshape(-1), jnp.std(s, axis=1, ddof=1)
+  s = shaping.multi_reward_normalize(x, w, order="normalize_then_sum", group_size=group_size,
+                                     batch_renorm=False, eps=eps)  # Σ_k w_k ñ_k, [N]
+  adv = shaping.zscore(s, 0, True, eps)
+  return adv, jnp.std(s.reshape(-1, group_size), axis=1, ddof=1)
 
 
 # --------------------------------------------------------------------------- policy loss

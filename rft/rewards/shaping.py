@@ -154,7 +154,8 @@ def pure_softmin_rewards(rewards, mask=None, temperature: float = 0.1):
 NORMALIZE_ORDERS = ("sum_then_normalize", "normalize_then_sum")
 
 
-def _zscore(x, axis, scale, eps):
+def zscore(x, axis, scale: bool = True, eps: float = 1e-4):
+  """(x − mean) / (std + eps) along `axis` (std with ddof = 1); x − mean without `scale`."""
   c = x - x.mean(axis=axis, keepdims=True)
   if not scale:
     return c
@@ -188,9 +189,9 @@ def multi_reward_normalize(rewards, weights, *, order: str = "normalize_then_sum
                      f"the {n} rows")
   groups = x.reshape(n // g, g, x.shape[1])
   if order == "sum_then_normalize":
-    return _zscore(groups @ w, 1, scale, eps).reshape(n)
-  s = (_zscore(groups, 1, scale, eps) @ w).reshape(n)
-  return _zscore(s, 0, True, eps) if batch_renorm else s
+    return zscore(groups @ w, 1, scale, eps).reshape(n)
+  s = (zscore(groups, 1, scale, eps) @ w).reshape(n)
+  return zscore(s, 0, True, eps) if batch_renorm else s
 
 
 def direction(theta):
