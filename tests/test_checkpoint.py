@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from rft import checkpoint as ck
+from tests.helpers import xla_flags
 
 
 def _params(width=4, seed=0):
@@ -235,7 +236,7 @@ def test_restore_in_new_process_onto_shardings(tmp_path):
       np.savez({str(out)!r}, *[np.asarray(x) for x in leaves + leaves2])
   """)
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+         "XLA_FLAGS": xla_flags(4)}
   subprocess.run([sys.executable, "-c", code], check=True, timeout=180,
                  env=env, cwd=_REPO)
   got = np.load(out)

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.helpers import JAX_CACHE, ROOT
+from tests.helpers import JAX_CACHE, ROOT, xla_flags
 
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(ROOT, "colabs")) if f.endswith(".ipynb"))
 
@@ -23,7 +23,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   monkeypatch.setenv("RFT_REPRO_WORKDIR", str(tmp_path / "repro"))
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
   monkeypatch.setenv("PYTHONPATH", ROOT)
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())  # the kernel compiles like a subprocess run
   nb = nbformat.read(os.path.join(ROOT, "colabs", name), as_version=4)
   client = NotebookClient(nb, timeout=900, kernel_name="python3",
                           resources={"metadata": {"path": os.path.join(ROOT, "colabs")}})

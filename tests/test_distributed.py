@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, clean_env, run_processes
+from tests.helpers import ROOT, clean_env, run_processes, xla_flags
 
 GLOBAL_BATCH = 16
 STEPS = 3
@@ -120,7 +120,7 @@ def test_two_processes_match_one_process_and_share_a_checkpoint(tmp_path):
   t_dist = time.time() - t0
   single = subprocess.run([sys.executable, "-m", "tests.test_distributed", "single",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+                          env=clean_env(XLA_FLAGS=xla_flags(8)))
   assert single.returncode == 0, single.stderr[-4000:]
   print(f"two processes {t_dist:.1f}s, single process {time.time() - t0 - t_dist:.1f}s")
 
@@ -239,7 +239,7 @@ def test_global_batch_in_one_process_is_the_whole_batch():
 def test_main_distributed_on_without_a_cluster_names_the_variables(tmp_path):
   """rft.main --distributed=on initialises before anything else; with no cluster it stops
   with an error naming what to set (and writes nothing)."""
-  env = clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = clean_env(XLA_FLAGS=xla_flags(4))
   env = {k: v for k, v in env.items() if not k.startswith(("KUBERNETES_", "OMPI_", "PMI_"))}
   p = subprocess.run([sys.executable, "-m", "rft.main", "--config=configs/pretrain_shapes.py:smoke",
                       f"--workdir={tmp_path / 'w'}", "--distributed=on"], cwd=ROOT, env=env,

@@ -14,7 +14,7 @@ import pytest
 
 from rft import checkpoint, metrics, tb_events
 from rft.tools import kill_resume
-from tests.helpers import JAX_CACHE, ROOT, run_main
+from tests.helpers import JAX_CACHE, ROOT, run_main, xla_flags
 
 SMOKE = "configs/pretrain_shapes.py:smoke"
 ARGS = ["--config.eval_every=0", "--config.steps=20", "--config.ckpt_every=5",
@@ -144,7 +144,7 @@ def test_sigkill_and_sigterm_resume_to_the_same_params_and_curves(tmp_path):
   (exit 143, one line naming the checkpoint and the resume command) and then killed with
   SIGKILL at a random moment: byte-identical exported params, every TensorBoard step
   once with the same values, event files whole."""
-  env = kill_resume._env(JAX_CACHE)
+  env = dict(kill_resume._env(JAX_CACHE), XLA_FLAGS=xla_flags())  # compiled as run_main's
   ref, intr = str(tmp_path / "reference"), str(tmp_path / "interrupted")
   run_main(SMOKE, ref, *ARGS)
   cmd = kill_resume._command(SMOKE, intr, ARGS)

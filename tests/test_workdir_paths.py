@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests import remote_fs
-from tests.helpers import JAX_CACHE, ROOT
+from tests.helpers import JAX_CACHE, ROOT, xla_flags
 
 
 @pytest.fixture
@@ -34,7 +34,8 @@ def _files(folder: str) -> set:
 def _run_main(config: str, workdir: str, root: str, cwd: str, *overrides: str) -> str:
   """rft.main with the fake scheme installed (root: its storage), started in `cwd`; the log."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=JAX_CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **{remote_fs.ENV: root})
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", XLA_FLAGS=xla_flags(),
+             **{remote_fs.ENV: root})
   p = subprocess.run([sys.executable, "-m", "tests.remote_fs",
                       f"--config={os.path.join(ROOT, 'configs', config)}",
                       f"--workdir={workdir}", *overrides],
