@@ -12,7 +12,9 @@ JAX_CACHE = os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache")
 # faster (pretrain smoke 64 s -> 41 s) and the tiny models barely run slower. In-process
 # tests keep XLA's default, so the numerics users get (bitwise on-policy ratios, parity
 # with the reference libraries) are tested at it. TEST_XLA_FLAGS="" turns this off.
-SUBPROCESS_XLA_FLAGS = os.environ.get("TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+SUBPROCESS_XLA_FLAGS = os.environ.get(
+    "TEST_XLA_FLAGS",
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 
 def xla_flags(devices: int | None = None) -> str:

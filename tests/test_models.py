@@ -298,9 +298,9 @@ def test_pos_emb_option_adds_one_table_per_attention_block_and_moves_the_output(
   cfg = dict(SMALL, mid_attn=True, vocab_size=16)
   x, t = jnp.ones((2, 16, 16, 3)), jnp.array([10, 500])
   tokens = jnp.ones((2, 12), jnp.int32)
-  plain = TextToImage(**cfg).init(jax.random.key(0), x, t, tokens)["params"]
+  plain = _jit(TextToImage(**cfg).init)(jax.random.key(0), x, t, tokens)["params"]
   model = TextToImage(**cfg, pos_emb=True)
-  params = model.init(jax.random.key(0), x, t, tokens)["params"]
+  params = _jit(model.init)(jax.random.key(0), x, t, tokens)["params"]
   tables = {"/".join(str(getattr(p, "key", p)) for p in path): v.shape
             for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
             if str(getattr(path[-1], "key", "")) == "pos_emb"}
@@ -310,8 +310,8 @@ def test_pos_emb_option_adds_one_table_per_attention_block_and_moves_the_output(
   assert sum(v.size for v in jax.tree.leaves(params)) == n_plain + 3 * 64 * 16
   # Give the zero-init output conv weights so the output can move at all.
   params["unet"]["conv_out"]["kernel"] = 0.1 * jnp.ones_like(params["unet"]["conv_out"]["kernel"])
-  out = model.apply({"params": params}, x, t, tokens)
+  apply = _jit(model.apply)
+  out = apply({"params": params}, x, t, tokens)
   shuffled = jax.tree_util.tree_map_with_path(
       lambda p, v: v[::-1] if str(getattr(p[-1], "key", "")) == "pos_emb" else v, params)
-  assert not np.allclose(np.asarray(out), np.asarray(model.apply({"params": shuffled}, x, t,
-                                                                 tokens)))
+  assert not np.allclose(np.asarray(out), np.asarray(apply({"params": shuffled}, x, t, tokens)))
