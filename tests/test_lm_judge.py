@@ -140,3 +140,27 @@ def test_best_of_n_tool_runs_and_orders_its_numbers(tmp_path):
     assert r["oracle"] >= max(r["best_of_n"], r["majority_vote"], r["one_sample"])
     assert 0.0 <= r["mean_sample"] <= r["oracle"]
   assert rec["summary"]["best_of_n"]["n"] == 2
+
+
+def test_best_of_n_curve_by_hand():
+  scores = [[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.1]]
+  gold = [[1, 0, 1, 1], [0, 1, 1, 0]]
+  c = rerank.best_of_n_curve(scores, gold, [1, 2, 4])
+  assert c[1] == {"reward": np.mean(scores), "gold": 0.625}
+  # n=2 groups: (0.1, 0.9) -> 0.9 [0], (0.5, 0.7) -> 0.7 [1], (0.3, 0.2) -> 0.3 [0],
+  # (0.8, 0.1) -> 0.8 [1]
+  assert c[2] == {"reward": pytest.approx((0.9 + 0.7 + 0.3 + 0.8) / 4), "gold": 0.5}
+  assert c[4] == {"reward": pytest.approx(0.85), "gold": 0.5}
+  with pytest.raises(ValueError, match="n=3 does not divide"):
+    rerank.best_of_n_curve(scores, gold, [3])
+
+
+def test_best_of_n_tool_on_shapes_world(tmp_path):
+  out = tmp_path / "bon.json"
+  bon_tool.main(["--world", "shapes", "--n", "2", "--problems", "2", "--seeds", "1",
+                 "--json", str(out)])
+  rec = json.loads(out.read_text())
+  (seed,) = rec["per_seed"]
+  assert set(seed["curve"]) == {"1", "2"} and rec["args"]["reward"] == "shapes_alignment"
+  assert seed["curve"]["2"]["reward"] >= seed["curve"]["1"]["reward"]  # the pick's reward
+  assert seed["oracle"] >= seed["curve"]["2"]["gold"]

@@ -55,3 +55,27 @@ def rerank_table(scores, correct, n: int, answers: Sequence[str] | None = None) 
   if answers is not None:
     out["majority_vote"] = float(flat[majority_vote(answers, n)].mean())
   return out
+
+
+def best_of_n_curve(scores, gold, ns: Sequence[int]) -> dict[int, dict]:
+  """Best-of-n for several n from the same M samples per prompt: each prompt's M samples
+  split into M // n disjoint groups of n (in order), the highest-scoring sample of each
+  group kept. For each n: {"reward": mean score of the kept samples (the proxy),
+  "gold": mean `gold` of the kept samples (e.g. an independent evaluator's verdict)}.
+
+  scores, gold: [Q, M]. Proxy rising with n while gold falls is reward overoptimization
+  (Gao et al. 2023, "Scaling Laws for Reward Model Overoptimization", measure it with
+  best-of-n exactly so)."""
+  s, g = np.asarray(scores, np.float64), np.asarray(gold, np.float64)
+  if s.ndim != 2 or s.shape != g.shape:
+    raise ValueError(f"best_of_n_curve: scores {s.shape} and gold {g.shape} must be the same "
+                     f"[prompts, samples] shape")
+  out = {}
+  for n in ns:
+    if n < 1 or s.shape[1] % n:
+      raise ValueError(f"best_of_n_curve: n={n} does not divide the {s.shape[1]} samples per "
+                       f"prompt")
+    picks = best_of_n(s.reshape(-1), n)
+    out[int(n)] = {"reward": float(s.reshape(-1)[picks].mean()),
+                   "gold": float(g.reshape(-1)[picks].mean())}
+  return out

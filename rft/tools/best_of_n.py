@@ -1,14 +1,24 @@
-"""Best-of-N reranking on the arithmetic world: does a reward pick the right answer?
+"""Best-of-N reranking: does a reward pick the right sample, and does picking by it
+overoptimize?
 
-Samples N completions per problem from an arithmetic LM (the shipped base by default) at
-temperature `--temperature`, scores them with `--reward` (any registered text reward, e.g.
-"lm_confidence" (CRew), "lm_reward_model" with `--reward_options
-'{"lm_reward_model": {"path": DIR}}'`, "lm_judge"), and prints the exact-match accuracy of
-one sample, of the best of N by the reward, of majority vote and of the oracle (pass@N),
-over `--seeds` sampling seeds with a 95 % t interval, plus best-of-N minus majority vote
-paired by seed:
+**Arithmetic** (`--world arith`, default): samples N completions per problem from an
+arithmetic LM (the shipped base by default) at `--temperature`, scores them with
+`--reward` (any registered text reward: "lm_confidence" (CRew), "lm_reward_model" with
+`--reward_options '{"lm_reward_model": {"path": DIR}}'`, "lm_judge", ...) and prints the
+exact-match accuracy of one sample, of the best of N by the reward, of majority vote and
+of the oracle (pass@N), over `--seeds` sampling seeds with a 95 % t interval, plus best
+of N minus majority vote paired by seed:
 
   python -m rft.tools.best_of_n --reward lm_confidence --n 8 --problems 256 --seeds 3
+
+**ShapesWorld** (`--world shapes`): N images per caption from a ShapesWorld base (the RL
+sampler: 10 DDIM steps, eta 1), scored by `--reward` (default the learned
+"shapes_alignment"); for n = 1, 2, 4, ..., N the best of n by the reward is judged by the
+independent evaluator. Reward of the pick rising while the evaluator's alignment of the
+pick stalls or falls is reward overoptimization (rft.rewards.rerank.best_of_n_curve):
+
+  python -m rft.tools.best_of_n --world shapes --n 32 --problems 32 --seeds 3 \
+      --base_dir assets/positions
 
 `--json PATH` also writes the per-seed and pooled numbers.
 """
@@ -84,15 +94,70 @@ def summarize(per_seed: list[dict]) -> dict:
   return out
 
 
+def shapes_seed(a, reward, seed: int) -> dict:
+  """One seed of the ShapesWorld curve: {n: {"reward", "gold"}} plus the oracle."""
+  s = _shapes_setup(a)
+  ids = np.repeat(s.ids, a.n)
+  images, aligned = [], []
+  sample = s.sampler()
+  for i, start in enumerate(range(0, len(ids), 256)):
+    chunk = ids[start:start + 256]
+    im = sample(s.params, s.tokens[chunk], jax.random.fold_in(jax.random.key(seed), i))
+    images.append(np.asarray(im))
+    aligned.append(np.asarray(jax.device_get(s.judge(im, s.world.assignments(chunk)))["aligned"]))
+  images, aligned = np.concatenate(images), np.concatenate(aligned).astype(np.float64)
+  prompts = {"ids": ids, "tokens": s.tokens[ids], "assignments": s.world.assignments(ids)}
+  score = reward if reward.host else jax.jit(lambda im, p: reward(im, p))
+  scores = np.asarray(score(images, prompts), np.float64)
+  ns = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= a.n and a.n % k == 0]
+  curve = rerank.best_of_n_curve(scores.reshape(-1, a.n), aligned.reshape(-1, a.n), ns)
+  return {"curve": {str(k): v for k, v in curve.items()},
+          "oracle": float(aligned.reshape(-1, a.n).max(axis=1).mean()),
+          "reward_auc": auc(scores, aligned)}
+
+
+_SETUPS = {}
+
+
+def _shapes_setup(a):
+  """headroom.Setup on the captions asked for, built once per process."""
+  key = (a.base_dir, a.split, a.problems)
+  if key not in _SETUPS:
+    from rft.tools.headroom import Setup  # pylint: disable=g-import-not-at-top
+    s = Setup(a.base_dir or None, a.problems)
+    if a.split == "heldout":
+      s.ids = s.world.eval_prompt_ids("heldout", a.problems, seed=0)
+    s.tokens = np.asarray(s.tokens)
+    sampler = jax.jit(lambda p, t, k: s.pipe.sample(p, t, k, s.cfg)[0].sample)
+    s.sampler = lambda: sampler
+    _SETUPS[key] = s
+  return _SETUPS[key]
+
+
+def summarize_curves(per_seed: list[dict]) -> dict:
+  """Mean and 95 % interval over seeds of each n's reward and gold, and of the gold gain
+  from n = 1 to each n (paired by seed)."""
+  ns = list(per_seed[0]["curve"])
+  out = {}
+  for n in ns:
+    out[n] = {k: stats.interval([r["curve"][n][k] for r in per_seed]) for k in ("reward", "gold")}
+    out[n]["gold_gain"] = stats.interval([r["curve"][n]["gold"] - r["curve"][ns[0]]["gold"]
+                                          for r in per_seed])
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--reward", default="lm_confidence", help="a text reward spec")
+  ap.add_argument("--world", default="arith", choices=("arith", "shapes"))
+  ap.add_argument("--reward", default="", help="a reward spec (default: lm_confidence for "
+                  "arith, shapes_alignment for shapes)")
   ap.add_argument("--reward_options", default="{}", help="JSON {reward name: {option: value}}")
-  ap.add_argument("--base_dir", default="", help="arithmetic LM bundle folder (default shipped)")
-  ap.add_argument("--n", type=int, default=8)
-  ap.add_argument("--problems", type=int, default=256)
-  ap.add_argument("--split", default="heldout", choices=("train", "heldout"))
-  ap.add_argument("--temperature", type=float, default=1.0)
+  ap.add_argument("--base_dir", default="", help="base model bundle folder (default shipped)")
+  ap.add_argument("--n", type=int, default=8, help="samples per prompt")
+  ap.add_argument("--problems", type=int, default=256, help="problems / captions")
+  ap.add_argument("--split", default="", choices=("", "train", "heldout"),
+                  help="default: heldout for arith, train (T1's captions) for shapes")
+  ap.add_argument("--temperature", type=float, default=1.0, help="arith sampling temperature")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--json", default="")
   a = ap.parse_args(argv)
@@ -100,23 +165,40 @@ def main(argv=None):
     options = json.loads(a.reward_options)
   except json.JSONDecodeError as e:
     raise SystemExit(f"--reward_options is not JSON: {e}") from None
-  lm_config, params, meta = pretrained.load_arith_base(pretrained.resolve_dir(a.base_dir or None))
-  world = ArithmeticWorld(**meta["world"])
+  a.reward = a.reward or ("lm_confidence" if a.world == "arith" else "shapes_alignment")
+  a.split = a.split or ("heldout" if a.world == "arith" else "train")
   reward = rewards_base.build(a.reward, options=options)
   t0 = time.time()
-  per_seed = [run_seed(lm_config, params, world, reward, n=a.n, problems=a.problems,
-                       split=a.split, temperature=a.temperature, seed=s)
-              for s in range(a.seeds)]
-  summary = summarize(per_seed)
-  print(f"best-of-{a.n} by {a.reward} on {a.problems} {a.split} problems, temperature "
-        f"{a.temperature}, {a.seeds} seeds ({time.time() - t0:.0f} s); exact-match accuracy "
-        f"in %, mean [95 % interval]:")
-  for k, v in summary.items():
-    print(f"  {k:32s} {v.fmt(scale=100)}")
+  if a.world == "shapes":
+    per_seed = [shapes_seed(a, reward, s) for s in range(a.seeds)]
+    curves = summarize_curves(per_seed)
+    print(f"best-of-n by {a.reward} on {a.problems} {a.split} captions, judged by the "
+          f"evaluator, {a.seeds} seeds ({time.time() - t0:.0f} s); mean [95 % interval]:")
+    print(f"  {'n':>4s}  {'reward of the pick':24s}  {'evaluator alignment %':24s}  gain vs n=1")
+    for n, v in curves.items():
+      print(f"  {n:>4s}  {v['reward'].fmt(digits=3):24s}  {v['gold'].fmt(scale=100):24s}  "
+            f"{v['gold_gain'].fmt(scale=100)}")
+    oracle = stats.interval([r["oracle"] for r in per_seed])
+    print(f"  oracle (any of {a.n} aligned): {oracle.fmt(scale=100)} %; reward AUROC against "
+          f"the evaluator: {stats.interval([r['reward_auc'] for r in per_seed]).fmt(digits=3)}")
+    summary = {n: {k: dataclasses.asdict(iv) for k, iv in v.items()} for n, v in curves.items()}
+  else:
+    lm_config, params, meta = pretrained.load_arith_base(
+        pretrained.resolve_dir(a.base_dir or None))
+    world = ArithmeticWorld(**meta["world"])
+    per_seed = [run_seed(lm_config, params, world, reward, n=a.n, problems=a.problems,
+                         split=a.split, temperature=a.temperature, seed=s)
+                for s in range(a.seeds)]
+    table = summarize(per_seed)
+    print(f"best-of-{a.n} by {a.reward} on {a.problems} {a.split} problems, temperature "
+          f"{a.temperature}, {a.seeds} seeds ({time.time() - t0:.0f} s); exact-match accuracy "
+          f"in %, mean [95 % interval]:")
+    for k, v in table.items():
+      print(f"  {k:32s} {v.fmt(scale=100)}")
+    summary = {k: dataclasses.asdict(v) for k, v in table.items()}
   if a.json:
     with open(a.json, "w") as f:
-      json.dump({"args": vars(a), "per_seed": per_seed,
-                 "summary": {k: dataclasses.asdict(v) for k, v in summary.items()}}, f, indent=1)
+      json.dump({"args": vars(a), "per_seed": per_seed, "summary": summary}, f, indent=1)
 
 
 if __name__ == "__main__":
