@@ -38,6 +38,9 @@ def get_config(arg=None):
   # has vanishing gradients on the many samples it scores near 0, so the noise barely
   # moves there (see EXPECTED).
   c.reward = "shapes_alignment_log"
+  # Per-reward options, e.g. a shaped reward: {"shapes_alignment": {"shaping": "par",
+  # "shaping_reference": 0.5}} (rft.rewards.base.build).
+  c.reward_options = config_dict.ConfigDict()
   # Few-step deterministic sampler (DDIM, eta 0). Plain sampling, 128 captions per split:
   # 2 steps 2 % / 6 %, 4 steps 28 % / 19 %, 6 steps 38 % / 25 %, 10 steps 42 % / 31 %
   # evaluator alignment (train / held-out); CFG 1.5 does not help at 4 steps (34 % / 22 %).

@@ -141,6 +141,52 @@ def apply_overrides(config: config_dict.ConfigDict, overrides) -> config_dict.Co
   return config
 
 
+def _literal(raw: str):
+  """A command-line value with no existing key to take its type from: JSON (numbers,
+  true / false, null, lists, objects), else the string itself."""
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    return json.loads(raw)
+  except json.JSONDecodeError:
+    return raw
+
+
+def set_reward_options(config: config_dict.ConfigDict, overrides) -> config_dict.ConfigDict:
+  """Apply "name.key=value" strings (from --config.reward_options.name.key=value) to
+  config.reward_options, creating the reward's entry and the key when the config file did
+  not define them (a value then parses as JSON, else stays a string). An existing key keeps
+  its type, as any override does. Whether the reward takes the option is checked when the
+  reward is built (rft.rewards.base.build_term names it)."""
+  if "reward_options" not in config:
+    raise KeyError(f"--config.reward_options.{overrides[0]}: this config has no "
+                   f"reward_options (its trainer takes no reward options)")
+  opts = config.reward_options
+  for item in overrides:
+    path, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"--config.reward_options.{item}: give the value with '=' "
+                       f"(--config.reward_options.NAME.KEY=VALUE)")
+    parts = path.split(".")
+    if len(parts) < 2 or not all(parts):
+      raise ValueError(f"--config.reward_options.{item}: expected NAME.KEY=VALUE")
+    name, keys = parts[0], parts[1:]
+    with opts.unlocked():
+      if name not in opts:
+        opts[name] = config_dict.ConfigDict()
+      node = opts[name]
+      for k in keys[:-1]:
+        if k not in node:
+          node[k] = config_dict.ConfigDict()
+        node = node[k]
+      old = node.get(keys[-1]) if keys[-1] in node else None
+      if isinstance(old, (bool, int, float, str)):
+        apply_overrides(node, [f"{keys[-1]}={raw}"])  # keeps the file's type
+      else:  # new, None, or a list / mapping: a JSON value
+        with node.ignore_type():
+          node[keys[-1]] = _literal(raw)
+  return config
+
+
 # --------------------------------------------------------------------------- value ranges
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ with --config.key=value (an unknown key or a wrong type is an error naming the k
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -66,10 +67,32 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdirs", name + (f"_{arg.replace(',', '_')}" if arg else ""))
 
 
+# --config.reward_options.NAME.KEY=VALUE may name a reward or key the config file did not
+# define (the locked config would refuse it): run() takes them out of argv and main()
+# applies them with rft.config.set_reward_options.
+_REWARD_OPTIONS_FLAG = "--config.reward_options."
+_reward_option_overrides: list[str] = []
+
+
+def split_reward_options(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without the --config.reward_options.* flags, their "NAME.KEY=VALUE" parts)."""
+  rest, options = [], []
+  for a in argv:
+    for prefix in (_REWARD_OPTIONS_FLAG, "-" + _REWARD_OPTIONS_FLAG[2:]):
+      if a.startswith(prefix):
+        options.append(a[len(prefix):])
+        break
+    else:
+      rest.append(a)
+  return rest, options
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  if _reward_option_overrides:
+    config_lib.set_reward_options(config, _reward_option_overrides)
   placement.split_cpu(config.get("cpu_devices", 0))  # before JAX starts its CPU backend
   info = distributed.initialize(_DISTRIBUTED.value)  # before anything touches jax devices
   if info.process_index != 0:  # one log per job: the others report warnings and errors only
@@ -94,6 +117,7 @@ def main(argv):
 
 def run():
   flags.mark_flag_as_required("config")
+  sys.argv, _reward_option_overrides[:] = split_reward_options(sys.argv)
   app.run(main)
 
 

@@ -162,3 +162,32 @@ def test_the_python_api_trains_records_and_resumes_like_the_command(tmp_path):
   with pytest.raises(ValueError, match="known: "):
     training.train(prdp("trainer=nope"), tmp_path / "other")
   assert not (tmp_path / "other").exists()
+
+
+def test_reward_options_from_the_command_line_create_entries(tmp_path):
+  """--config.reward_options.NAME.KEY=VALUE adds entries the config file lacks (JSON
+  values, else strings), keeps an existing key's type, and a key the reward does not take
+  fails at the reward's build, naming it, before any training."""
+  from rft import config as config_lib
+  from rft import main as main_lib
+  from rft.rewards import base as rewards_base
+  argv = ["rft.main", "--config=prdp.py:smoke",
+          "--config.reward_options.shapes_alignment.shaping=par",
+          "--config.reward_options.shapes_alignment.shaping_reference=[0.25, 0.5]",
+          "--config.epochs=1"]
+  rest, opts = main_lib.split_reward_options(argv)
+  assert rest == ["rft.main", "--config=prdp.py:smoke", "--config.epochs=1"]
+  config = config_lib.set_reward_options(config_lib.load("prdp", "smoke"), opts)
+  assert config.reward_options.shapes_alignment.to_dict() == {
+      "shaping": "par", "shaping_reference": [0.25, 0.5]}
+  reward = rewards_base.build(config.reward, options=config.reward_options)
+  assert reward.name == "shapes_alignment"  # shaped: PAR against the two references
+  config_lib.set_reward_options(config, ["shapes_alignment.shaping_reference=[0.75]"])
+  assert list(config.reward_options.shapes_alignment.shaping_reference) == [0.75]
+  with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
+    config_lib.set_reward_options(config, ["shapes_alignment=1"])
+  p = run_main("configs/prdp.py:smoke", tmp_path / "wd",
+               "--config.reward_options.shapes_alignment.no_such_option=1", check=False)
+  assert p.returncode != 0
+  assert "config.reward_options.shapes_alignment: unknown option(s) ['no_such_option']" in \
+      p.stderr

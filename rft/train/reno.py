@@ -44,7 +44,8 @@ def run(config, workdir: str) -> dict:
   prompt_tokens = shapes.tokenizer().encode(world.texts)
 
   # ---------------------------------------------------------------- reward and judge
-  reward = rewards_base.build(config.reward, scorer_dir=config.scorer_dir or None)
+  reward = rewards_base.build(config.reward, options=config.get("reward_options"),
+                              scorer_dir=config.scorer_dir or None)
   if not reward.differentiable or reward.host:
     raise ValueError(f"ReNO needs a differentiable jax reward; config.reward={config.reward!r} "
                      f"gives differentiable={reward.differentiable}, host={reward.host}")
