@@ -10,6 +10,8 @@ COMMAND:
   python -m rft.main --config=configs/grpo.py:raft       # RAFT (rejection-sampling SFT)
   python -m rft.main --config=configs/grpo.py:rebel      # REBEL (pair regression to θ_old)
   python -m rft.main --config=configs/grpo.py:copg       # CoPG (pair regression to π_ref)
+  python -m rft.main --config=configs/grpo.py:process    # GRPO with per-token advantages
+                                                         # from a process reward
 
   # A real HF model (Llama / Qwen2 / Qwen3 safetensors folder, or a hub id already in the
   # HF cache) on a prompt file of math problems (.jsonl / .json / .parquet with
@@ -33,7 +35,7 @@ from ml_collections import config_dict
 from rft import config as config_lib
 
 VARIANTS = ("smoke", "dapo", "dr_grpo", "gspo", "rloo", "bnpo", "raft", "rebel", "copg", "kl",
-            "hf_math")
+            "hf_math", "process")
 BOXED_SYSTEM_PROMPT = ("Please reason step by step, and put your final answer within "
                        "\\boxed{}.")
 
@@ -98,6 +100,9 @@ def get_config(arg=None):
       # "all" (i < j) or "consecutive" ((0, 1), (2, 3), ...; even group_size).
       "pairs": "all",
       "eta": 1.0,  # REBEL's η: log-ratio differences to θ_old are divided by it
+      # Per-token advantages from a dense reward's step rewards (rft.rewards.dense;
+      # DeepSeekMath's process supervision) instead of one advantage per completion.
+      "process_rewards": False,
   })
   c.lr = 1e-4
   c.warmup = 20
@@ -149,6 +154,8 @@ def get_config(arg=None):
     o.name = "rebel"
   if "copg" in variants:
     o.name, o.beta = "copg", 0.1
+  if "process" in variants:
+    c.reward, o.process_rewards = "arith_digits", True
   if "kl" in variants:
     if o.name in ("rebel", "copg"):
       raise ValueError("the kl variant sets GRPO's k3 penalty; with rebel or copg set "

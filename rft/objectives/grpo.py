@@ -170,6 +170,42 @@ def aggregate(reward_matrix, weights, group_size: int, order: str = "sum_then_no
   return adv, jnp.std(s.reshape(-1, group_size), axis=1, ddof=1)
 
 
+def process_advantages(step_rewards, step_tokens, group_size: int, length: int,
+                       eps: float = 1e-4) -> np.ndarray:
+  """Per-token advantages [N, length] from per-step rewards (process supervision, as in
+  DeepSeekMath's GRPO, Shao et al. 2024, section 4.1.3):
+
+      r~_j = (r_j - mean(R_g)) / (std(R_g) + eps),   A_t = sum over steps j of the
+      completion with token(j) >= t of r~_j
+
+  R_g: every step reward of the group's completions (std with ddof=1, as `advantages`);
+  token(j): the token that ends step j. A token after the last step gets 0.
+
+  step_rewards, step_tokens: one array per completion (N = groups * group_size).
+  """
+  n = len(step_rewards)
+  if n != len(step_tokens) or n % group_size:
+    raise ValueError(f"process_advantages: {n} step-reward rows, {len(step_tokens)} step-token "
+                     f"rows, group_size {group_size}")
+  out = np.zeros((n, length), np.float32)
+  for g in range(n // group_size):
+    rows = range(g * group_size, (g + 1) * group_size)
+    pooled = np.concatenate([np.asarray(step_rewards[i], np.float64) for i in rows])
+    std = pooled.std(ddof=1) if len(pooled) > 1 else 0.0
+    mean = pooled.mean() if len(pooled) else 0.0
+    for i in rows:
+      r = (np.asarray(step_rewards[i], np.float64) - mean) / (std + eps)
+      tok = np.asarray(step_tokens[i], np.int64)
+      if len(r) != len(tok):
+        raise ValueError(f"completion {i}: {len(r)} step rewards but {len(tok)} step tokens")
+      if len(tok) and (tok.min() < 0 or tok.max() >= length):
+        raise ValueError(f"completion {i}: step tokens {tok.tolist()} outside [0, {length})")
+      per_token = np.zeros(length, np.float64)
+      np.add.at(per_token, tok, r)
+      out[i] = np.cumsum(per_token[::-1])[::-1]  # sum over steps ending at or after t
+  return out
+
+
 # --------------------------------------------------------------------------- policy loss
 
 
@@ -261,7 +297,8 @@ def policy_loss(log_probs, old_log_probs, advantages, mask, *, clip_eps: float =
   """Clipped surrogate loss (scalar) and metrics; see the module docstring.
 
   log_probs / old_log_probs (/ ref_log_probs): [N, L] per-token log-probs under θ, the
-  sampling policy θold (and πref); advantages [N]; mask [N, L]. clip_eps_high None ->
+  sampling policy θold (and πref); advantages [N] (one per completion) or [N, L] (per
+  token: process_advantages); mask [N, L]. clip_eps_high None ->
   clip_eps. ref_log_probs is only read when beta != 0. At ρ = 1 the gradient is the
   REINFORCE gradient −A ∇lp aggregated the same way.
   """
@@ -272,9 +309,11 @@ def policy_loss(log_probs, old_log_probs, advantages, mask, *, clip_eps: float =
     raise ValueError(f"log_probs, old_log_probs and mask must all be [N, L]; got {lp.shape}, "
                      f"{old.shape}, {jnp.shape(mask)}")
   adv = jnp.asarray(advantages, f32)
-  if adv.shape != lp.shape[:1]:
-    raise ValueError(f"advantages must be [N]={lp.shape[:1]}, got {adv.shape}")
-  adv = adv[:, None]
+  if adv.shape == lp.shape[:1]:
+    adv = adv[:, None]
+  elif adv.shape != lp.shape:
+    raise ValueError(f"advantages must be [N]={lp.shape[:1]} or [N, L]={lp.shape}, got "
+                     f"{adv.shape}")
   m = jnp.asarray(mask, f32)
   valid = m > 0
   lp, old = jnp.where(valid, lp, 0.0), jnp.where(valid, old, 0.0)  # padding may hold NaN
@@ -478,6 +517,17 @@ def sft_loss(log_probs, mask) -> jax.Array:
 
 def _check_grpo(config):
   preset(config.objective.loss)  # an unknown name lists the known ones
+  if config.objective.get("process_rewards", False):
+    from rft.rewards import base as rewards_base  # pylint: disable=g-import-not-at-top
+    names = list(rewards_base.parse_spec(config.reward))
+    if config.objective.importance == "sequence" or preset(config.objective.loss).get(
+        "importance") == "sequence":
+      raise ValueError("config.objective.process_rewards needs token-level importance "
+                       f"ratios; config.objective.loss={config.objective.loss!r} uses the "
+                       f"sequence ratio")
+    if len(names) != 1:
+      raise ValueError(f"config.objective.process_rewards takes one dense reward; "
+                       f"config.reward={config.reward!r} has {len(names)} terms")
   if config.group_size < 2:
     raise ValueError(f"config.group_size={config.group_size}: group-relative advantages need "
                      f"at least 2 completions per prompt")
@@ -489,7 +539,10 @@ def _prepare_grpo(config, kw, rollout, group_size, term_weights):
   weight = np.ones(len(rollout["rewards"]), np.float32)
   if config.objective.overlong_filter:
     weight = np.asarray(overlong_filter_mask(rollout["truncated"]), np.float32)
-  if config.reward_aggregation == "normalize_then_sum":
+  if config.objective.get("process_rewards", False):
+    adv = process_advantages(rollout["step_rewards"], rollout["step_tokens"], group_size,
+                             rollout["completion"].shape[1])
+  elif config.reward_aggregation == "normalize_then_sum":
     adv, _ = aggregate(rollout["reward_terms"], term_weights, group_size, "normalize_then_sum")
   else:
     adv, _ = advantages(jnp.asarray(rollout["rewards"]), group_size, kw["advantage"],

@@ -3,7 +3,7 @@ import importlib
 
 # Every module that registers reward factories (rft.rewards.base.register).
 REWARD_MODULES = ("shapes_alignment", "jpeg", "image_stats", "text", "clip_rewards", "aesthetic",
-                  "ensemble", "reward_model", "lm_judge")
+                  "ensemble", "reward_model", "lm_judge", "dense")
 
 
 def ensure_registered():

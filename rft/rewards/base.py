@@ -39,6 +39,9 @@ class Reward:
   # reward's value before shaping): parts_fn(images, prompts, params) -> {name: scores},
   # computed in one pass with the score, which it includes under `name`.
   parts_fn: Callable[..., Mapping[str, Any]] | None = None
+  # Dense (process) rewards: steps_fn(completions, targets) -> [(ends, rewards), ...], the
+  # reward of each step of each completion (rft.rewards.dense).
+  steps_fn: Callable[..., Any] | None = None
 
   def __call__(self, images, prompts, params=None):
     """Scores; ``params`` (e.g. traced inside jit) replaces ``self.params`` when given."""

@@ -40,6 +40,7 @@ from rft.data.arithmetic import ArithmeticWorld
 from rft.lm import sampling
 from rft.objectives import grpo, registry
 from rft.rewards import base as rewards_lib
+from rft.rewards import dense
 from rft.train import loop
 from rft.worlds import arith_eval
 from rft.train.batching import group_rows, minibatches
@@ -251,6 +252,21 @@ def train_and_evaluate(config, workdir: str):
     rewards_lib.check_finite_rewards(out, config.reward, [r.name for _, r in terms])
     return out
 
+  # Process rewards (config.objective.process_rewards): the reward's per-step values and
+  # the token ending each step, for per-token advantages (rft.rewards.dense).
+  dense_term = (dense.dense_reward(reward) if o.get("process_rewards", False) else None)
+
+  def step_rewards(texts, ids, tokens, mask) -> dict:
+    targets = {"answers": [world.answers[i] for i in ids],
+               "prompts": [world.prompts[i] for i in ids]}
+    per = dense_term.steps_fn(texts, targets)
+    lengths = np.asarray(mask).sum(axis=1).astype(int)
+    rewards_, tokens_ = np.empty(len(per), object), np.empty(len(per), object)
+    for i, (ends, r) in enumerate(per):
+      rewards_[i] = np.asarray(r, np.float32)
+      tokens_[i] = dense.step_tokens(tok, tokens[i], lengths[i], ends)
+    return {"step_rewards": rewards_, "step_tokens": tokens_}
+
   weights_with_overlong = (np.append(term_weights, 1.0) if o.overlong_buffer > 0
                            else term_weights)
   if config.reward_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
@@ -297,11 +313,14 @@ def train_and_evaluate(config, workdir: str):
     r = r_terms @ weights_with_overlong
     generated["completions"] += len(lengths)
     generated["tokens"] += int(lengths.sum())
-    return {"prompt": pt, "prompt_mask": pm, "completion": np.asarray(out.tokens),
-            "completion_mask": np.asarray(out.mask), "sampler_log_probs": np.asarray(out.log_probs),
-            "truncated": np.asarray(out.truncated), "lengths": lengths, "rewards": r,
-            "reward_terms": r_terms,
-            "ids": np.asarray(ids), "texts": np.asarray(texts, dtype=object)}
+    b = {"prompt": pt, "prompt_mask": pm, "completion": np.asarray(out.tokens),
+         "completion_mask": np.asarray(out.mask), "sampler_log_probs": np.asarray(out.log_probs),
+         "truncated": np.asarray(out.truncated), "lengths": lengths, "rewards": r,
+         "reward_terms": r_terms,
+         "ids": np.asarray(ids), "texts": np.asarray(texts, dtype=object)}
+    if dense_term is not None:
+      b.update(step_rewards(texts, ids, b["completion"], b["completion_mask"]))
+    return b
 
   def sample_groups(params, rng, key) -> tuple[dict, dict]:
     """Q groups of G completions; with dynamic sampling, only groups whose rewards differ,
