@@ -60,7 +60,17 @@ def _event_files(logdir: str) -> List[str]:
     return [os.fspath(logdir)]
   if not d.is_dir():
     raise FileNotFoundError(f"no such log directory: {logdir}")
-  return sorted(os.fspath(f) for f in d.iterdir() if "tfevents" in f.name and f.is_file())
+  return sorted((os.fspath(f) for f in d.iterdir() if "tfevents" in f.name and f.is_file()),
+                key=_name_order)
+
+
+def _name_order(path: str):
+  """Sort key of an event file: its name with every run of digits compared as a number.
+  Names are events.out.tfevents.<unix time>.<host>.<pid>.<writer count>; two files made
+  in the same second differ in pid or count, and "….10" must sort after "….9"."""
+  import re  # pylint: disable=g-import-not-at-top
+  return [(0, int(t), "") if t.isdigit() else (1, 0, t)
+          for t in re.split(r"(\d+)", os.path.basename(path))]
 
 
 def iter_events(logdir: str, verify_crc: bool = True):

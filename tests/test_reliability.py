@@ -68,6 +68,21 @@ def _array_files(step_dir):
                 if os.path.basename(root) == "d" for f in files)
 
 
+def test_event_files_of_one_second_read_in_creation_order(tmp_path):
+  """Writers made in the same second (a fast restart, or one process's writers 9 and 10)
+  differ only in pid or writer count: those compare as numbers, not text."""
+  first = tmp_path / "a"
+  _write(first, range(0, 3))
+  (old,) = first.iterdir()
+  stem = "events.out.tfevents.1796629569.host.1288."
+  os.rename(old, first / (stem + "9"))
+  second = tmp_path / "b"
+  _write(second, range(3, 5))
+  (new,) = second.iterdir()
+  os.rename(new, first / (stem + "10"))
+  assert [s for s, _ in tb_events.read_scalars(str(first))["train/loss"]] == [0, 1, 2, 3, 4]
+
+
 def test_a_damaged_checkpoint_is_one_line_naming_it_and_the_intact_one(tmp_path):
   ck = _three_checkpoints(tmp_path / "ck")
   files = _array_files(tmp_path / "ck" / "3")
