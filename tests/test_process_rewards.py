@@ -88,6 +88,10 @@ def test_process_rewards_config_errors():
     c.reward = "arith_digits,exact_match:0.5"
   with pytest.raises(ValueError, match="one dense reward"):
     grpo._check_grpo(c)  # pylint: disable=protected-access
+  from rft.train import lm_rl
+  c = config_lib.load("grpo", "process,rebel,smoke")
+  with pytest.raises(ValueError, match="process_rewards is a GRPO option"):
+    lm_rl.validate(c)
   with pytest.raises(ValueError, match="config.reward: process rewards need exactly one"):
     dense.dense_reward(rewards_base.build("exact_match"))
 

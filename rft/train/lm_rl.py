@@ -211,6 +211,9 @@ def validate(config) -> registry.LMObjective:
   """The objective's record (an unknown name lists the registered ones), after its checks."""
   config_lib.check_required(config)
   obj = registry.lm(config.objective.name)
+  if config.objective.get("process_rewards", False) and obj.name != "grpo":
+    raise ValueError(f"config.objective.process_rewards is a GRPO option (per-token "
+                     f"advantages); config.objective.name={obj.name!r} does not read it")
   if obj.check is not None:
     obj.check(config)
   if config.prompts_per_step % config.minibatches:
