@@ -32,6 +32,7 @@ passes); host rewards, not differentiated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Mapping, Sequence
 
@@ -135,9 +136,12 @@ class ScoringLM:
     return all_ids, all_lp
 
 
+@functools.lru_cache(maxsize=8)
 def load_scoring_lm(path: str = "", batch_size: int = 256, allow_pickle: bool = False
                     ) -> ScoringLM:
-  """The LM in `path` (see the module docstring) as a ScoringLM."""
+  """The LM in `path` (see the module docstring) as a ScoringLM; one per (path,
+  batch_size, allow_pickle) per process, so rewards built again (an evaluation beside
+  training, a test) reuse its weights and compiled programs."""
   from rft import pretrained  # pylint: disable=g-import-not-at-top
   directory = pretrained.resolve_dir(path or None)
   if pretrained.exists("arith_base", directory):
