@@ -164,3 +164,35 @@ def test_best_of_n_tool_on_shapes_world(tmp_path):
   assert set(seed["curve"]) == {"1", "2"} and rec["args"]["reward"] == "shapes_alignment"
   assert seed["curve"]["2"]["reward"] >= seed["curve"]["1"]["reward"]  # the pick's reward
   assert seed["oracle"] >= seed["curve"]["2"]["gold"]
+
+
+def test_confidence_and_judge_on_a_hf_folder_match_transformers(tmp_path):
+  """A tiny random Qwen2 saved by transformers: CRew's mean answer-token probability and
+  the judge's P(yes) against transformers' own softmax."""
+  import torch
+  from tests.test_lm_tasks import _tiny_qwen
+  model = _tiny_qwen(tmp_path / "m")
+  path = str(tmp_path / "m")
+  prompt, completion = "What is 12 + 7?", " The answer is \\boxed{19}."
+  crew = base.build_term("lm_confidence", {"path": path})
+  got = crew([completion], {"prompts": [prompt]})[0]
+  scorer = lm_judge.load_scoring_lm(path)
+  p_ids, c_ids = scorer.ids(prompt, bos=True), scorer.ids(completion)
+  with torch.no_grad():
+    logits = model(torch.tensor([p_ids + c_ids])).logits[0].double()
+  probs = torch.softmax(logits, -1).numpy()
+  a0 = completion.rindex("19")
+  starts = [0] + scorer.char_ends(c_ids)[:-1]
+  ends = scorer.char_ends(c_ids)
+  answer = [i for i in range(len(c_ids)) if starts[i] < a0 + 2 and ends[i] > a0]
+  assert answer  # the boxed answer's tokens
+  want = np.mean([probs[len(p_ids) + i - 1, c_ids[i]] for i in answer])
+  np.testing.assert_allclose(got, want, rtol=2e-4)
+  judge = base.build_term("lm_judge", {"path": path, "template": "{prompt}{completion} ",
+                                       "yes": "1", "no": "0", "normalize": True})
+  text_ids = scorer.ids(prompt + completion + " ", bos=True)
+  with torch.no_grad():
+    last = torch.softmax(model(torch.tensor([text_ids])).logits[0, -1].double(), -1).numpy()
+  y, n = scorer.ids("1")[0], scorer.ids("0")[0]  # one byte-level token each
+  np.testing.assert_allclose(judge([completion], {"prompts": [prompt]})[0],
+                             last[y] / (last[y] + last[n]), rtol=2e-4)
