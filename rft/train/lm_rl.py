@@ -246,11 +246,14 @@ def train_and_evaluate(config, workdir: str):
   terms = reward.terms or ((1.0, reward),)
   term_weights = np.asarray([w for w, _ in terms], np.float32)
 
+  def targets_of(ids) -> dict:
+    # Text rewards read the reference answers ("answers"); reward models the prompts.
+    return {"answers": [world.answers[i] for i in ids],
+            "prompts": [world.prompts[i] for i in ids]}
+
   def score(texts, ids):
     """[N, R] per-term rewards (weights in term_weights; their weighted sum is the reward)."""
-    # Text rewards read the reference answers ("answers"); reward models the prompts.
-    targets = {"answers": [world.answers[i] for i in ids],
-               "prompts": [world.prompts[i] for i in ids]}
+    targets = targets_of(ids)
     out = np.stack([np.asarray(r(texts, targets), np.float32) for _, r in terms], axis=1)
     rewards_lib.check_finite_rewards(out, config.reward, [r.name for _, r in terms])
     return out
@@ -260,9 +263,7 @@ def train_and_evaluate(config, workdir: str):
   dense_term = (dense.dense_reward(reward) if o.get("process_rewards", False) else None)
 
   def step_rewards(texts, ids, tokens, mask) -> dict:
-    targets = {"answers": [world.answers[i] for i in ids],
-               "prompts": [world.prompts[i] for i in ids]}
-    per = dense_term.steps_fn(texts, targets)
+    per = dense_term.steps_fn(texts, targets_of(ids))
     lengths = np.asarray(mask).sum(axis=1).astype(int)
     rewards_, tokens_ = np.empty(len(per), object), np.empty(len(per), object)
     for i, (ends, r) in enumerate(per):
