@@ -57,18 +57,21 @@ def arith_digits_reward() -> Reward:
   return Reward("arith_digits", fn, differentiable=False, host=True, steps_fn=steps)
 
 
+def char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
+  """For each token of `ids`, the length of the decoded text up to and including it."""
+  ids = [int(t) for t in ids]
+  return [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
+
+
 def step_tokens(tokenizer, tokens: np.ndarray, length: int, ends: Sequence[int]) -> np.ndarray:
   """Token index of each step: the first token whose decoded prefix reaches the step's
   end character (the last token for ends beyond the text; 0 for an empty completion).
 
   tokens: one completion's ids (its `length` real tokens first)."""
-  ids = [int(t) for t in np.asarray(tokens)[:length]]
-  char_ends = [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
-  out = []
-  for e in ends:
-    idx = next((i for i, ce in enumerate(char_ends) if ce >= e), max(len(ids) - 1, 0))
-    out.append(idx)
-  return np.asarray(out, np.int64)
+  ends_of = char_ends(tokenizer, np.asarray(tokens)[:length])
+  last = max(len(ends_of) - 1, 0)
+  return np.asarray([next((i for i, ce in enumerate(ends_of) if ce >= e), last) for e in ends],
+                    np.int64)
 
 
 def dense_reward(reward: Reward, where: str = "config.reward") -> Reward:

@@ -34,14 +34,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rft.rewards.base import Reward, register
-from rft.rewards.text import extract_answer
+from rft.rewards.dense import char_ends
+from rft.rewards.text import extract_answer, prompts_of
 
 STATISTICS = ("mean", "geo", "min")
 
@@ -77,7 +78,7 @@ class ScoringLM:
 
   def char_ends(self, ids: Sequence[int]) -> list[int]:
     """For each token, the length of the decoded text up to and including it."""
-    return [len(self.tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]
+    return char_ends(self.tokenizer, ids)
 
   # ------------------------------------------------------------------ batches
   def _batches(self, n: int):
@@ -159,18 +160,6 @@ def load_scoring_lm(path: str = "", batch_size: int = 256, allow_pickle: bool = 
                           f"(config.json)")
 
 
-def _prompts_of(targets, n: int, name: str) -> list[str]:
-  if not isinstance(targets, Mapping) or "prompts" not in targets:
-    got = (f"a mapping with keys {sorted(targets)}" if isinstance(targets, Mapping)
-           else f"a {type(targets).__name__}")
-    raise ValueError(f"{name} needs each completion's prompt: targets must be a mapping "
-                     f"holding 'prompts', got {got}")
-  prompts = [str(p) for p in targets["prompts"]]
-  if len(prompts) != n:
-    raise ValueError(f"{name}: {n} completions but {len(prompts)} prompts")
-  return prompts
-
-
 def answer_token_mask(completion: str, ids: Sequence[int], char_ends: Sequence[int]
                       ) -> np.ndarray:
   """[len(ids)] bool: the tokens whose text overlaps the completion's final answer (the
@@ -217,7 +206,7 @@ def lm_confidence(path: str = "", statistic: str = "mean", batch_size: int = 256
 
   def fn(completions: Sequence[str], targets=None) -> np.ndarray:
     completions = [str(c) for c in completions]
-    prompts = _prompts_of(targets, len(completions), "lm_confidence")
+    prompts = prompts_of(targets, len(completions), "lm_confidence")
     ids, lps = scorer.completion_log_probs(prompts, completions)
     return np.asarray([confidence(lp, answer_token_mask(c, i, scorer.char_ends(i)), statistic)
                        for c, i, lp in zip(completions, ids, lps)], np.float32)
@@ -258,7 +247,7 @@ def lm_judge(path: str = "", template: str = "{prompt}{completion}", yes: str = 
 
   def fn(completions: Sequence[str], targets=None) -> np.ndarray:
     completions = [str(c) for c in completions]
-    prompts = (_prompts_of(targets, len(completions), "lm_judge")
+    prompts = (prompts_of(targets, len(completions), "lm_judge")
                if "{prompt}" in template else [""] * len(completions))
     texts = [template.format(prompt=p, completion=c) for p, c in zip(prompts, completions)]
     logp = scorer.next_token_log_probs(texts).astype(np.float64)

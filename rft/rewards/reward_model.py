@@ -17,11 +17,12 @@ needs the prompts. A host reward (the scores are not differentiated).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from rft.rewards.base import Reward, register
+from rft.rewards.text import prompts_of
 
 
 @register("lm_reward_model")
@@ -41,18 +42,10 @@ def lm_reward_model(path: str = "", prompt_in_completion: bool = False,
     if prompt_in_completion:
       prompts = [""] * len(completions)
     else:
-      if not isinstance(targets, Mapping) or "prompts" not in targets:
-        got = (f"a mapping with keys {sorted(targets)}" if isinstance(targets, Mapping)
-               else f"a {type(targets).__name__}")
-        raise ValueError(
-            f"lm_reward_model ({path}) needs each completion's prompt: targets must be a "
-            f"mapping holding 'prompts', got {got}; or set "
-            f"config.reward_options.lm_reward_model.prompt_in_completion=True and pass "
-            f"whole texts")
-      prompts = [str(p) for p in targets["prompts"]]
-      if len(prompts) != len(completions):
-        raise ValueError(f"lm_reward_model: {len(completions)} completions but "
-                         f"{len(prompts)} prompts")
+      prompts = prompts_of(
+          targets, len(completions), f"lm_reward_model ({path})",
+          hint="; or set config.reward_options.lm_reward_model.prompt_in_completion=True "
+               "and pass whole texts")
     return np.asarray(loaded.score(prompts, completions), np.float32)
 
   return Reward("lm_reward_model", fn, differentiable=False, host=True)

@@ -120,6 +120,20 @@ def _targets(targets, n: int) -> list:
   return targets
 
 
+def prompts_of(targets, n: int, name: str, hint: str = "") -> list[str]:
+  """The n prompts in `targets["prompts"]` (rewards that read the prompt: reward models,
+  judges); an error naming reward `name` (plus `hint`) when they are missing or miscounted."""
+  if not isinstance(targets, Mapping) or "prompts" not in targets:
+    got = (f"a mapping with keys {sorted(targets)}" if isinstance(targets, Mapping)
+           else f"a {type(targets).__name__}")
+    raise ValueError(f"{name} needs each completion's prompt: targets must be a mapping "
+                     f"holding 'prompts', got {got}{hint}")
+  prompts = [str(p) for p in targets["prompts"]]
+  if len(prompts) != n:
+    raise ValueError(f"{name}: {n} completions but {len(prompts)} prompts")
+  return prompts
+
+
 def math_answer(completions: Sequence[str], targets) -> np.ndarray:
   """1.0 where the extracted final answer equals the target answer, else 0.0."""
   ts = _targets(targets, len(completions))

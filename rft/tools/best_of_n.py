@@ -31,6 +31,7 @@ import time
 
 import jax
 import numpy as np
+from scipy import stats as stats_lib
 
 from rft import pretrained
 from rft.data.arithmetic import ArithmeticWorld
@@ -65,17 +66,7 @@ def auc(scores, labels) -> float:
   if not len(pos) or not len(neg):
     return float("nan")
   # Mann-Whitney U with average ranks for ties.
-  allv = np.concatenate([pos, neg])
-  order = np.argsort(allv, kind="stable")
-  r = np.empty(len(allv))
-  sv = allv[order]
-  i = 0
-  while i < len(sv):
-    j = i
-    while j + 1 < len(sv) and sv[j + 1] == sv[i]:
-      j += 1
-    r[order[i:j + 1]] = (i + j) / 2 + 1
-    i = j + 1
+  r = stats_lib.rankdata(np.concatenate([pos, neg]))
   u = r[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
   return float(u / (len(pos) * len(neg)))
 
@@ -94,9 +85,9 @@ def summarize(per_seed: list[dict]) -> dict:
   return out
 
 
-def shapes_seed(a, reward, seed: int) -> dict:
-  """One seed of the ShapesWorld curve: {n: {"reward", "gold"}} plus the oracle."""
-  s = _shapes_setup(a)
+def shapes_seed(s, a, reward, seed: int) -> dict:
+  """One seed of the ShapesWorld curve on `s` (a headroom.Setup): {n: {"reward", "gold"}}
+  plus the oracle."""
   ids = np.repeat(s.ids, a.n)
   images, aligned = [], []
   sample = s.sampler()
@@ -114,24 +105,6 @@ def shapes_seed(a, reward, seed: int) -> dict:
   return {"curve": {str(k): v for k, v in curve.items()},
           "oracle": float(aligned.reshape(-1, a.n).max(axis=1).mean()),
           "reward_auc": auc(scores, aligned)}
-
-
-_SETUPS = {}
-
-
-def _shapes_setup(a):
-  """headroom.Setup on the captions asked for, built once per process."""
-  key = (a.base_dir, a.split, a.problems)
-  if key not in _SETUPS:
-    from rft.tools.headroom import Setup  # pylint: disable=g-import-not-at-top
-    s = Setup(a.base_dir or None, a.problems)
-    if a.split == "heldout":
-      s.ids = s.world.eval_prompt_ids("heldout", a.problems, seed=0)
-    s.tokens = np.asarray(s.tokens)
-    sampler = jax.jit(lambda p, t, k: s.pipe.sample(p, t, k, s.cfg)[0].sample)
-    s.sampler = lambda: sampler
-    _SETUPS[key] = s
-  return _SETUPS[key]
 
 
 def summarize_curves(per_seed: list[dict]) -> dict:
@@ -170,7 +143,12 @@ def main(argv=None):
   reward = rewards_base.build(a.reward, options=options)
   t0 = time.time()
   if a.world == "shapes":
-    per_seed = [shapes_seed(a, reward, s) for s in range(a.seeds)]
+    from rft.tools.headroom import Setup  # pylint: disable=g-import-not-at-top
+    setup = Setup(a.base_dir or None, a.problems)
+    if a.split == "heldout":
+      setup.ids = setup.world.eval_prompt_ids("heldout", a.problems, seed=0)
+    setup.tokens = np.asarray(setup.tokens)
+    per_seed = [shapes_seed(setup, a, reward, k) for k in range(a.seeds)]
     curves = summarize_curves(per_seed)
     print(f"best-of-n by {a.reward} on {a.problems} {a.split} captions, judged by the "
           f"evaluator, {a.seeds} seeds ({time.time() - t0:.0f} s); mean [95 % interval]:")

@@ -59,12 +59,16 @@ class Setup:
     self.cfg = SamplerConfig(10, eta, 1.0, 1.0, name)
     self._samplers = {}  # share_within -> jitted sampler (compiled once per setting)
 
-  def judge_samples(self, params, ids, key, share_within: int = 1, batch: int = 256):
-    cells, aligned = [], []
+  def sampler(self, share_within: int = 1):
+    """sample(params, tokens, key) -> images with the RL sampler, jitted once per setting."""
     if share_within not in self._samplers:
       self._samplers[share_within] = jax.jit(lambda p, t, k: self.pipe.sample(
           p, t, k, self.cfg, share_within=share_within)[0].sample)
-    sample = self._samplers[share_within]
+    return self._samplers[share_within]
+
+  def judge_samples(self, params, ids, key, share_within: int = 1, batch: int = 256):
+    cells, aligned = [], []
+    sample = self.sampler(share_within)
     for i, s in enumerate(range(0, len(ids), batch)):
       chunk = ids[s:s + batch]
       im = sample(params, jnp.asarray(self.tokens[chunk]), jax.random.fold_in(key, i))
