@@ -242,10 +242,20 @@ PRDP_TABLE2 = Table(
     ),
     presets={
         "cpu": Preset(seeds=3, cpu_devices=8,
-                      common=dict(ALL_CAPTIONS, eval_prompts=256, eval_batch_size=256),
+                      common=dict(T1_BASE, train_prompts=0, eval_prompts=256,
+                                  eval_batch_size=256),
                       rows={"prdp": _T2_CPU, "ddpo": _T2_CPU},
                       note="this 2-core CPU, shrunk: 15 epochs x 512 samples per run, the "
-                           "T1 recipe (low-res blocks, lr 3e-4) on all training captions"),
+                           "T1 recipe (low-res blocks, lr 3e-4) on all training captions; "
+                           "base rft/assets/positions"),
+        # The same budget on the original base (rft/assets), measured before the positions
+        # base existed.
+        "cpu_original": Preset(seeds=3, cpu_devices=8,
+                               common=dict(ALL_CAPTIONS, eval_prompts=256, eval_batch_size=256),
+                               rows={"prdp": _T2_CPU, "ddpo": _T2_CPU},
+                               note="this 2-core CPU, shrunk: 15 epochs x 512 samples per run, "
+                                    "the T1 recipe (low-res blocks, lr 3e-4) on all training "
+                                    "captions; the original base rft/assets"),
         "accelerator": Preset(
             seeds=3, common=dict(ALL_CAPTIONS, **ON_ACCELERATOR, eval_prompts=256,
                                  eval_batch_size=256),
@@ -287,10 +297,15 @@ PRDP_TABLE3 = Table(
     ),
     presets={
         "cpu": Preset(seeds=3, cpu_devices=8,
-                      common=dict(ORIGINAL_BASE, train_prompts=32, eval_prompts=256,
-                                  eval_batch_size=256, reward=MULTI_REWARD),
-                      rows={"prdp": T1_CPU_ORIGINAL.rows["prdp"]},
-                      note="this 2-core CPU, T1's original-base budget (30 epochs)"),
+                      common=dict(_T1_COMMON, **T1_BASE, reward=MULTI_REWARD),
+                      rows={"prdp": T1_CPU.rows["prdp"]},
+                      note="this 2-core CPU, T1's budget (40 epochs); base rft/assets/positions"),
+        "cpu_original": Preset(seeds=3, cpu_devices=8,
+                               common=dict(ORIGINAL_BASE, train_prompts=32, eval_prompts=256,
+                                           eval_batch_size=256, reward=MULTI_REWARD),
+                               rows={"prdp": T1_CPU_ORIGINAL.rows["prdp"]},
+                               note="this 2-core CPU, T1's original-base budget (30 epochs); "
+                                    "the original base rft/assets"),
         "accelerator": Preset(seeds=3, common=dict(ORIGINAL_BASE, **ON_ACCELERATOR,
                                                    train_prompts=32, eval_prompts=256,
                                                    eval_batch_size=256, reward=MULTI_REWARD),
