@@ -141,6 +141,27 @@ def apply_overrides(config: config_dict.ConfigDict, overrides) -> config_dict.Co
   return config
 
 
+def unknown_key(config: config_dict.ConfigDict, path: str) -> str | None:
+  """None when `path` ("a.b.c") names a key of `config`, else a message naming the first
+  missing part and the closest keys. reward_options entries may be created from the
+  command line (set_reward_options), so any path under it passes."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  parts = path.split(".")
+  if parts[0] == "reward_options" and len(parts) > 1:
+    return None
+  node, done = config, []
+  for p in parts:
+    if not isinstance(node, config_dict.ConfigDict):
+      return f"{'.'.join(done)!r} is a value ({type(node).__name__}), not a section"
+    if p not in node:
+      near = difflib.get_close_matches(p, list(node.keys()), n=3, cutoff=0.6)
+      return (f"there is no key {'.'.join(done + [p])!r}" +
+              (f" (closest: {', '.join(repr('.'.join(done + [n])) for n in near)})"
+               if near else ""))
+    node, done = node[p], done + [p]
+  return None
+
+
 def _literal(raw: str):
   """A command-line value with no existing key to take its type from: JSON (numbers,
   true / false, null, lists, objects), else the string itself."""

@@ -115,9 +115,41 @@ def main(argv):
   train(config, workdir)
 
 
+def check_config_flags(argv: list[str]) -> str | None:
+  """A message for the first --config.KEY flag that names no key of the config file, or
+  None. ml_collections would report it as a chain of KeyError / AttributeError
+  tracebacks; rft's own flags (--workdir, ...) given as --config.KEY get a hint. A config
+  that cannot be found or built is left to the flag parser, which reports it."""
+  config_arg, keys = None, []
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      config_arg = a[len("--config="):]
+    elif a == "--config" and i + 1 < len(argv):
+      config_arg = argv[i + 1]
+    elif a.startswith(("--config.", "--noconfig.")):
+      keys.append((a, a.split(".", 1)[1].split("=", 1)[0]))
+  if not config_arg or not keys:
+    return None
+  try:
+    config = config_lib.load(config_arg)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for flag, key in keys:
+    problem = config_lib.unknown_key(config, key)
+    if problem:
+      hint = (f" --{key} is a flag of rft.main, not a config key: pass --{key}=..."
+              if key in ("workdir", "allow_config_change", "resume_step", "distributed")
+              else "")
+      return f"{flag}: in config {config_arg}, {problem}.{hint}"
+  return None
+
+
 def run():
   flags.mark_flag_as_required("config")
   sys.argv, _reward_option_overrides[:] = split_reward_options(sys.argv)
+  problem = check_config_flags(sys.argv[1:])
+  if problem:
+    sys.exit(f"rft.main: {problem}")
   app.run(main)
 
 

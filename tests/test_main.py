@@ -58,6 +58,24 @@ def test_unknown_key_and_wrong_type_are_errors_naming_the_key(tmp_path):
   assert p.returncode != 0 and "steps" in p.stderr
 
 
+def test_an_unknown_config_flag_names_the_key_the_closest_keys_and_rft_flags():
+  """One line instead of ml_collections' KeyError / AttributeError tracebacks."""
+  from rft import main as rft_main
+  check = rft_main.check_config_flags
+  msg = check(["--config=prdp.py:smoke", "--config.workdir=/tmp/x"])
+  assert msg.startswith("--config.workdir=/tmp/x: in config prdp.py:smoke, there is no key "
+                        "'workdir'") and "pass --workdir=..." in msg
+  msg = check(["--config", "prdp", "--config.objective.clip_ep=1"])
+  assert "no key 'objective.clip_ep' (closest: 'objective.clip_eps')" in msg
+  assert "'lr' is a value (float), not a section" in check(["--config=prdp", "--config.lr.x=1"])
+  assert "no key 'zzz'." in check(["--noconfig.zzz", "--config=prdp"])
+  # known keys, reward_options entries (created from the command line), no config: no message
+  assert check(["--config=prdp", "--config.objective.clip_eps=1", "--config.lr=1",
+                "--config.reward_options.any.thing=3"]) is None
+  assert check(["--config.lr=1"]) is None
+  assert check(["--config=no_such_config", "--config.lr=1"]) is None  # the flag parser's
+
+
 def test_unwritable_workdir_fails_before_work(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
