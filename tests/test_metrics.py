@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rft import metrics, tb_events
+from rft import image_grids, metrics, tb_events
 
 _TF_INSTALLED = importlib.util.find_spec("tensorflow") is not None
 
@@ -126,7 +126,7 @@ def test_image_grid_layout_and_pixels():
   images = rng.uniform(-1, 1, (n, h, w, 3)).astype(np.float32)
   captions = ["a red circle left of a blue square", "b", "", "two green stars",
               "x" * 50]
-  grid = metrics.image_grid(images, captions, ncols=ncols, scale=scale)
+  grid = image_grids.image_grid(images, captions, ncols=ncols, scale=scale)
   assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
   tw, th = w * scale, h * scale
   assert grid.shape[1] == gap + ncols * (tw + gap)
@@ -149,16 +149,16 @@ def test_image_grid_layout_and_pixels():
 
   # uint8 input passes through; no captions -> no caption band.
   u8 = (rng.rand(3, 4, 4, 3) * 255).astype(np.uint8)
-  g2 = metrics.image_grid(u8, ncols=8, scale=1)
+  g2 = image_grids.image_grid(u8, ncols=8, scale=1)
   assert g2.shape == (gap + 4 + gap, gap + 3 * (4 + gap), 3)
   np.testing.assert_array_equal(g2[gap:gap + 4, gap:gap + 4], u8[0])
 
 
 def test_save_image(tmp_path):
   from PIL import Image
-  grid = metrics.image_grid(np.zeros((2, 4, 4, 3), np.uint8), ["a", "b"])
+  grid = image_grids.image_grid(np.zeros((2, 4, 4, 3), np.uint8), ["a", "b"])
   path = str(tmp_path / "sub" / "grid.png")
-  metrics.save_image(path, grid)
+  image_grids.save_image(path, grid)
   np.testing.assert_array_equal(np.array(Image.open(path)), grid)
 
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from rft import config as config_lib
-from rft import metrics, tb_events
+from rft import image_grids, metrics, tb_events
 from rft.data import shapes
 from rft.train import diffusion_rl, loop, state as state_lib
 
@@ -56,7 +56,7 @@ def test_pick_covers_every_caption_family_of_each_split():
     ids = world.eval_prompt_ids(split, 256)
     fams = world.family_ids[ids]
     present = set(fams.tolist())
-    picked = metrics.pick_samples(ids, fams, 16, seed=0)
+    picked = image_grids.pick_samples(ids, fams, 16, seed=0)
     assert len(picked) == 16 and len(set(ids[picked].tolist())) == 16  # distinct prompts
     assert set(fams[picked].tolist()) == present, split
     assert len(present) >= 3  # the held-out split is mostly relations, not only singles
@@ -64,7 +64,7 @@ def test_pick_covers_every_caption_family_of_each_split():
     counts = np.bincount(fams[picked], minlength=len(shapes.FAMILIES))[sorted(present)]
     assert counts.min() >= 16 // len(present)
     # Fixed: the same pick every time (grids of successive evaluations compare).
-    np.testing.assert_array_equal(picked, metrics.pick_samples(ids, fams, 16, seed=0))
+    np.testing.assert_array_equal(picked, image_grids.pick_samples(ids, fams, 16, seed=0))
   # The old grid (the first sorted ids) showed single-object captions only.
   ids = world.eval_prompt_ids("heldout", 256)
   assert set(world.family_ids[ids[:16]].tolist()) == {0}
@@ -72,45 +72,45 @@ def test_pick_covers_every_caption_family_of_each_split():
 
 def test_pick_repeats_only_when_the_prompts_run_out():
   ids = np.array([5, 5, 5, 7, 7, 9])
-  picked = metrics.pick_samples(ids, None, 4, seed=1)
+  picked = image_grids.pick_samples(ids, None, 4, seed=1)
   assert len(picked) == 4 and len(set(picked.tolist())) == 4
   assert set(ids[picked[:3]].tolist()) == {5, 7, 9}  # every prompt before a repeat
-  assert len(metrics.pick_samples(ids, None, 10)) == 6
+  assert len(image_grids.pick_samples(ids, None, 10)) == 6
 
 
 def test_a_long_caption_is_wrapped_whole_not_cut():
   caption = "a yellow triangle to the right of a magenta triangle"  # the longest caption
-  lines = metrics.wrap_caption(caption, 64)
+  lines = image_grids.wrap_caption(caption, 64)
   assert len(lines) >= 4 and " ".join(lines) == caption  # every word, in order, no ".."
   # Drawn: text rows exist below the third line (the old grid cut captions at 3 lines).
-  grid = metrics.image_grid(np.zeros((1, 16, 16, 3), np.uint8), [caption], scale=4)
-  _, _, line_h = metrics._font_and_measure()
+  grid = image_grids.image_grid(np.zeros((1, 16, 16, 3), np.uint8), [caption], scale=4)
+  _, _, line_h = image_grids._font_and_measure()
   band = grid[2 + 64 + 1 + 3 * line_h:, 2:2 + 64]
   assert band.size and band.min() < 128
 
 
 def test_sample_note_and_its_colour_match_the_values():
-  assert metrics.sample_note(0.41237, True) == "reward 0.412\naligned"
-  assert metrics.sample_note(0.1, False) == "reward 0.100\nnot aligned"
-  assert metrics.sample_note(None, None) == ""
+  assert image_grids.sample_note(0.41237, True) == "reward 0.412\naligned"
+  assert image_grids.sample_note(0.1, False) == "reward 0.100\nnot aligned"
+  assert image_grids.sample_note(None, None) == ""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
   ids = np.array([3, 1, 4, 1, 5, 9])
   rewards = np.array([0.9, 0.2, 0.35, 0.7, 0.05, 0.6], np.float32)
   aligned = np.array([True, False, True, True, False, True])
-  shown = diffusion_rl.shown_samples(images, ids, rewards, aligned,
+  shown = image_grids.shown_samples(images, ids, rewards, aligned,
                                      ["single", "count", "and", "relation", "and", "count"],
                                      k=4)
-  pos = metrics.pick_samples(ids, ["single", "count", "and", "relation", "and", "count"], 4)
+  pos = image_grids.pick_samples(ids, ["single", "count", "and", "relation", "and", "count"], 4)
   np.testing.assert_array_equal(shown["ids"], ids[pos])
   np.testing.assert_array_equal(shown["rewards"], rewards[pos])
   np.testing.assert_array_equal(shown["aligned"], aligned[pos])
   np.testing.assert_array_equal(shown["images"], images[pos])
   texts = {i: f"caption {i}" for i in ids}
-  grid = diffusion_rl.sample_grid(shown, texts)
+  grid = image_grids.sample_grid(shown, texts)
   # Under each tile, the note's colour is the verdict's: green text under aligned
   # tiles, red under the others.
-  tw = 16 * metrics.grid_scale(16)
+  tw = 16 * image_grids.grid_scale(16)
   for j, ok in enumerate(shown["aligned"]):
     x = 2 + j * (tw + 2)
     band = grid[2 + tw:, x:x + tw].reshape(-1, 3).astype(int)
@@ -125,15 +125,15 @@ def test_before_after_grid_pairs_rows_of_the_same_prompts():
                 "ids": np.array([0, 1, 2]), "rewards": rng.random(3),
                 "aligned": np.array([True, False, True])}
   before, after = mk(), mk()
-  grid = diffusion_rl.before_after_grid(before, after, ["a", "b", "c"], (0, 40))
-  tw = 16 * metrics.grid_scale(16)
+  grid = image_grids.before_after_grid(before, after, ["a", "b", "c"], (0, 40))
+  tw = 16 * image_grids.grid_scale(16)
   top = grid[2:2 + tw, 2:2 + tw]
   np.testing.assert_array_equal(top, before["images"][0].repeat(6, 0).repeat(6, 1))
   # The after row starts one tile row (image + text) lower, same column.
   rows = np.flatnonzero(np.all(grid[:, 2:2 + tw] == after["images"][0].repeat(6, 1)[0], 1))
   assert len(rows) and rows[0] > tw
   with pytest.raises(ValueError, match="different prompts"):
-    diffusion_rl.before_after_grid(before, dict(after, ids=np.array([0, 1, 3])), "abcd",
+    image_grids.before_after_grid(before, dict(after, ids=np.array([0, 1, 3])), "abcd",
                                    (0, 1))
 
 

@@ -15,7 +15,6 @@ theta_old == theta, so a resumed run continues the same curve bit for bit.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import re
 import time
@@ -27,7 +26,7 @@ from absl import logging
 from flax import traverse_util
 from flax.core import unfreeze
 
-from rft import checkpoint, metrics, paths
+from rft import checkpoint, image_grids, metrics
 from rft import config as config_lib
 from rft.placement import Placement
 from rft.diffusion import sampling
@@ -43,8 +42,6 @@ from rft.train.state import TrainState, lr_schedule, make_optimizer
 
 # Per-epoch training metrics kept for results.json["curve"] (learning curves, stability).
 CURVE_KEYS = ("reward_mean", "kl_to_ref", "loss", "grad_norm", "clip_frac", "epoch_seconds")
-# Samples shown in an evaluation's grid (a fixed pick over the caption families).
-GRID_SAMPLES = 16
 # The console line of an evaluation (rft.train.loop.eval_line).
 EVAL_LINE = (("reward", "config_reward", "f"), ("alignment", "alignment", "%"))
 
@@ -249,64 +246,6 @@ def _sample_all(sample_images, ids, key, batch_size: int) -> np.ndarray:
     padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
     out.append(np.asarray(sample_images(padded, jax.random.fold_in(key, i)))[:len(chunk)])
   return np.concatenate(out)
-
-
-def shown_samples(images, ids, rewards, aligned, families, k: int = GRID_SAMPLES,
-                  seed: int = 0) -> dict:
-  """The samples an evaluation's grid shows: a fixed, seeded pick of `k` spread over the
-  caption `families` (metrics.pick_samples), as {"images": uint8 [k, H, W, 3], "ids",
-  "rewards", "aligned" (None without an evaluator)}."""
-  shown = metrics.pick_samples(ids, families, k, seed)
-  return {"images": metrics.to_uint8_images(np.asarray(images)[shown]),
-          "ids": np.asarray(ids)[shown], "rewards": np.asarray(rewards, np.float32)[shown],
-          "aligned": None if aligned is None else np.asarray(aligned, bool)[shown]}
-
-
-def sample_grid(samples: dict, texts) -> np.ndarray:
-  """A grid of `samples` (shown_samples): each image with its whole caption, its reward
-  and the evaluator's verdict (metrics.samples_grid)."""
-  return metrics.samples_grid(samples["images"], [texts[i] for i in samples["ids"]],
-                              samples["rewards"], samples["aligned"])
-
-
-def before_after_grid(before: dict, after: dict, texts, epochs: tuple[int, int],
-                      ncols: int = 8) -> np.ndarray:
-  """The same prompts (and initial noise) before and after finetuning: rows of up to
-  `ncols` samples of `before`, each followed by the row of the same samples of `after`,
-  each labelled with its epoch, reward and verdict."""
-  if list(before["ids"]) != list(after["ids"]):
-    raise ValueError("before / after grids of different prompts")
-  k = len(before["ids"])
-  ncols = max(1, min(ncols, k))
-  blank = np.full_like(before["images"][:1], 255)
-  images, captions, rewards, aligned, labels = [], [], [], [], []
-  for start in range(0, k, ncols):
-    sl = slice(start, start + ncols)
-    pad = ncols - len(before["ids"][sl])
-    for src, epoch in ((before, epochs[0]), (after, epochs[1])):
-      got = len(src["ids"][sl])
-      images += list(src["images"][sl]) + [blank[0]] * pad
-      captions += [texts[i] for i in src["ids"][sl]] + [""] * pad
-      rewards += list(src["rewards"][sl]) + [None] * pad
-      aligned += (list(src["aligned"][sl]) if src["aligned"] is not None
-                  else [None] * got) + [None] * pad
-      labels += [f"epoch {epoch}"] * got + [""] * pad
-  return metrics.samples_grid(np.stack(images), captions, rewards, aligned, labels, ncols)
-
-
-def _save_samples(path: str, samples: dict) -> None:
-  buf = io.BytesIO()
-  np.savez(buf, **{k: v for k, v in samples.items() if v is not None})
-  paths.write_bytes(path, buf.getvalue())
-
-
-def _load_samples(path: str) -> dict | None:
-  if not paths.path(path).exists():
-    return None
-  with np.load(io.BytesIO(paths.path(path).read_bytes())) as f:
-    out = {k: f[k] for k in f.files}
-  out.setdefault("aligned", None)
-  return out
 
 
 def group_stats(rewards: np.ndarray, group_size: int) -> dict:
@@ -559,25 +498,25 @@ def train_and_evaluate(config, workdir: str):
       out.update({f"{split}/{k}": v for k, v in m.items()})
       # The grid: a fixed pick over the caption families (the same prompts and initial
       # noise at every evaluation), each image with its reward and the evaluator's verdict.
-      shown = shown_samples(images, ids, rewards, aligned, world.families(ids),
-                            seed=config.eval_seed)
-      grid = sample_grid(shown, world.texts)
+      shown = image_grids.shown_samples(images, ids, rewards, aligned, world.families(ids),
+                                        seed=config.eval_seed)
+      grid = image_grids.sample_grid(shown, world.texts)
       writer.write_images(epoch, {f"samples/{split}": grid})
       if not main_process:
         continue
-      metrics.save_image(os.path.join(samples_dir, f"{split}_epoch{epoch:04d}.png"), grid)
+      image_grids.save_image(os.path.join(samples_dir, f"{split}_epoch{epoch:04d}.png"), grid)
       before_path = os.path.join(samples_dir, f"{split}_before.npz")
       if epoch == 0:  # kept for the before / after grid at the end (resumes included)
-        _save_samples(before_path, shown)
+        image_grids.save_samples(before_path, shown)
       elif epoch == config.epochs:
-        before = _load_samples(before_path)
+        before = image_grids.load_samples(before_path)
         if before is None or list(before["ids"]) != list(shown["ids"]):
           logging.info("no epoch-0 samples of %s in %s: no before / after grid", split,
                        samples_dir)
           continue
-        both = before_after_grid(before, shown, world.texts, (0, epoch))
+        both = image_grids.before_after_grid(before, shown, world.texts, (0, epoch))
         writer.write_images(epoch, {f"samples/{split}/before_after": both})
-        metrics.save_image(os.path.join(samples_dir, f"{split}_before_after.png"), both)
+        image_grids.save_image(os.path.join(samples_dir, f"{split}_before_after.png"), both)
     writer.write_scalars(epoch, {f"eval/{k}": v for k, v in out.items()})
     return out
 

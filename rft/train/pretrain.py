@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rft import checkpoint, metrics, placement, pretrained
+from rft import checkpoint, image_grids, metrics, placement, pretrained
 from rft.data import shapes
 from rft.diffusion import flow, training
 from rft.diffusion.pipeline import SamplerConfig, world_pipeline
@@ -26,8 +26,7 @@ from rft.train import loop
 from rft.worlds import shapes_eval
 from rft.train.state import TrainState, lr_schedule, make_optimizer
 
-# Samples shown in an evaluation's grid, and the console line of an evaluation.
-GRID_SAMPLES = 16
+# The console line of an evaluation.
 EVAL_LINE = (("reward", "reward", "f"), ("alignment", "alignment", "%"))
 
 
@@ -181,7 +180,7 @@ def train_and_evaluate(config, workdir: str):
       ids = world.eval_prompt_ids(split, config.eval_prompts)
       fn = lambda chunk, k: sample_fn(p, jnp.asarray(prompt_tokens[chunk]), k)
       if judge is None:  # samples of the grid's prompts only
-        ids = ids[metrics.pick_samples(ids, world.family_ids[ids], GRID_SAMPLES)]
+        ids = ids[image_grids.pick_samples(ids, world.family_ids[ids], image_grids.GRID_SAMPLES)]
         m, images, per = {}, np.asarray(fn(ids, jax.random.key(step))), None
       else:
         m, images, per = shapes_eval.evaluate_alignment(
@@ -190,8 +189,8 @@ def train_and_evaluate(config, workdir: str):
         ids = per["ids"]  # one per sample
       out.update({f"{split}/{k}": v for k, v in m.items()})
       if log:  # a fixed pick over the caption families, with reward and verdict
-        shown = metrics.pick_samples(ids, world.family_ids[ids], GRID_SAMPLES)
-        grid = metrics.samples_grid(
+        shown = image_grids.pick_samples(ids, world.family_ids[ids], image_grids.GRID_SAMPLES)
+        grid = image_grids.samples_grid(
             images[shown], [world.texts[i] for i in ids[shown]],
             None if per is None or per["reward"] is None else per["reward"][shown],
             None if per is None else per["aligned"][shown])

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rft import metrics, paths, pretrained
+from rft import image_grids, metrics, paths, pretrained
 from rft.data import shapes
 from rft.diffusion.pipeline import world_pipeline
 from rft.objectives import reno, trajectory
@@ -135,16 +135,16 @@ def run(config, workdir: str) -> dict:
                                              if isinstance(v, float)})
     # Before (top row) / after (bottom row), prompts picked over the caption families,
     # each with its reward (config.reward) and the evaluator's verdict.
-    shown = metrics.pick_samples(ids, world.family_ids[ids], min(8, len(ids)))
+    shown = image_grids.pick_samples(ids, world.family_ids[ids], min(8, len(ids)))
     k = len(shown)
-    grid = metrics.samples_grid(
+    grid = image_grids.samples_grid(
         np.concatenate([cat("initial_images")[shown], cat("images")[shown]]),
         [world.texts[i] for i in ids[shown]] * 2,
         np.concatenate([cat("initial_reward")[shown], cat("reward")[shown]]),
         np.concatenate([cat("initial_aligned")[shown], cat("best_aligned")[shown]]),
         ["before"] * k + ["after"] * k, ncols=k)
     writer.write_images(config.iterations, {f"samples/{split}/before_after": grid})
-    metrics.save_image(os.path.join(workdir, f"{split}_before_after.png"), grid)
+    image_grids.save_image(os.path.join(workdir, f"{split}_before_after.png"), grid)
     logging.info("ReNO %s: reward %.3f -> %.3f, alignment %.1f %% -> %.1f %% (%d prompts, "
                  "%.1f s)", split, res["reward_initial"], res["reward_best"],
                  100 * res["alignment_initial"], 100 * res["alignment_best"], len(ids),
