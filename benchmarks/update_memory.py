@@ -12,10 +12,19 @@ Workload W2 of ../shared/BENCHMARKS.md: XLA's memory analysis of the compiled up
 
 Model: the W1 shape (latents 4x32x32, batch 8, channels 32/64, cross-attention at the
 64-channel level, text states 8x64, CFG 5 in one batched call) built from rft's own
-TextToImage UNet (the diffusers-compatible UNet of the real-models issue is not in the
-tree yet; parameter count printed). Peak = arguments + outputs + temporaries.
+TextToImage UNet (parameter count printed). Peak = arguments + outputs + temporaries.
+
+Flow updates (`--flow`, T=10 vs T=40 by default): the same latents through a DiT
+(rft.models.dit: 2x2 patches = 256 tokens, width 128, depth 4) on the Flow-GRPO SDE
+(rft.diffusion.flow, noise level 0.7, CFG 4.5):
+
+* Flow-GRPO update (ours: rft.objectives.trajectory.separable_grads, per-step gradients
+  accumulated in a scan, with the KL term's extra forward of the frozen reference) vs
+  the naive version (one value_and_grad of the summed per-step losses);
+* PRDP on the flow SDE (coupled_grads) vs its naive version.
 
   python benchmarks/update_memory.py [--steps 10 50]
+  python benchmarks/update_memory.py --flow [--steps 10 40]
 """
 from __future__ import annotations
 
@@ -25,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rft.diffusion import ddim, sampling
+from rft.diffusion import ddim, flow, sampling
 from rft.diffusion.schedules import make_schedule
+from rft.models.dit import TextToImageDiT
 from rft.models.t2i import TextToImage, make_eps_fn
-from rft.objectives import prdp, trajectory
+from rft.objectives import ddpo, prdp, trajectory
 
 BATCH, GROUP, LAT, TEXT_LEN, TEXT_DIM, CFG = 8, 4, (32, 32, 4), 8, 64, 5.0
 
@@ -50,16 +60,28 @@ def peak_bytes(fn, *args) -> int:
              - m.alias_size_in_bytes)
 
 
-def batch_spec(T):
+def build_dit():
+  model = TextToImageDiT(vocab_size=64, max_len=TEXT_LEN, text_width=TEXT_DIM, text_depth=1,
+                         text_heads=4, patch=2, width=128, depth=4, num_heads=4,
+                         out_channels=LAT[-1])
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *LAT)),
+                          jnp.zeros((1,), jnp.float32),
+                          jnp.zeros((1, TEXT_LEN), jnp.int32))["params"]
+  n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["dit"]))
+  return model, params, n
+
+
+def batch_spec(T, time_dtype=jnp.int32):
   f32 = jnp.float32
   sds = jax.ShapeDtypeStruct
-  return {"latents": sds((BATCH, T + 1, *LAT), f32), "timesteps": sds((T,), jnp.int32),
-          "prev_timesteps": sds((T,), jnp.int32), "log_probs": sds((BATCH, T), f32),
+  return {"latents": sds((BATCH, T + 1, *LAT), f32), "timesteps": sds((T,), time_dtype),
+          "prev_timesteps": sds((T,), time_dtype), "log_probs": sds((BATCH, T), f32),
           "ref_log_probs": sds((BATCH, T), f32), "rewards": sds((BATCH,), f32),
           "cond": {"states": sds((BATCH, TEXT_LEN, TEXT_DIM), f32),
                    "mask": sds((BATCH, TEXT_LEN), jnp.bool_)},
           "null_cond": {"states": sds((1, TEXT_LEN, TEXT_DIM), f32),
-                        "mask": sds((1, TEXT_LEN), jnp.bool_)}}
+                        "mask": sds((1, TEXT_LEN), jnp.bool_)},
+          "advantages": sds((BATCH,), f32)}
 
 
 def prdp_memory(model, params, T):
@@ -108,24 +130,79 @@ def backprop_memory(model, params, T):
   return (peak_bytes(ours(1), *args), peak_bytes(ours(T), *args), peak_bytes(naive, *args))
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--steps", type=int, nargs=2, default=(10, 50))
-  a = ap.parse_args()
-  model, params, n = build()
-  print(f"W2 model: rft UNet, {n / 1e6:.2f} M params, latents {LAT}, batch {BATCH}, CFG {CFG}; "
-        f"backend {jax.default_backend()}")
+FLOW_CFG, FLOW_ETA, FLOW_KL = 4.5, 0.7, 0.04  # Flow-GRPO's SD3.5 settings
+
+
+def flow_memory(model, params, T):
+  """(Flow-GRPO ours, Flow-GRPO naive, PRDP-flow ours, PRDP-flow naive) peak bytes."""
+  scorer = trajectory.StepScorer(make_eps_fn(model), flow.FlowSampler(flow.FlowSchedule(),
+                                                                      eta=FLOW_ETA), FLOW_CFG)
+  step_loss = ddpo.trajectory_loss(1e-4, 5.0).fn
+  b = batch_spec(T, jnp.float32)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+  def grpo_ours(p, ref, b, k):
+    return trajectory.separable_grads(scorer, lambda q: q, p, b, step_loss, k,
+                                      kl_coef=FLOW_KL, ref_params=ref)
+
+  def grpo_naive(p, ref, b):
+    def total(q):  # one gradient through a scan over the steps: its residuals are kept
+      def body(acc, j):
+        lp, kl = scorer.step_kl(q, ref, b, j)
+        return acc + step_loss(lp, j, b)[0] + FLOW_KL * jnp.mean(kl), None
+      return jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(T))[0] / T
+    return jax.value_and_grad(total)(p)
+
+  def rdp(lp, b):
+    return prdp.rdp_loss(lp, b["log_probs"], b["ref_log_probs"], b["rewards"],
+                         group_size=GROUP, beta=1e-3, clip_eps=1e-3)
+
+  prdp_ours = lambda p, b, k: trajectory.coupled_grads(scorer, lambda q: q, p, b, rdp, k)
+  prdp_naive = lambda p, b: trajectory.naive_coupled_grads(scorer, lambda q: q, p, b, rdp)
+  return (peak_bytes(grpo_ours, params, params, b, key), peak_bytes(grpo_naive, params, params, b),
+          peak_bytes(prdp_ours, params, b, key), peak_bytes(prdp_naive, params, b))
+
+
+def report(rows, names, t0, t1):
   mib = lambda b: f"{b / 2**20:8.1f} MiB"
-  t0, t1 = a.steps
-  rows = {}
-  for T in (t0, t1):
-    rows[T] = prdp_memory(model, params, T) + backprop_memory(model, params, T)
-  names = ["PRDP update (ours: step-wise)", "PRDP update (naive: one grad)",
-           "DRaFT-1 (ours)", "full backprop, checkpointed (ours)", "full backprop (naive)"]
   print(f"{'update':40s} {'T=' + str(t0):>12s} {'T=' + str(t1):>12s} {'ratio':>7s}")
   for i, name in enumerate(names):
     lo, hi = rows[t0][i], rows[t1][i]
     print(f"{name:40s} {mib(lo)} {mib(hi)} {hi / lo:6.2f}x")
+
+
+def main_flow(steps):
+  model, params, n = build_dit()
+  print(f"W2 flow model: rft DiT, {n / 1e6:.2f} M params, latents {LAT} ({LAT[0] * LAT[1] // 4} "
+        f"tokens), batch {BATCH}, CFG {FLOW_CFG}, SDE noise level {FLOW_ETA}, KL coef "
+        f"{FLOW_KL}; backend {jax.default_backend()}")
+  t0, t1 = steps
+  rows = {T: flow_memory(model, params, T) for T in (t0, t1)}
+  report(rows, ["Flow-GRPO update (ours: step-wise)", "Flow-GRPO update (naive: one grad)",
+                "PRDP on the flow SDE (ours)", "PRDP on the flow SDE (naive)"], t0, t1)
+  print(f"T={t1}: Flow-GRPO naive / ours = {rows[t1][1] / rows[t1][0]:.2f}x; "
+        f"PRDP-flow naive / ours = {rows[t1][3] / rows[t1][2]:.2f}x")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--steps", type=int, nargs=2, default=None,
+                  help="two step counts T (default: 10 50; with --flow 10 40)")
+  ap.add_argument("--flow", action="store_true", help="the flow updates on a DiT instead")
+  a = ap.parse_args()
+  if a.flow:
+    return main_flow(a.steps or (10, 40))
+  a.steps = a.steps or (10, 50)
+  model, params, n = build()
+  print(f"W2 model: rft UNet, {n / 1e6:.2f} M params, latents {LAT}, batch {BATCH}, CFG {CFG}; "
+        f"backend {jax.default_backend()}")
+  t0, t1 = a.steps
+  rows = {}
+  for T in (t0, t1):
+    rows[T] = prdp_memory(model, params, T) + backprop_memory(model, params, T)
+  report(rows, ["PRDP update (ours: step-wise)", "PRDP update (naive: one grad)",
+                "DRaFT-1 (ours)", "full backprop, checkpointed (ours)", "full backprop (naive)"],
+         t0, t1)
   print(f"T={t1}: PRDP naive / ours = {rows[t1][1] / rows[t1][0]:.2f}x; "
         f"full backprop naive / checkpointed = {rows[t1][4] / rows[t1][3]:.2f}x")
 
