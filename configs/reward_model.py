@@ -24,7 +24,7 @@ from ml_collections import config_dict
 
 from rft import config as config_lib
 
-VARIANTS = ("smoke", "regression", "both", "file", "noisy")
+VARIANTS = ("smoke", "regression", "both", "file", "noisy", "shapes")
 
 
 def get_config(arg=None):
@@ -44,6 +44,7 @@ def get_config(arg=None):
   c.margin = "small"  # Llama-2 margins by error size: "none" | "small" | "large"
   c.wrong_fraction = 0.5  # ratings: share of near-miss responses (rating 0; correct: 1)
   c.label_noise = 0.0  # training pairs swapped / ratings flipped with this probability
+  c.aug_noise = 0.2  # data="shapes": training renders augmented (rft.train.scorers.augment)
   c.pair_file = ""  # data="file": .jsonl / .parquet pairs
   c.rating_file = ""  # data="file": .jsonl / .parquet ratings
   c.heldout_fraction = 0.1  # files: rows without a "split" field held out at this rate
@@ -55,6 +56,10 @@ def get_config(arg=None):
       "hidden_size": 128, "intermediate_size": 384, "num_layers": 4, "num_heads": 4,
       "num_kv_heads": 2, "tie_word_embeddings": True, "rope_theta": 10000.0})
   c.pooling = "mean"  # "mean" (over the tokens) | "last" (the EOS position)
+  # data="shapes": the caption-conditioned image scorer (rft.reward_models.image_model),
+  # always from a random init.
+  c.image_model = config_dict.ConfigDict(
+      {"width": 64, "text_depth": 1, "depth": 2, "num_heads": 4, "patch": 4})
   c.max_len = 16  # tokens of BOS + prompt + response + EOS
   # Loss: "bt" (Bradley–Terry) | "regression" (MSE on ratings) | "both".
   c.loss = "bt"
@@ -90,8 +95,18 @@ def get_config(arg=None):
       c.pair_file = config_lib.required("--config.pair_file=<pairs .jsonl / .parquet>")
     if c.loss in ("regression", "both"):
       c.rating_file = config_lib.required("--config.rating_file=<ratings .jsonl / .parquet>")
+  if "shapes" in variants:
+    c.data = "shapes"
+    c.margin = "none"
+    c.lr = 1e-3
+    c.steps = 2000
+    c.warmup = 100
+    c.eval_every = 500
+    c.ckpt_every = 500
+    c.log_every = 50
   if "smoke" in variants:
     c.init = "random"
+    c.image_model.width, c.image_model.depth = 16, 1
     c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
     c.model.num_heads, c.model.num_kv_heads = 2, 1
     c.steps, c.batch_size, c.rating_batch_size = 6, 16, 16

@@ -1,4 +1,5 @@
-"""A trained reward model as a reward: "lm_reward_model".
+"""Trained reward models as rewards: "lm_reward_model" (text) and "shapes_preference"
+(ShapesWorld images).
 
     config.reward = "lm_reward_model"
     config.reward_options.lm_reward_model = {"path": "<reward_model workdir or bundle folder>"}
@@ -14,6 +15,16 @@ completion; other keys, e.g. "answers", are ignored). With `prompt_in_completion
 the completions are whole texts (prompt + response) and `targets` is ignored. A plain
 list of target answers (what the LM loop passes today) is an error: the reward model
 needs the prompts. A host reward (the scores are not differentiated).
+
+    config.reward = "shapes_preference"
+    config.reward_options.shapes_preference = {"path": "<reward_model workdir, :shapes>"}
+
+The bundle `shapes_rm.{msgpack,json}` that `configs/reward_model.py:shapes` writes: a
+caption-conditioned image scorer trained from preference pairs or ratings of renders
+(rft.reward_models.image_model). Image-reward interface (rft.rewards.base): a jax
+function of the images [B, 16, 16, 3] and prompts["tokens"], differentiable (reward
+backprop, ReNO), its weights passed as the reward's params. Its scale is the model's
+(BT scores are logits of preference; a regression model's are ratings).
 """
 from __future__ import annotations
 
@@ -49,3 +60,22 @@ def lm_reward_model(path: str = "", prompt_in_completion: bool = False,
     return np.asarray(loaded.score(prompts, completions), np.float32)
 
   return Reward("lm_reward_model", fn, differentiable=False, host=True)
+
+
+@register("shapes_preference")
+def shapes_preference(path: str = "") -> Reward:
+  """Score of the ShapesWorld reward model saved in `path` (see the module docstring)."""
+  if not path:
+    raise ValueError("config.reward_options.shapes_preference.path is not set: give the "
+                     "workdir of a configs/reward_model.py:shapes run (or a folder holding "
+                     "shapes_rm.msgpack and shapes_rm.json)")
+  from rft.reward_models import image_model  # pylint: disable=g-import-not-at-top
+  loaded = image_model.load(path)
+
+  def fn(images, prompts, params):
+    if "tokens" not in prompts:
+      raise ValueError("shapes_preference needs prompts['tokens'] (ShapesWorld caption "
+                       "tokens), got keys " + str(sorted(prompts)))
+    return loaded.score(images, prompts["tokens"], params)
+
+  return Reward("shapes_preference", fn, differentiable=True, params=loaded.params)

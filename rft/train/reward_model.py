@@ -6,11 +6,16 @@ evaluation -> loop -> export.
 * **Data** (rft.reward_models.data): the arithmetic world's pairs (correct vs near-miss
   answer, ties, label noise, Llama-2 margins) and ratings, generated per step as a
   function of (seed, step); or the pairs / ratings of jsonl / parquet files
-  (`config.pair_file`, `config.rating_file`), sampled per step the same way.
-* **Model** (rft.reward_models.model): a scalar head on the arithmetic LM's last hidden
-  state (last token or mean), initialised from the shipped arithmetic base
-  (`config.init="base"`, `config.base_dir`) or at random (`config.init="random"`,
-  `config.model`).
+  (`config.pair_file`, `config.rating_file`), sampled per step the same way; or
+  (`config.data="shapes"`, rft.reward_models.shapes_data) ShapesWorld renders ranked by
+  ground truth: a satisfying scene against the same scene edited to violate its caption,
+  augmented as the attribute scorers are (`config.aug_noise`).
+* **Model**: text data gets a scalar head on the arithmetic LM's last hidden state
+  (rft.reward_models.model; last token or mean), initialised from the shipped
+  arithmetic base (`config.init="base"`, `config.base_dir`) or at random
+  (`config.init="random"`, `config.model`). ShapesWorld data gets a caption-conditioned
+  image scorer trained from scratch (rft.reward_models.image_model, `config.image_model`).
+  A model's inputs are a pair of arrays: (tokens, mask) or (images, caption tokens).
 * **Loss** (rft.reward_models.losses), `config.loss`: "bt" (Bradley–Terry with margins
   and ties), "regression" (MSE on ratings) or "both" (bt_weight * BT +
   regression_weight * MSE).
@@ -19,7 +24,9 @@ evaluation -> loop -> export.
   σ(r_c - r_r), the mean reward gap, accuracy by category (report.md, a RewardBench-style
   table) and, with ratings, the rating MSE and correlation.
 * **Export**: `<workdir>/reward_model.{msgpack,json}`, loaded by the reward
-  "lm_reward_model" (rft.rewards.reward_model) and by rft.reward_models.model.load.
+  "lm_reward_model" (rft.rewards.reward_model) and by rft.reward_models.model.load;
+  ShapesWorld: `<workdir>/shapes_rm.{msgpack,json}`, loaded by the reward
+  "shapes_preference" and by rft.reward_models.image_model.load.
 """
 from __future__ import annotations
 
@@ -32,14 +39,16 @@ from absl import logging
 
 from rft import checkpoint, metrics, paths, pretrained
 from rft import config as config_lib
+from rft.data import shapes
 from rft.data.arithmetic import ArithmeticWorld, CharTokenizer
 from rft.models import lm
-from rft.reward_models import data, losses
+from rft.reward_models import data, image_model, losses, shapes_data
 from rft.reward_models import model as rm
-from rft.train import loop
+from rft.train import loop, scorers
 from rft.train.state import TrainState, lr_schedule, make_optimizer
 
 LOSSES = ("bt", "regression", "both")
+DATA = ("arithmetic", "file", "shapes")
 EVAL_LINE = (("pair accuracy", "pair_accuracy", "%"), ("ECE", "ece", "f"),
              ("rating MSE", "rating_mse", "f"))
 
@@ -51,8 +60,11 @@ def check_config(config) -> None:
   bad = []
   if config.loss not in LOSSES:
     bad.append(f"config.loss={config.loss!r} (use one of {LOSSES})")
-  if config.data not in ("arithmetic", "file"):
-    bad.append(f"config.data={config.data!r} (use 'arithmetic' or 'file')")
+  if config.data not in DATA:
+    bad.append(f"config.data={config.data!r} (use one of {DATA})")
+  if config.data == "shapes" and config.margin != "none":
+    bad.append(f"config.margin={config.margin!r}: ShapesWorld pairs have no margins "
+               "(use 'none')")
   if config.pooling not in rm.POOLINGS:
     bad.append(f"config.pooling={config.pooling!r} (use one of {rm.POOLINGS})")
   if config.init not in ("base", "random"):
@@ -86,13 +98,24 @@ def _flip(pairs: data.Pairs, rate: float, rng) -> data.Pairs:
 
 
 class Source:
-  """Training batches as a function of the step, and fixed clean evaluation sets."""
+  """Training batches as a function of the step, and fixed clean evaluation sets.
+
+  A batch holds each side of a pair, and each rated response, as the model's pair of
+  input arrays: "chosen" / "rejected" / "rated" = (tokens, mask) for text, (images,
+  caption tokens) for ShapesWorld."""
 
   def __init__(self, config):
     self.config = c = config
-    self.tokenizer = CharTokenizer()
     self.uses_pairs = c.loss in ("bt", "both")
     self.uses_ratings = c.loss in ("regression", "both")
+    if c.data == "shapes":
+      self.world = shapes.ShapesWorld(c.holdout_fraction, c.split_seed)
+      self.split_ids = self.world.split_ids
+      self.tokenizer = shapes.tokenizer()
+      self.caption_tokens = self.tokenizer.encode(self.world.texts)
+      self._augment = jax.jit(scorers.augment, static_argnames=("noise",))
+      return
+    self.tokenizer = CharTokenizer()
     if c.data == "arithmetic":
       self.world = ArithmeticWorld(c.max_operand, c.ops, c.holdout_fraction, c.split_seed)
       self.split_ids = self.world.split_ids
@@ -107,7 +130,20 @@ class Source:
           self._encode(rows)
           self.files[kind] = (rows, ids)
 
-  def _encode(self, rows):
+  def _encode(self, rows, rng=None, augment_key=None):
+    """The model inputs of rows: ((chosen), (rejected)) for pairs, (rated) for ratings.
+    ShapesWorld scenes are rendered with `rng` and augmented when `augment_key` is given."""
+    if self.config.data == "shapes":
+      def images(cells, i):
+        x = shapes_data.render(cells, rng)
+        if augment_key is not None and self.config.aug_noise > 0:
+          x = np.asarray(self._augment(jax.random.fold_in(augment_key, i), x,
+                                       noise=float(self.config.aug_noise)))
+        return x
+      toks = self.caption_tokens[rows.ids]
+      if isinstance(rows, shapes_data.ShapesPairs):
+        return (images(rows.chosen, 0), toks), (images(rows.rejected, 1), toks)
+      return images(rows.cells, 2), toks
     if isinstance(rows, data.Pairs):
       return (data.encode(self.tokenizer, rows.prompts, rows.chosen, self.config.max_len,
                           rows.where),
@@ -116,9 +152,12 @@ class Source:
     return data.encode(self.tokenizer, rows.prompts, rows.responses, self.config.max_len,
                        rows.where)
 
-  def pairs(self, split: str, n: int, rng, clean: bool) -> data.Pairs:
+  def pairs(self, split: str, n: int, rng, clean: bool):
     c = self.config
     noise = 0.0 if clean else c.label_noise
+    if c.data == "shapes":
+      return shapes_data.shapes_pairs(self.world, self.world.sample_prompt_ids(rng, n, split),
+                                      rng, label_noise=noise, tie_fraction=c.tie_fraction)
     if c.data == "arithmetic":
       ids = self.world.sample_ids(split, n, rng)
       return data.arithmetic_pairs(self.world, ids, rng, label_noise=noise,
@@ -127,9 +166,13 @@ class Source:
     rows, ids = self.files["pairs"]
     return _flip(rows.take(rng.choice(ids[split], n)), noise, rng)
 
-  def ratings(self, split: str, n: int, rng, clean: bool) -> data.Ratings:
+  def ratings(self, split: str, n: int, rng, clean: bool):
     c = self.config
     noise = 0.0 if clean else c.label_noise
+    if c.data == "shapes":
+      return shapes_data.shapes_ratings(self.world,
+                                        self.world.sample_prompt_ids(rng, n, split), rng,
+                                        label_noise=noise, wrong_fraction=c.wrong_fraction)
     if c.data == "arithmetic":
       ids = self.world.sample_ids(split, n, rng)
       return data.arithmetic_ratings(self.world, ids, rng, label_noise=noise,
@@ -145,29 +188,29 @@ class Source:
 
   def splits(self, kind: str) -> list:
     """The splits that hold rows of `kind` ("pairs" / "ratings")."""
-    if self.config.data == "arithmetic":
+    if self.config.data != "file":
       return ["train", "heldout"]
     return [s for s in ("train", "heldout") if len(self.files[kind][1][s])]
 
   def batch(self, step: int) -> dict:
     c = self.config
     rng = np.random.default_rng([c.seed, step])
+    aug = jax.random.fold_in(jax.random.key(c.seed), step) if c.data == "shapes" else None
     out = {}
     if self.uses_pairs:
       p = self.pairs("train", c.batch_size, rng, clean=False)
-      (tc, mc), (tr, mr) = self._encode(p)
-      out.update(chosen=tc, chosen_mask=mc, rejected=tr, rejected_mask=mr,
-                 label=p.label, margin=p.margin)
+      out["chosen"], out["rejected"] = self._encode(p, rng, aug)
+      out.update(label=p.label, margin=p.margin)
     if self.uses_ratings:
       r = self.ratings("train", c.rating_batch_size, rng, clean=False)
-      t, m = self._encode(r)
-      out.update(rated=t, rated_mask=m, rating=r.rating)
+      out.update(rated=self._encode(r, rng, None if aug is None else jax.random.fold_in(aug, 1)),
+                 rating=r.rating)
     return out
 
   def eval_sets(self) -> dict:
-    """{(kind, split): (rows, encoded)}: fixed, clean (no label noise) sets. Arithmetic:
-    `eval_pairs` drawn per split with `eval_seed`; files: every row of the split (at most
-    `eval_pairs`, the first ones)."""
+    """{(kind, split): (rows, encoded)}: fixed, clean (no label noise) sets. Generated
+    worlds: `eval_pairs` drawn per split with `eval_seed` (ShapesWorld renders are not
+    augmented); files: every row of the split (at most `eval_pairs`, the first ones)."""
     c = self.config
     out = {}
     for kind, used in (("pairs", self.uses_pairs), ("ratings", self.uses_ratings)):
@@ -175,21 +218,30 @@ class Source:
         continue
       for split in self.splits(kind):
         rng = np.random.default_rng([c.eval_seed, 3, ["train", "heldout"].index(split)])
-        if c.data == "arithmetic":
+        if c.data != "file":
           make = self.pairs if kind == "pairs" else self.ratings
           rows = make(split, c.eval_pairs, rng, clean=True)
         else:
           all_rows, ids = self.files[kind]
           rows = all_rows.take(ids[split][:c.eval_pairs])
-        out[(kind, split)] = (rows, self._encode(rows))
+        out[(kind, split)] = (rows, self._encode(rows, rng))
     return out
 
 
 # ------------------------------------------------------------------ model
 
-def build_model(config, workdir: str, tokenizer) -> tuple[lm.LMConfig, dict, dict]:
-  """(LMConfig, initial params, what it was initialised from)."""
+def build_model(config, workdir: str, tokenizer):
+  """(score(params, a, b) -> [N] on a pair of input arrays, initial params, what the
+  model was initialised from, bundle (name, meta) for the export)."""
   key = jax.random.key(config.seed)
+  if config.data == "shapes":
+    model = image_model.make_model(tokenizer.vocab_size, shapes.MAX_CAPTION_WORDS,
+                                   **dict(config.image_model))
+    score = lambda p, images, tokens: model.apply({"params": p}, images, tokens)
+    meta = {"model": image_model.model_config(model)}
+    return score, image_model.init_params(model, key), {"init": "random"}, (
+        image_model.BUNDLE, meta)
+  pooling = config.pooling
   if config.init == "base":
     from rft.train.pretrain_lm import load_or_pretrain_arith  # pylint: disable=g-import-not-at-top
     lm_config, base, meta = load_or_pretrain_arith(workdir, config.base_dir or None)
@@ -197,12 +249,15 @@ def build_model(config, workdir: str, tokenizer) -> tuple[lm.LMConfig, dict, dic
       raise ValueError(f"config.base_dir={config.base_dir!r}: the base LM's vocabulary has "
                        f"{lm_config.vocab_size} ids, the arithmetic tokenizer "
                        f"{tokenizer.vocab_size}")
-    return lm_config, rm.init_params(lm_config, config.pooling, key, base), {
-        "init": "base", "base_dir": config.base_dir or "assets",
-        "base_command": meta.get("command", "")}
-  lm_config = lm.LMConfig(vocab_size=tokenizer.vocab_size,
-                          max_position_embeddings=config.max_len, **dict(config.model))
-  return lm_config, rm.init_params(lm_config, config.pooling, key), {"init": "random"}
+    params = rm.init_params(lm_config, pooling, key, base)
+    info = {"init": "base", "base_dir": config.base_dir or "assets",
+            "base_command": meta.get("command", "")}
+  else:
+    lm_config = lm.LMConfig(vocab_size=tokenizer.vocab_size,
+                            max_position_embeddings=config.max_len, **dict(config.model))
+    params, info = rm.init_params(lm_config, pooling, key), {"init": "random"}
+  score = lambda p, t, m: rm.scores(lm_config, pooling, p, t, m)
+  return score, params, info, (rm.BUNDLE, rm.meta_for(lm_config, pooling, config.max_len))
 
 
 # ------------------------------------------------------------------ evaluation
@@ -210,22 +265,20 @@ def build_model(config, workdir: str, tokenizer) -> tuple[lm.LMConfig, dict, dic
 def evaluate_sets(score_fn, params, sets: dict, bins: int, batch: int = 512) -> tuple[dict, dict]:
   """(scalar metrics {"<split>/<name>": value}, per-category report {split: {...}})."""
 
-  def rewards(t, m):
+  def rewards(inputs):
     out = []
-    for s in range(0, len(t), batch):
-      tt, mm = t[s:s + batch], m[s:s + batch]
-      n, pad = len(tt), (-len(tt)) % 8
+    for s in range(0, len(inputs[0]), batch):
+      chunk = [x[s:s + batch] for x in inputs]
+      n, pad = len(chunk[0]), (-len(chunk[0])) % 8  # a few batch shapes: few compiles
       if pad:
-        tt, mm = np.concatenate([tt, tt[-1:].repeat(pad, 0)]), np.concatenate(
-            [mm, mm[-1:].repeat(pad, 0)])
-      out.append(np.asarray(score_fn(params, tt, mm))[:n])
+        chunk = [np.concatenate([x, x[-1:].repeat(pad, 0)]) for x in chunk]
+      out.append(np.asarray(score_fn(params, *chunk))[:n])
     return np.concatenate(out)
 
   scalars, report = {}, {}
   for (kind, split), (rows, enc) in sets.items():
     if kind == "pairs":
-      (tc, mc), (tr, mr) = enc
-      rc, rr = rewards(tc, mc), rewards(tr, mr)
+      rc, rr = rewards(enc[0]), rewards(enc[1])
       strict, tie = rows.label > 0.5, rows.label == 0.5
       scalars[f"{split}/pair_accuracy"] = losses.pairwise_accuracy(rc, rr, rows.label)
       scalars[f"{split}/ece"] = losses.expected_calibration_error(rc, rr, rows.label, bins)
@@ -237,8 +290,7 @@ def evaluate_sets(score_fn, params, sets: dict, bins: int, batch: int = 512) -> 
         scalars[f"{split}/tie_abs_gap"] = float(np.mean(np.abs(rc[tie] - rr[tie])))
       report[split] = losses.accuracy_by_category(rc, rr, rows.categories, rows.label)
     else:
-      t, m = enc
-      r = rewards(t, m)
+      r = rewards(enc)
       scalars[f"{split}/rating_mse"] = float(losses.regression_loss(r, rows.rating))
       if np.std(r) > 0 and np.std(rows.rating) > 0:
         scalars[f"{split}/rating_corr"] = float(np.corrcoef(r, rows.rating)[0, 1])
@@ -280,10 +332,10 @@ def train_and_evaluate(config, workdir: str):
   eval_sets = source.eval_sets()
 
   # ---------------------------------------------------------------- model and state
-  lm_config, params, init_info = build_model(config, workdir, source.tokenizer)
-  logging.info("reward model: %d params (%s init, %s pooling), loss %s",
-               sum(x.size for x in jax.tree.leaves(params)), init_info["init"],
-               config.pooling, config.loss)
+  score, params, init_info, (bundle, bundle_meta) = build_model(config, workdir,
+                                                                source.tokenizer)
+  logging.info("reward model %s: %d params (%s init), loss %s", bundle,
+               sum(x.size for x in jax.tree.leaves(params)), init_info["init"], config.loss)
   tx = make_optimizer(config.lr, config.steps, config.warmup, config.weight_decay,
                       config.grad_clip, schedule=config.schedule)
   lr = lr_schedule(config.lr, config.steps, config.warmup, config.schedule)
@@ -296,23 +348,20 @@ def train_and_evaluate(config, workdir: str):
   history = ck_meta.get("history", {})
 
   # ---------------------------------------------------------------- update step
-  pooling = config.pooling
-  score = lambda p, t, m: rm.scores(lm_config, pooling, p, t, m)
   use_bt, use_reg = source.uses_pairs, source.uses_ratings
 
   def loss_fn(p, b):
     m, bt, reg = {}, 0.0, 0.0
     if use_bt:
-      n = b["chosen"].shape[0]
-      r = score(p, jnp.concatenate([b["chosen"], b["rejected"]]),
-                jnp.concatenate([b["chosen_mask"], b["rejected_mask"]]))
+      n = b["label"].shape[0]
+      r = score(p, *(jnp.concatenate([c, j]) for c, j in zip(b["chosen"], b["rejected"])))
       rc, rr = r[:n], r[n:]
       bt = losses.bradley_terry_loss(rc, rr, b["margin"], b["label"])
       strict = (b["label"] > 0.5).astype(jnp.float32)
       m["bt_loss"] = bt
       m["pair_accuracy"] = jnp.sum((rc > rr) * strict) / jnp.maximum(jnp.sum(strict), 1)
     if use_reg:
-      reg = losses.regression_loss(score(p, b["rated"], b["rated_mask"]), b["rating"])
+      reg = losses.regression_loss(score(p, *b["rated"]), b["rating"])
       m["rating_mse"] = reg
     if use_bt and use_reg:
       loss = losses.combined_loss(bt, reg, config.bt_weight, config.regression_weight)
@@ -382,10 +431,9 @@ def train_and_evaluate(config, workdir: str):
          "train_seconds_this_run": round(time.time() - t0, 1)}
   if jax.process_index() != 0:
     return out
-  meta = rm.meta_for(lm_config, pooling, config.max_len, command=pretrained.invocation(),
-                     steps=config.steps, results=results, loss=config.loss, data=config.data,
-                     **init_info)
-  pretrained.export_bundle(rm.BUNDLE, final, meta, workdir, config.export_dir)
+  meta = dict(bundle_meta, command=pretrained.invocation(), steps=config.steps,
+              results=results, loss=config.loss, data=config.data, **init_info)
+  pretrained.export_bundle(bundle, final, meta, workdir, config.export_dir)
   paths.write_text(f"{workdir}/report.md", report_markdown(results, report))
   loop.write_results(workdir, out)
   writer.flush()
