@@ -161,3 +161,10 @@ def test_reno_smoke_run_writes_finite_results(tmp_path):
     assert r["reward_queries"] == 4 * 3 and len(r["reward_curve"]) == 3
     assert (tmp_path / f"{split}_before_after.png").exists()
   assert res["reward_queries"] == 24 and res["wall_seconds"] > 0
+  # The trainers' history form (rft.repro reads it): plain sampling at 0, best at the end.
+  assert sorted(res["history"], key=int) == ["0", "3"]
+  for split in ("train", "heldout"):
+    for name, key in (("alignment", "alignment"), ("reward", "reward"),
+                      ("p_caption", "p_caption")):
+      assert res["history"]["0"][f"{split}/{name}"] == res[split][f"{key}_initial"]
+      assert res["history"]["3"][f"{split}/{name}"] == res[split][f"{key}_best"]

@@ -11,7 +11,9 @@ independent evaluator's hard check), p_caption_{initial,best} (the reward model'
 P(caption), comparable across reward choices), reward_last_scored (the final scored
 iterate: below reward_best when later iterates got worse), best_iter_mean, the mean
 reward curve, reward_queries (prompts x iterations) and seconds (compile included in the
-first split); overall reward_queries and wall_seconds. Written to results.json, as
+first split); overall reward_queries and wall_seconds, and a "history" of the form the
+trainers write ({"0": plain sampling, "<iterations>": best iterate} with "<split>/alignment",
+"<split>/reward", "<split>/p_caption" and the reward's parts). Written to results.json, as
 scalars (TensorBoard) and as before/after image grids (also {split}_before_after.png).
 """
 from __future__ import annotations
@@ -153,6 +155,16 @@ def run(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- results
   results["reward_queries"] = sum(results[s]["reward_queries"] for s in ("train", "heldout"))
+  # The same numbers as the trainers' evaluation history (rft.repro reads it): "0" is
+  # plain sampling, the last iteration the best iterate per prompt.
+  results["history"] = {
+      str(it): {f"{s}/{name}": results[s][f"{key}_{when}"] for s in ("train", "heldout")
+                for name, key in (("alignment", "alignment"), ("reward", "reward"),
+                                  ("p_caption", "p_caption"))}
+      | {f"{s}/reward_{part}": v for s in ("train", "heldout")
+         for k, v in results[s].items() if k.startswith(f"reward_{when}/")
+         for part in [k.split("/", 1)[1]]}
+      for it, when in ((0, "initial"), (config.iterations, "best"))}
   results["wall_seconds"] = round(time.time() - t_start, 1)
   results["reward"] = rewards_base.parse_spec(config.reward)
   results["sampler"] = {"num_steps": config.num_steps, "eta": 0.0,
