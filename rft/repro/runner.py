@@ -17,6 +17,8 @@ without its run folders. A record made by a different command is an error.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -105,7 +107,15 @@ def seed_list(seeds, default: int) -> list[int]:
 def _flag(key: str, value) -> str:
   if isinstance(value, bool):
     value = str(value).lower()
+  elif isinstance(value, (list, tuple, dict)):  # e.g. an ensemble's members: JSON
+    value = json.dumps(value, separators=(",", ":"), sort_keys=True)
   return f"--config.{key}={value}"
+
+
+@functools.lru_cache(maxsize=None)
+def _has_eval_seed(config_file: str) -> bool:
+  path, _, arg = config_file.partition(":")
+  return "eval_seed" in config_lib.load(path, arg or None)
 
 
 def plan(table: tables_lib.Table, preset_name: str, workdir: str,
@@ -129,7 +139,9 @@ def plan(table: tables_lib.Table, preset_name: str, workdir: str,
         config += ("," if ":" in config else ":") + preset.config_arg
       path, _, arg = config.partition(":")
       file = os.path.join(config_lib.CONFIG_DIR, f"{path}.py") + (f":{arg}" if arg else "")
-      overrides = dict(preset.common, **preset.rows[name], seed=seed, eval_seed=seed)
+      overrides = dict(preset.common, **preset.rows[name], seed=seed)
+      if _has_eval_seed(file):  # the trainers' evaluation noise; ReNO's seed sets both
+        overrides["eval_seed"] = seed
       if preset.cpu_devices:
         overrides["cpu_devices"] = preset.cpu_devices
       run_dir = os.path.join(workdir, table.name, preset_name, name, f"seed{seed}")
@@ -148,8 +160,12 @@ def check_configs(runs: list[Run]) -> None:
     path, _, arg = file.partition(":")
     config = config_lib.load(path, arg or None)
     items = [a[len("--config."):] for a in r.argv if a.startswith("--config.")]
+    options = [i[len("reward_options."):] for i in items if i.startswith("reward_options.")]
     try:
-      config_lib.apply_overrides(config, items)
+      config_lib.apply_overrides(config, [i for i in items
+                                          if not i.startswith("reward_options.")])
+      if options:  # entries the config file may lack, as rft.main creates them
+        config_lib.set_reward_options(config, options)
     except (KeyError, ValueError) as e:
       raise ValueError(f"{r.table} row {r.row} seed {r.seed}: {e}") from None
 

@@ -375,7 +375,75 @@ PRDP_TABLE5 = Table(
     },
 )
 
-ALL = {t.name: t for t in (PRDP_TABLE1, PRDP_TABLE2, PRDP_TABLE3, PRDP_TABLE5)}
+# ---------------------------------------------------------------------------- reward hacking
+
+# ReNO (inference time: each caption's initial noise optimised against the reward, the
+# base frozen) against learned rewards, judged by the independent evaluator. The
+# preference reward models are configs/reward_model.py:shapes runs of seeds 0, 1, 2
+# (caption-conditioned image scorers trained on ground-truth pairs of renders), shipped in
+# rft/assets/shapes_preference/seed<k>. The attribute classifier (shapes_alignment_log,
+# ReNO's default) is the reference: a reward whose structure follows the caption grammar.
+PREFERENCE_RMS = tuple(f"assets/shapes_preference/seed{k}" for k in range(3))
+
+
+def _preference(path: str) -> dict:
+  return {"name": "shapes_preference", "path": path}
+
+
+def _ensemble(combine: str) -> dict:
+  return {"reward": "ensemble", "reward_options.ensemble.combine": combine,
+          "reward_options.ensemble.members": [_preference(p) for p in PREFERENCE_RMS]}
+
+
+HACK_ROWS = {
+    "classifier": {},
+    "single": {"reward": "shapes_preference",
+               "reward_options.shapes_preference.path": PREFERENCE_RMS[0]},
+    "mean": _ensemble("mean"),
+    "min": _ensemble("min"),
+    "mean_minus_std": _ensemble("mean_minus_std"),
+}
+
+REWARD_HACKING = Table(
+    name="reward_hacking",
+    title="Reward hacking: ReNO against one preference reward model and against ensembles",
+    paper=("Eisenstein et al. 2023 ('Helping or Herding? Reward Model Ensembles Mitigate but "
+           "do not Eliminate Reward Hacking'): optimising against an ensemble of reward "
+           "models (mean, min, mean - std) overoptimises less than against one member, but "
+           "the ensemble is still hacked, since its members share errors; Coste et al. 2023: "
+           "worst-case (min) and uncertainty-weighted ensembles reduce overoptimization."),
+    rows=(Row("classifier", "reno", "attribute classifier, log P(caption) (reference)"),
+          Row("single", "reno", "one preference RM (seed 0)"),
+          Row("mean", "reno", "ensemble of 3, mean"),
+          Row("min", "reno", "ensemble of 3, min (WCO)"),
+          Row("mean_minus_std", "reno", "ensemble of 3, mean - std")),
+    metrics=(Metric(UNSEEN, "held-out alignment"), Metric(SEEN, "training-caption alignment"),
+             Metric("heldout/p_caption", "classifier P(caption), held-out", percent=False),
+             Metric("heldout/reward", "optimised reward, held-out", percent=False)),
+    claims=(
+        Claim("the preference RM is hacked: ReNO against it gains less held-out alignment "
+              "than against the attribute classifier", "gt", UNSEEN, "classifier", "single"),
+        Claim("ensemble mean mitigates: more held-out alignment than one RM", "gt", UNSEEN,
+              "mean", "single"),
+        Claim("ensemble min mitigates: more held-out alignment than one RM", "gt", UNSEEN,
+              "min", "single"),
+        Claim("ensemble mean - std mitigates: more held-out alignment than one RM", "gt",
+              UNSEEN, "mean_minus_std", "single"),
+        Claim("... but does not eliminate: the mean ensemble still below the classifier", "gt",
+              UNSEEN, "classifier", "mean"),
+    ),
+    presets={
+        "cpu": Preset(seeds=3, common={}, rows=HACK_ROWS,
+                      note="this 2-core CPU; ReNO's defaults: 32 captions per split, 20 "
+                           "iterations of a 6-step DDIM sampler, the original base"),
+        "smoke": Preset(seeds=2, config_arg="smoke", common={}, rows=HACK_ROWS,
+                        note="smoke test (seconds per run)"),
+    },
+    curve_metric=UNSEEN,
+)
+
+ALL = {t.name: t for t in (PRDP_TABLE1, PRDP_TABLE2, PRDP_TABLE3, PRDP_TABLE5,
+                           REWARD_HACKING)}
 
 
 def get(name: str) -> Table:
