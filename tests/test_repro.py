@@ -115,6 +115,14 @@ def test_every_named_base_is_shipped():
   assert t2.preset("cpu_original").common["base_dir"] == ""
 
 
+def test_every_named_preference_reward_model_is_shipped():
+  """The reward_hacking table's preference reward models exist as shipped bundles."""
+  from rft import pretrained
+  from rft.reward_models import image_model
+  for path in tables.PREFERENCE_RMS:
+    assert pretrained.exists(image_model.BUNDLE, path), path
+
+
 def test_plan_errors(tmp_path):
   t = tables.get("prdp_table1")
   with pytest.raises(ValueError, match="no preset 'gpu'"):
@@ -197,6 +205,23 @@ def test_smoke_table_end_to_end(tmp_path):
   said.clear()
   repro.run("prdp_table1", "smoke", str(tmp_path), rows=["prdp"], echo=said.append)
   assert said[0] == "2 of 2 runs already finished"
+
+
+@pytest.mark.slow
+def test_reward_hacking_smoke_rows_with_learned_rewards(tmp_path):
+  """ReNO rows of the reward_hacking table through rft.main: one shipped preference
+  reward model and the ensemble of three (its members' scores in the history), then the
+  report with the held-out alignment of both rows."""
+  summary = repro.run("reward_hacking", "smoke", str(tmp_path), rows=["single", "mean"],
+                      seeds=1)
+  out = tmp_path / "reward_hacking" / "smoke"
+  for f in ("table.md", "curves.png", "grids/single_heldout_before_after.png"):
+    assert (out / f).exists(), f
+  for row in ("single", "mean"):
+    assert summary["rows"][row]["heldout/alignment"]["final"]["n"] == 1
+  res = json.load(open(tmp_path / "reward_hacking" / "smoke" / "mean" / "seed0" /
+                       "results.json"))
+  assert {f"heldout/reward_ensemble_member{k}" for k in range(3)} <= set(res["history"]["0"])
 
 
 def test_a_run_killed_by_a_signal_is_resumed_and_an_error_is_not(tmp_path, monkeypatch):

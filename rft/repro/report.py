@@ -78,8 +78,9 @@ def collect(metrics: tuple[tables_lib.Metric, ...], runs: list[Run]) -> dict:
       per[m.key] = entry
     per["_seeds"] = [r.seed for r in done]
     per["_queries"] = [x.get("reward_queries") for x in res]
-    per["_minutes"] = [x.get("total_seconds", x.get("total_seconds_this_run", 0)) / 60
-                       for x in res]
+    per["_minutes"] = [x.get("total_seconds", x.get("total_seconds_this_run",
+                                                    x.get("wall_seconds", 0))) / 60
+                       for x in res]  # wall_seconds: ReNO's
     out[row] = per
   return out
 
@@ -199,7 +200,9 @@ def _curves(table: tables_lib.Table, metric: str, scale: float, runs: list[Run],
       if r.row != row or not r.done:
         continue
       res = r.results()
-      per_epoch = res.get("samples_per_epoch") or res["reward_queries"] / max(res["epochs"], 1)
+      # ReNO's history counts iterations and its results hold no epochs: the last key
+      steps = res.get("epochs") or max(int(e) for e in res["history"])
+      per_epoch = res.get("samples_per_epoch") or res["reward_queries"] / max(steps, 1)
       pts = sorted((int(e) * per_epoch, h[metric])
                    for e, h in res["history"].items() if metric in h)
       series.append(pts)
@@ -231,9 +234,14 @@ def _grids(runs: list[Run], out_dir: str) -> None:
     if r.seed != min(x.seed for x in runs if x.row == r.row) or not r.done:
       continue
     samples = paths.path(r.workdir) / "samples"
-    if not samples.is_dir():
-      continue
     for split in ("train", "heldout"):
+      made = paths.path(r.workdir) / f"{split}_before_after.png"  # ReNO's own grid
+      if made.exists():
+        paths.write_bytes(os.path.join(out_dir, f"{r.row}_{split}_before_after.png"),
+                          made.read_bytes())
+        continue
+      if not samples.is_dir():
+        continue
       files = sorted(f.name for f in samples.iterdir() if f.name.startswith(f"{split}_epoch"))
       if len(files) < 2:
         continue
