@@ -160,7 +160,12 @@ def test_shapes_smoke_trains_exports_and_scores_as_a_reward(tmp_path, world):
   g = jax.grad(lambda im: reward(im, prompts).sum())(jnp.asarray(x))
   assert np.isfinite(g).all() and np.abs(g).sum() > 0
   with pytest.raises(ValueError, match="shapes_preference.path is not set"):
-    rewards_lib.build("shapes_preference")
+    rewards_lib.build("shapes_preference", options={"shapes_preference": {"path": ""}})
+  shipped = rewards_lib.build("shapes_preference")  # the shipped seed-0 model
+  np.testing.assert_allclose(
+      shipped(x, prompts),
+      image_model.load("assets/shapes_preference/seed0").score(x, prompts["tokens"]),
+      atol=1e-6)
   with pytest.raises(FileNotFoundError, match="shapes_rm"):
     rewards_lib.build("shapes_preference",
                       options={"shapes_preference": {"path": str(tmp_path / "nothing")}})

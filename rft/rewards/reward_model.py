@@ -18,6 +18,7 @@ needs the prompts. A host reward (the scores are not differentiated).
 
     config.reward = "shapes_preference"
     config.reward_options.shapes_preference = {"path": "<reward_model workdir, :shapes>"}
+    # default: the shipped seed-0 model, "assets/shapes_preference/seed0" (seeds 0, 1, 2)
 
 The bundle `shapes_rm.{msgpack,json}` that `configs/reward_model.py:shapes` writes: a
 caption-conditioned image scorer trained from preference pairs or ratings of renders
@@ -63,8 +64,9 @@ def lm_reward_model(path: str = "", prompt_in_completion: bool = False,
 
 
 @register("shapes_preference")
-def shapes_preference(path: str = "") -> Reward:
-  """Score of the ShapesWorld reward model saved in `path` (see the module docstring)."""
+def shapes_preference(path: str = "assets/shapes_preference/seed0") -> Reward:
+  """Score of the ShapesWorld reward model saved in `path` (see the module docstring);
+  by default the shipped seed-0 model (rft/assets/shapes_preference/seed0)."""
   if not path:
     raise ValueError("config.reward_options.shapes_preference.path is not set: give the "
                      "workdir of a configs/reward_model.py:shapes run (or a folder holding "
