@@ -386,13 +386,21 @@ PRDP_TABLE5 = Table(
 PREFERENCE_RMS = tuple(f"assets/shapes_preference/seed{k}" for k in range(3))
 
 
-def _preference(path: str) -> dict:
-  return {"name": "shapes_preference", "path": path}
+# A Bradley-Terry model is defined up to an offset: the seeds' scores sit at offsets 0.70,
+# 7.63, 0.47 (std 5.2-5.6) on their clean evaluation pairs. The `_z` rows standardise
+# each member by its bundle's score_stats before combining; the plain rows combine raw
+# scores (min then never picks seed 1, and std measures the offsets, not disagreement).
 
 
-def _ensemble(combine: str) -> dict:
+def _preference(path: str, standardize: bool = False) -> dict:
+  return dict({"name": "shapes_preference", "path": path},
+              **({"standardize": True} if standardize else {}))
+
+
+def _ensemble(combine: str, standardize: bool = False) -> dict:
   return {"reward": "ensemble", "reward_options.ensemble.combine": combine,
-          "reward_options.ensemble.members": [_preference(p) for p in PREFERENCE_RMS]}
+          "reward_options.ensemble.members": [_preference(p, standardize)
+                                              for p in PREFERENCE_RMS]}
 
 
 HACK_ROWS = {
@@ -402,6 +410,9 @@ HACK_ROWS = {
     "mean": _ensemble("mean"),
     "min": _ensemble("min"),
     "mean_minus_std": _ensemble("mean_minus_std"),
+    "mean_z": _ensemble("mean", standardize=True),
+    "min_z": _ensemble("min", standardize=True),
+    "mean_minus_std_z": _ensemble("mean_minus_std", standardize=True),
 }
 
 REWARD_HACKING = Table(
@@ -416,7 +427,10 @@ REWARD_HACKING = Table(
           Row("single", "reno", "one preference RM (seed 0)"),
           Row("mean", "reno", "ensemble of 3, mean"),
           Row("min", "reno", "ensemble of 3, min (WCO)"),
-          Row("mean_minus_std", "reno", "ensemble of 3, mean - std")),
+          Row("mean_minus_std", "reno", "ensemble of 3, mean - std"),
+          Row("mean_z", "reno", "ensemble of 3 standardised, mean"),
+          Row("min_z", "reno", "ensemble of 3 standardised, min (WCO)"),
+          Row("mean_minus_std_z", "reno", "ensemble of 3 standardised, mean - std")),
     metrics=(Metric(UNSEEN, "held-out alignment"), Metric(SEEN, "training-caption alignment"),
              Metric("heldout/p_caption", "classifier P(caption), held-out", percent=False),
              Metric("heldout/reward", "optimised reward, held-out", percent=False)),
@@ -431,6 +445,14 @@ REWARD_HACKING = Table(
               UNSEEN, "mean_minus_std", "single"),
         Claim("... but does not eliminate: the mean ensemble still below the classifier", "gt",
               UNSEEN, "classifier", "mean"),
+        Claim("standardised ensemble mean mitigates: more held-out alignment than one RM",
+              "gt", UNSEEN, "mean_z", "single"),
+        Claim("standardised ensemble min mitigates: more held-out alignment than one RM",
+              "gt", UNSEEN, "min_z", "single"),
+        Claim("standardised ensemble mean - std mitigates: more held-out alignment than one "
+              "RM", "gt", UNSEEN, "mean_minus_std_z", "single"),
+        Claim("... but does not eliminate: the best standardised rule (mean) still below the "
+              "classifier", "gt", UNSEEN, "classifier", "mean_z"),
     ),
     presets={
         "cpu": Preset(seeds=3, common={}, rows=HACK_ROWS,

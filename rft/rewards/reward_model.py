@@ -64,9 +64,14 @@ def lm_reward_model(path: str = "", prompt_in_completion: bool = False,
 
 
 @register("shapes_preference")
-def shapes_preference(path: str = "assets/shapes_preference/seed0") -> Reward:
+def shapes_preference(path: str = "assets/shapes_preference/seed0",
+                      standardize: bool = False) -> Reward:
   """Score of the ShapesWorld reward model saved in `path` (see the module docstring);
-  by default the shipped seed-0 model (rft/assets/shapes_preference/seed0)."""
+  by default the shipped seed-0 model (rft/assets/shapes_preference/seed0). With
+  `standardize`, (r − mean) / std by the bundle's `score_stats` (its scores on clean
+  held-out evaluation pairs, rft.train.reward_model.reference_score_stats): a
+  Bradley–Terry model is defined up to an offset, so ensemble members of different
+  seeds compare only when standardised."""
   if not path:
     raise ValueError("config.reward_options.shapes_preference.path is not set: give the "
                      "workdir of a configs/reward_model.py:shapes run (or a folder holding "
@@ -74,10 +79,19 @@ def shapes_preference(path: str = "assets/shapes_preference/seed0") -> Reward:
   from rft.reward_models import image_model  # pylint: disable=g-import-not-at-top
   loaded = image_model.load(path)
 
+  shift, scale = 0.0, 1.0
+  if standardize:
+    stats = loaded.meta.get("score_stats")
+    if not stats:
+      raise ValueError(f"shapes_preference.standardize: the bundle in {path!r} has no "
+                       "score_stats (written by configs/reward_model.py:shapes runs since "
+                       "they were added; rerun the training to get them)")
+    shift, scale = float(stats["mean"]), float(stats["std"])
+
   def fn(images, prompts, params):
     if "tokens" not in prompts:
       raise ValueError("shapes_preference needs prompts['tokens'] (ShapesWorld caption "
                        "tokens), got keys " + str(sorted(prompts)))
-    return loaded.score(images, prompts["tokens"], params)
+    return (loaded.score(images, prompts["tokens"], params) - shift) / scale
 
   return Reward("shapes_preference", fn, differentiable=True, params=loaded.params)

@@ -297,6 +297,25 @@ def evaluate_sets(score_fn, params, sets: dict, bins: int, batch: int = 512) -> 
   return scalars, report
 
 
+def reference_score_stats(score_fn, params, sets: dict, batch: int = 512) -> dict:
+  """{"mean", "std", "n", "on"} of the model's scores on both sides of the clean held-out
+  evaluation pairs (the training split's when none are held out): the reference a
+  standardised reward, (r − mean) / std, is measured against. A Bradley–Terry model is
+  defined up to an offset, so members of an ensemble trained from different seeds score
+  on different offsets until standardised."""
+  split = "heldout" if ("pairs", "heldout") in sets else "train"
+  if ("pairs", split) not in sets:
+    raise ValueError("reference_score_stats needs evaluation pairs (config.loss bt or both)")
+  _, enc = sets[("pairs", split)]
+  scores = []
+  for side in enc:
+    for s in range(0, len(side[0]), batch):
+      scores.append(np.asarray(score_fn(params, *(x[s:s + batch] for x in side))))
+  r = np.concatenate(scores).astype(np.float64)
+  return {"mean": float(r.mean()), "std": float(r.std()), "n": int(r.size),
+          "on": f"both sides of the clean {split} evaluation pairs"}
+
+
 _SYMBOLS = {"+": "plus", "-": "minus", "*": "times", "=": "_", " ": "_"}
 
 
@@ -433,6 +452,8 @@ def train_and_evaluate(config, workdir: str):
     return out
   meta = dict(bundle_meta, command=pretrained.invocation(), steps=config.steps,
               results=results, loss=config.loss, data=config.data, **init_info)
+  if source.uses_pairs:
+    meta["score_stats"] = reference_score_stats(score_fn, final, eval_sets)
   pretrained.export_bundle(bundle, final, meta, workdir, config.export_dir)
   paths.write_text(f"{workdir}/report.md", report_markdown(results, report))
   loop.write_results(workdir, out)
