@@ -121,6 +121,8 @@ def test_every_named_preference_reward_model_is_shipped():
   from rft.reward_models import image_model
   for path in tables.PREFERENCE_RMS:
     assert pretrained.exists(image_model.BUNDLE, path), path
+    stats = pretrained.load_meta(image_model.BUNDLE, path)["score_stats"]  # standardize
+    assert stats["n"] == 2048 and stats["std"] > 0
 
 
 def test_plan_errors(tmp_path):

@@ -145,6 +145,16 @@ def test_shapes_smoke_trains_exports_and_scores_as_a_reward(tmp_path, world):
   meta = json.load(open(tmp_path / "shapes_rm.json"))
   assert meta["data"] == "shapes" and meta["model"]["width"] == 16
   loaded = image_model.load(str(tmp_path))
+  # score_stats: the scores of both sides of the clean held-out evaluation pairs
+  from rft.train import reward_model as trainer
+  source = trainer.Source(_config())
+  (_, (chosen, rejected)), = [v for k, v in source.eval_sets().items()
+                              if k == ("pairs", "heldout")]
+  both = np.concatenate([loaded.score(*chosen), loaded.score(*rejected)])
+  st = meta["score_stats"]
+  assert st["n"] == 2 * _config().eval_pairs
+  np.testing.assert_allclose([st["mean"], st["std"]], [both.mean(), both.std()], rtol=1e-4,
+                             atol=1e-5)
 
   from rft.rewards import base as rewards_lib
   reward = rewards_lib.build("shapes_preference",
@@ -161,6 +171,18 @@ def test_shapes_smoke_trains_exports_and_scores_as_a_reward(tmp_path, world):
   assert np.isfinite(g).all() and np.abs(g).sum() > 0
   with pytest.raises(ValueError, match="shapes_preference.path is not set"):
     rewards_lib.build("shapes_preference", options={"shapes_preference": {"path": ""}})
+  z = rewards_lib.build("shapes_preference", options={"shapes_preference": {
+      "path": str(tmp_path), "standardize": True}})
+  np.testing.assert_allclose(z(x, prompts), (got - st["mean"]) / st["std"], rtol=1e-5,
+                             atol=1e-5)
+  del meta["score_stats"]
+  (tmp_path / "no_stats").mkdir()
+  json.dump(meta, open(tmp_path / "no_stats" / "shapes_rm.json", "w"))
+  (tmp_path / "no_stats" / "shapes_rm.msgpack").write_bytes(
+      (tmp_path / "shapes_rm.msgpack").read_bytes())
+  with pytest.raises(ValueError, match="has no score_stats"):
+    rewards_lib.build("shapes_preference", options={"shapes_preference": {
+        "path": str(tmp_path / "no_stats"), "standardize": True}})
   shipped = rewards_lib.build("shapes_preference")  # the shipped seed-0 model
   np.testing.assert_allclose(
       shipped(x, prompts),
