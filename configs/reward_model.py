@@ -11,6 +11,10 @@ COMMAND:
       # "rating"}), :file,both both files
   # then GRPO on the trained reward: config.reward = "lm_reward_model" with
   # config.reward_options.lm_reward_model = {"path": "workdirs/reward_model"}
+  python -m rft.main --config=configs/reward_model.py:shapes --workdir=workdirs/shapes_rm
+      # ShapesWorld: ground-truth pairs of renders (rft.reward_models.shapes_data), a
+      # caption-conditioned image scorer; the reward "shapes_preference" with
+      # config.reward_options.shapes_preference = {"path": "workdirs/shapes_rm"}
 
 EXPECTED: a Bradley–Terry reward head (mean-pooled) on the shipped arithmetic base LM,
 300 steps of 64 noise-free pairs (correct answer vs near miss ± 1..10, 10 % ties,
@@ -19,6 +23,12 @@ Llama-2 small margins): pairwise accuracy on 1,024 clean held-out pairs 57.9 -> 
 "Reward models"). `:smoke` runs in seconds (a tiny random
 LM). Writes results.json, report.md (accuracy by operator / difficulty / gap) and the
 bundle reward_model.{msgpack,json}.
+
+`:shapes` (2,000 steps × 64 pairs, Adam 1e-3, 10 % ties): held-out pair accuracy 85.6 /
+89.3 / 82.9 % for seeds 0 / 1 / 2 (position edits 54–67 %), 8.3–11.4 min each on a shared
+2-core CPU; the three are shipped as rft/assets/shapes_preference/seed{0,1,2}. Writes the
+bundle shapes_rm.{msgpack,json} (with score_stats, the reference of `standardize`) and
+report.md by edit and caption family.
 """
 from ml_collections import config_dict
 
