@@ -193,11 +193,15 @@ def test_shapes_smoke_trains_exports_and_scores_as_a_reward(tmp_path, world):
                       options={"shapes_preference": {"path": str(tmp_path / "nothing")}})
 
 
-def test_regression_on_shapes_ratings_smoke(tmp_path):
-  res = training.train(_config("loss=both"), tmp_path)
+@pytest.mark.parametrize("loss", ["regression", "both"])
+def test_regression_on_shapes_ratings_smoke(tmp_path, loss):
+  """Ratings alone or with pairs; a regression model is judged on pairs too (comparable
+  with a BT model) and its bundle records score_stats."""
+  res = training.train(_config(f"loss={loss}"), tmp_path)
   for split in ("train", "heldout"):
     assert np.isfinite(res["final"][f"{split}/rating_mse"])
     assert np.isfinite(res["final"][f"{split}/pair_accuracy"])
+  assert "score_stats" in json.load(open(tmp_path / "shapes_rm.json"))
 
 
 @pytest.mark.slow

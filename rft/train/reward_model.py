@@ -20,7 +20,8 @@ evaluation -> loop -> export.
   and ties), "regression" (MSE on ratings) or "both" (bt_weight * BT +
   regression_weight * MSE).
 * **Evaluation** on fixed clean pairs (no label noise) of the training and held-out
-  problems (files: rows): pairwise accuracy, expected calibration error of
+  problems (files: rows; generated worlds judge a regression model on pairs too):
+  pairwise accuracy, expected calibration error of
   σ(r_c - r_r), the mean reward gap, accuracy by category (report.md, a RewardBench-style
   table) and, with ratings, the rating MSE and correlation.
 * **Export**: `<workdir>/reward_model.{msgpack,json}`, loaded by the reward
@@ -210,10 +211,13 @@ class Source:
   def eval_sets(self) -> dict:
     """{(kind, split): (rows, encoded)}: fixed, clean (no label noise) sets. Generated
     worlds: `eval_pairs` drawn per split with `eval_seed` (ShapesWorld renders are not
-    augmented); files: every row of the split (at most `eval_pairs`, the first ones)."""
+    augmented), pairs also for a regression model; files: every row of the split (at
+    most `eval_pairs`, the first ones)."""
     c = self.config
     out = {}
-    for kind, used in (("pairs", self.uses_pairs), ("ratings", self.uses_ratings)):
+    # Generated worlds are judged on pairs whatever the loss (a regression model too).
+    pairs = self.uses_pairs or c.data != "file"
+    for kind, used in (("pairs", pairs), ("ratings", self.uses_ratings)):
       if not used:
         continue
       for split in self.splits(kind):
@@ -452,7 +456,7 @@ def train_and_evaluate(config, workdir: str):
     return out
   meta = dict(bundle_meta, command=pretrained.invocation(), steps=config.steps,
               results=results, loss=config.loss, data=config.data, **init_info)
-  if source.uses_pairs:
+  if any(kind == "pairs" for kind, _ in eval_sets):
     meta["score_stats"] = reference_score_stats(score_fn, final, eval_sets)
   pretrained.export_bundle(bundle, final, meta, workdir, config.export_dir)
   paths.write_text(f"{workdir}/report.md", report_markdown(results, report))
