@@ -168,7 +168,3 @@ def shapes_ratings(world: shapes.ShapesWorld, ids: Sequence[int], rng: np.random
   rating = np.where(rng.random(n) < label_noise, 1.0 - rating, rating).astype(np.float32)
   return ShapesRatings(ids, cells.astype(np.int32), rating, cats)
 
-
-def render(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """float32 [N, 16, 16, 3] renders of scenes [N, C] with random object offsets."""
-  return shapes.render_np(np.asarray(cells, np.int32), rng)

@@ -157,14 +157,15 @@ def run(config, workdir: str) -> dict:
   results["reward_queries"] = sum(results[s]["reward_queries"] for s in ("train", "heldout"))
   # The same numbers as the trainers' evaluation history (rft.repro reads it): "0" is
   # plain sampling, the last iteration the best iterate per prompt.
-  results["history"] = {
-      str(it): {f"{s}/{name}": results[s][f"{key}_{when}"] for s in ("train", "heldout")
-                for name, key in (("alignment", "alignment"), ("reward", "reward"),
-                                  ("p_caption", "p_caption"))}
-      | {f"{s}/reward_{part}": v for s in ("train", "heldout")
-         for k, v in results[s].items() if k.startswith(f"reward_{when}/")
-         for part in [k.split("/", 1)[1]]}
-      for it, when in ((0, "initial"), (config.iterations, "best"))}
+  results["history"] = {}
+  for it, when in ((0, "initial"), (config.iterations, "best")):
+    h = results["history"][str(it)] = {}
+    for s in ("train", "heldout"):
+      for name in ("alignment", "reward", "p_caption"):
+        h[f"{s}/{name}"] = results[s][f"{name}_{when}"]
+      for k, v in results[s].items():  # the reward's parts: "reward_<when>/<part>"
+        if k.startswith(f"reward_{when}/"):
+          h[f"{s}/reward_{k.split('/', 1)[1]}"] = v
   results["wall_seconds"] = round(time.time() - t_start, 1)
   results["reward"] = rewards_base.parse_spec(config.reward)
   results["sampler"] = {"num_steps": config.num_steps, "eta": 0.0,

@@ -136,7 +136,7 @@ class Source:
     ShapesWorld scenes are rendered with `rng` and augmented when `augment_key` is given."""
     if self.config.data == "shapes":
       def images(cells, i):
-        x = shapes_data.render(cells, rng)
+        x = shapes.render_np(cells, rng)
         if augment_key is not None and self.config.aug_noise > 0:
           x = np.asarray(self._augment(jax.random.fold_in(augment_key, i), x,
                                        noise=float(self.config.aug_noise)))
@@ -266,18 +266,22 @@ def build_model(config, workdir: str, tokenizer):
 
 # ------------------------------------------------------------------ evaluation
 
+def score_inputs(score_fn, params, inputs, batch: int = 512) -> np.ndarray:
+  """Scores [N] of a model's input arrays (a pair: (tokens, mask) or (images, tokens)), in
+  chunks of `batch` padded to a multiple of 8 (a few batch shapes: few compiles)."""
+  out = []
+  for s in range(0, len(inputs[0]), batch):
+    chunk = [x[s:s + batch] for x in inputs]
+    n, pad = len(chunk[0]), (-len(chunk[0])) % 8
+    if pad:
+      chunk = [np.concatenate([x, x[-1:].repeat(pad, 0)]) for x in chunk]
+    out.append(np.asarray(score_fn(params, *chunk))[:n])
+  return np.concatenate(out)
+
+
 def evaluate_sets(score_fn, params, sets: dict, bins: int, batch: int = 512) -> tuple[dict, dict]:
   """(scalar metrics {"<split>/<name>": value}, per-category report {split: {...}})."""
-
-  def rewards(inputs):
-    out = []
-    for s in range(0, len(inputs[0]), batch):
-      chunk = [x[s:s + batch] for x in inputs]
-      n, pad = len(chunk[0]), (-len(chunk[0])) % 8  # a few batch shapes: few compiles
-      if pad:
-        chunk = [np.concatenate([x, x[-1:].repeat(pad, 0)]) for x in chunk]
-      out.append(np.asarray(score_fn(params, *chunk))[:n])
-    return np.concatenate(out)
+  rewards = lambda inputs: score_inputs(score_fn, params, inputs, batch)
 
   scalars, report = {}, {}
   for (kind, split), (rows, enc) in sets.items():
@@ -309,13 +313,11 @@ def reference_score_stats(score_fn, params, sets: dict, batch: int = 512) -> dic
   on different offsets until standardised."""
   split = "heldout" if ("pairs", "heldout") in sets else "train"
   if ("pairs", split) not in sets:
-    raise ValueError("reference_score_stats needs evaluation pairs (config.loss bt or both)")
+    raise ValueError("reference_score_stats needs evaluation pairs (a generated world, or "
+                     "config.pair_file)")
   _, enc = sets[("pairs", split)]
-  scores = []
-  for side in enc:
-    for s in range(0, len(side[0]), batch):
-      scores.append(np.asarray(score_fn(params, *(x[s:s + batch] for x in side))))
-  r = np.concatenate(scores).astype(np.float64)
+  r = np.concatenate([score_inputs(score_fn, params, side, batch)
+                      for side in enc]).astype(np.float64)
   return {"mean": float(r.mean()), "std": float(r.std()), "n": int(r.size),
           "on": f"both sides of the clean {split} evaluation pairs"}
 
