@@ -8,7 +8,7 @@ import pytest
 
 from rft import pretrained
 from rft.train import diffusion_rl
-from tests.helpers import run_main
+from tests.helpers import DEFAULT_XLA, run_main
 
 # DRaFT-LV and AlignProp are variants of DRaFT's reward-backprop kind: their plain smoke
 # runs are in the slow set (DRaFT-LV's rollout and gradient are tested in
@@ -28,7 +28,8 @@ def test_smoke_run_writes_results_checkpoint_and_model(name, tmp_path):
   wd = tmp_path / "run"
   from tests import test_tensorboard_console as tbc
   extra = tbc.PRDP_SMOKE_ARGS if name == "prdp" else ()
-  p = run_main(f"configs/{config}.py:smoke" + (f",{arg}" if arg else ""), wd, *extra)
+  p = run_main(f"configs/{config}.py:smoke" + (f",{arg}" if arg else ""), wd, *extra,
+               env=DEFAULT_XLA if name == "ddpo" else None)
   if name == "prdp":
     tbc.check_prdp_smoke(p, wd)  # hparams, lr by hand, throughput, grids, console
   r = _results(wd)
@@ -39,6 +40,11 @@ def test_smoke_run_writes_results_checkpoint_and_model(name, tmp_path):
     for k in ("train/alignment", "heldout/alignment", "heldout/reward"):
       assert 0.0 <= h[k] <= 1.0 and math.isfinite(h[k])
   assert r["reward_queries"] > 0
+  if name in ("prdp", "ddpo"):  # a trajectory epoch's time, phase by phase
+    for m in r["curve"].values():
+      phases = [m[k] for k in ("seconds_rollout", "seconds_reward", "seconds_step_values",
+                               "seconds_ref_log_probs", "seconds_update")]
+      assert min(phases) >= 0 and 0.5 * m["epoch_seconds"] < sum(phases) <= m["epoch_seconds"]
   assert (wd / "checkpoints").is_dir()
   # The finetuned params differ from the base model's (the one the config starts from:
   # PRDP's main job starts from assets/positions), and load back as a bundle.
@@ -58,9 +64,9 @@ def test_resumed_run_continues_the_same_curve(tmp_path):
   """DDPO (with per-prompt reward statistics in the checkpoint): 2 epochs straight ==
   1 epoch, stop, resume to 2, bit for bit."""
   args = ["--config.eval_every=0"]
-  run_main("configs/ddpo.py:smoke", tmp_path / "a", *args)
-  run_main("configs/ddpo.py:smoke", tmp_path / "b", "--config.epochs=1", *args)
-  run_main("configs/ddpo.py:smoke", tmp_path / "b", *args)
+  run_main("configs/ddpo.py:smoke", tmp_path / "a", *args, env=DEFAULT_XLA)
+  run_main("configs/ddpo.py:smoke", tmp_path / "b", "--config.epochs=1", *args, env=DEFAULT_XLA)
+  run_main("configs/ddpo.py:smoke", tmp_path / "b", *args, env=DEFAULT_XLA)
   _, a, _ = pretrained.load_shapes_base(str(tmp_path / "a"))
   _, b, _ = pretrained.load_shapes_base(str(tmp_path / "b"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -41,7 +41,10 @@ from rft.train.batching import group_rows, minibatches
 from rft.train.state import TrainState, lr_schedule, make_optimizer
 
 # Per-epoch training metrics kept for results.json["curve"] (learning curves, stability).
-CURVE_KEYS = ("reward_mean", "kl_to_ref", "loss", "grad_norm", "clip_frac", "epoch_seconds")
+CURVE_KEYS = ("reward_mean", "kl_to_ref", "loss", "grad_norm", "clip_frac", "epoch_seconds",
+              # where a trajectory epoch's time goes (each phase waits for its results)
+              "seconds_rollout", "seconds_reward", "seconds_step_values",
+              "seconds_ref_log_probs", "seconds_update")
 # The console line of an evaluation (rft.train.loop.eval_line).
 EVAL_LINE = (("reward", "config_reward", "f"), ("alignment", "alignment", "%"))
 
@@ -524,10 +527,15 @@ def train_and_evaluate(config, workdir: str):
   def sample_and_score(state, ids, k_epoch, record_x0=False, sde_steps=None):
     tokens = placement.batch(tokens_all[ids])  # each process supplies its rows
     policy = sampling_params if lagged else state.params
+    t0 = time.time()
     traj, cond, null = rollout(policy, base_params, tokens, jax.random.fold_in(k_epoch, 0),
                                share=share_within, record_x0=record_x0, sde_steps=sde_steps)
+    jax.block_until_ready(traj)
+    t1 = time.time()
     scores = score(to_images(base_params, traj.sample), ids)
-    return traj, cond, null, scores, group_stats(scores, B)
+    m = group_stats(scores, B)
+    m.update(seconds_rollout=t1 - t0, seconds_reward=time.time() - t1)
+    return traj, cond, null, scores, m
 
   def step_values(traj, ids) -> np.ndarray:
     """b [n, T]: the reward of each step's recorded x0 prediction (x0_reward baseline)."""
@@ -546,12 +554,15 @@ def train_and_evaluate(config, workdir: str):
     if train_steps is not None:
       batch["train_steps"] = jnp.asarray(train_steps)
       m["sde_window_start"] = int(train_steps[0])
+    t0 = time.time()
     values = step_values(traj, ids) if with_values else None
+    m["seconds_step_values"] = time.time() - t0
     if values is not None:
       corr = step_baselines.value_correlation(scores, values)
       m["baseline_corr_first_step"] = float(corr[0])
       m["baseline_corr_mid_step"] = float(corr[len(corr) // 2])
       values = step_baselines.lambda_baselines(scores, values, o.get("baseline_lambda", 1.0))
+    t0 = time.time()
     if obj.needs_ref_log_probs or config.kl_metric:
       ref = ref_log_probs(base_params, traj, cond, null)
       if sde_mask is not None:  # ODE steps have no density: 0, as the rollout records them
@@ -561,18 +572,22 @@ def train_and_evaluate(config, workdir: str):
       # collectives (rft.placement.split_cpu).
       m["kl_to_ref"] = float(np.mean(np.sum(placement.gather(traj.log_probs)
                                             - placement.gather(ref), axis=1)))
+    m["seconds_ref_log_probs"] = time.time() - t0
     entries, m_prep = obj.prepare(config, ids, scores, values, stats)  # on the host
     m.update(m_prep)
     batch.update({k: placement.batch(np.asarray(v)) for k, v in entries.items()})
     per_sample = ("latents", "log_probs", "rewards", "ref_log_probs", "cond") + tuple(entries)
     groups = np.random.default_rng([config.seed, epoch, 1]).permutation(config.prompts_per_epoch)
     ms = []
+    t0 = time.time()
     for k, g in enumerate(minibatches(groups, config.prompts_per_update,
                                       config.updates_per_epoch)):
       mb = _take(placement, batch, group_rows(g, B), per_sample)
       state, um = update(state, base_params, mb, jax.random.fold_in(k_epoch, 10 + k),
                          on_policy=(k == 0))
       ms.append(um)
+    jax.block_until_ready(state)
+    m["seconds_update"] = time.time() - t0
     return state, m, ms
 
   def select_sft_epoch(state, epoch, ids, k_epoch):
@@ -655,7 +670,9 @@ def train_and_evaluate(config, workdir: str):
     curve[str(done)] = {k: m[k] for k in CURVE_KEYS if k in m}
     bar.update(done, reward=m["reward_mean"], loss=m["loss"])
     if loop.due(done, config.eval_every, config.epochs):
+      t_eval = time.time()
       history[str(done)] = evaluate(eval_params(state), done)
+      history[str(done)]["eval_seconds"] = time.time() - t_eval
       history[str(done)]["train/reward_mean_epoch"] = m["reward_mean"]
       logging.info("%s", loop.eval_line("epoch", done, history[str(done)], EVAL_LINE))
     loop.end_of_step(stop, done, config.epochs, config.ckpt_every, lambda: ckpt.save(
