@@ -125,6 +125,33 @@ def test_every_named_preference_reward_model_is_shipped():
     assert stats["n"] == 2048 and stats["std"] > 0
 
 
+def test_the_par_row_optimises_sigmoid_of_the_single_rms_score_minus_its_reference(tmp_path):
+  """reward_hacking's `par` row: the planned run's reward is PAR on the `single` row's
+  preference RM, sigmoid(r - PAR_REFERENCE), differentiable (ReNO backpropagates it)."""
+  from rft import main as main_lib
+  from rft.data import shapes
+  from rft.reward_models import image_model
+  from rft.rewards import base as rewards_lib
+  t = tables.get("reward_hacking")
+  run, = runner.plan(t, "cpu", str(tmp_path), seeds=1, rows=["par"])
+  rest, opts = main_lib.split_reward_options(list(run.argv))
+  c = config_lib.load(rest[0].split("=", 1)[1])
+  c = config_lib.apply_overrides(c, [a[len("--config."):] for a in rest
+                                     if a.startswith("--config.")])
+  config_lib.set_reward_options(c, opts)
+  assert c.reward == "shapes_preference"
+  reward = rewards_lib.build(c.reward, options=c.reward_options.to_dict())
+  assert reward.differentiable
+  world = shapes.ShapesWorld()
+  rng = np.random.default_rng(0)
+  ids = world.sample_prompt_ids(rng, 5)
+  x = shapes.render_np(world.sample_scenes(rng, ids), rng)
+  prompts = {"ids": ids, "tokens": shapes.tokenizer().encode([world.texts[i] for i in ids])}
+  raw = image_model.load(tables.PREFERENCE_RMS[0]).score(x, prompts["tokens"])
+  np.testing.assert_allclose(reward(x, prompts), 1 / (1 + np.exp(-(raw - tables.PAR_REFERENCE))),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_plan_errors(tmp_path):
   t = tables.get("prdp_table1")
   with pytest.raises(ValueError, match="no preset 'gpu'"):

@@ -403,10 +403,20 @@ def _ensemble(combine: str, standardize: bool = False) -> dict:
                                               for p in PREFERENCE_RMS]}
 
 
+# PAR (Fu et al. 2025, rft.rewards.shaping.par): the single RM's score r becomes
+# sigmoid(r - r_ref), bounded and flat far above the reference. r_ref = 1.8, the base
+# model's mean score under that RM on ReNO's captions at its start (1.4-2.3 over both
+# splits and the three seeds' runs of the `single` row).
+PAR_REFERENCE = 1.8
+
 HACK_ROWS = {
     "classifier": {},
     "single": {"reward": "shapes_preference",
                "reward_options.shapes_preference.path": PREFERENCE_RMS[0]},
+    "par": {"reward": "shapes_preference",
+            "reward_options.shapes_preference.path": PREFERENCE_RMS[0],
+            "reward_options.shapes_preference.shaping": "par",
+            "reward_options.shapes_preference.shaping_reference": PAR_REFERENCE},
     "mean": _ensemble("mean"),
     "min": _ensemble("min"),
     "mean_minus_std": _ensemble("mean_minus_std"),
@@ -425,6 +435,7 @@ REWARD_HACKING = Table(
            "worst-case (min) and uncertainty-weighted ensembles reduce overoptimization."),
     rows=(Row("classifier", "reno", "attribute classifier, log P(caption) (reference)"),
           Row("single", "reno", "one preference RM (seed 0)"),
+          Row("par", "reno", "the same RM shaped by PAR, sigmoid(r - 1.8)"),
           Row("mean", "reno", "ensemble of 3, mean"),
           Row("min", "reno", "ensemble of 3, min (WCO)"),
           Row("mean_minus_std", "reno", "ensemble of 3, mean - std"),
@@ -439,6 +450,8 @@ REWARD_HACKING = Table(
               "than against the attribute classifier", "gt", UNSEEN, "classifier", "single"),
         Claim("ensemble mean mitigates: more held-out alignment than one RM", "gt", UNSEEN,
               "mean", "single"),
+        Claim("PAR shaping mitigates: more held-out alignment than the unshaped RM", "gt",
+              UNSEEN, "par", "single"),
         Claim("ensemble min mitigates: more held-out alignment than one RM", "gt", UNSEEN,
               "min", "single"),
         Claim("ensemble mean - std mitigates: more held-out alignment than one RM", "gt",
