@@ -289,7 +289,7 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   run_main("configs/pretrain_flow_shapes.py:smoke", base)
   model, params, meta = pretrained.load_shapes_base(str(base))
   assert isinstance(model, TextToImageDiT) and meta["model"]["family"] == "dit"
-  assert meta["schedule"] == {"name": "flow", "num_train_timesteps": 1000, "shift": 1.0}
+  assert meta["schedule"] == {"name": "flow", "num_train_timesteps": 1000, "shift": 3.0}
   assert "dit" in params and "unet" not in params
   run = tmp_path / "prdp"
   # An untrained base draws noise, whose alignment reward is exactly 0 for every sample
