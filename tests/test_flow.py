@@ -305,10 +305,8 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   assert max(jax.tree.leaves(moved)) > 0  # the DiT was trained
   np.testing.assert_array_equal(np.asarray(tuned_params["text"]["tok_embed"]["embedding"]),
                                 np.asarray(params["text"]["tok_embed"]["embedding"]))
-  # Without a base_dir Flow-GRPO's config stops at once, naming it (tests/test_sd3.py runs
-  # plain Flow-GRPO with its KL term end to end; MixGRPO below, in the slow set).
-  p = run_main("configs/flow_grpo.py:smoke", tmp_path / "fg2", check=False)
-  assert p.returncode != 0 and "config.base_dir" in p.stderr
+  # tests/test_sd3.py runs plain Flow-GRPO with its KL term end to end; MixGRPO below, in
+  # the slow set.
   # DiffusionNFT end to end on this base (and its resume) is in the slow set below; its
   # loss and record run in process (test_nft_*).
   # A DDPM sampler on a flow model is a clear error naming what is wrong.
@@ -614,3 +612,18 @@ def test_mixed_ode_sde_rollout_and_window_gradients():
   hand_c = jax.grad(lambda th: -sum(jnp.sum(scorer.step(th, batch, j)) for j in (1, 2)))(theta)
   for k in theta:
     np.testing.assert_allclose(float(gc[k]), float(hand_c[k]), rtol=1e-5)
+
+
+def test_the_flow_configs_start_from_the_shipped_flow_base():
+  """Flow-GRPO and DiffusionNFT default to rft/assets/flow: a DiT with the flow schedule
+  shifted by 3 (configs/pretrain_flow_shapes.py's default), 5,000 steps, whose recorded
+  evaluation is at least half aligned on training captions."""
+  from rft import config as config_lib
+  from rft import pretrained
+  for name in ("flow_grpo", "nft"):
+    assert config_lib.load(name).base_dir == "assets/flow"
+  model, params, meta = pretrained.load_shapes_base("assets/flow")
+  assert isinstance(model, TextToImageDiT) and meta["steps"] == 5000
+  assert meta["schedule"] == {"name": "flow", "num_train_timesteps": 1000, "shift": 3.0}
+  assert meta["results"]["train/alignment"] >= 0.5 and meta["results"]["heldout/alignment"] > 0.25
+  assert config_lib.load("pretrain_flow_shapes").flow_shift == meta["schedule"]["shift"]
