@@ -1,7 +1,7 @@
 """The real PRDP, DRaFT and GRPO updates on sharded meshes equal the one-device update.
 
 One subprocess per update with 8 fake CPU devices. The update builders are used
-unchanged (`diffusion_rl.make_trajectory_update`, `diffusion_rl.make_backprop_update`,
+unchanged (`diffusion_updates.make_trajectory_update`, `diffusion_updates.make_backprop_update`,
 `lm_rl.make_update`, each a `jax.jit` with no explicit shardings): the state, the frozen
 base params and the batch are placed with `placement.shard_tree` /
 `placement.shard_batch_axes` and GSPMD propagates those placements through the update.
@@ -91,7 +91,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
     from rft.diffusion.schedules import make_schedule
     from rft.objectives import registry, trajectory
     from rft.rewards import base as rewards_lib
-    from rft.train import diffusion_rl
+    from rft.train import diffusion_rl, diffusion_updates
     model, base, meta = pretrained.load_shapes_base()
     pipe = shapes_pipeline(model, make_schedule(**meta["schedule"]), shapes.IMAGE_SIZE)
     world, tok = shapes.ShapesWorld(), shapes.tokenizer()
@@ -136,7 +136,7 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
           "ref_log_probs": traj.log_probs})
       scorer = trajectory.StepScorer(pipe.eps_fn, sampler.build(pipe.schedule),
                                      sampler.guidance_scale, reduce="mean")
-      update = diffusion_rl.make_trajectory_update(
+      update = diffusion_updates.make_trajectory_update(
           config, scorer, registry.diffusion("prdp").make_loss(config), materialize, tx)
       state = jax.device_get(TrainState.create(trainable, tx))
       P0["prdp"] = state.params
@@ -161,8 +161,8 @@ DIFFUSION_SCRIPT = COMMON + textwrap.dedent("""
                               "prompts": {"ids": ids, "tokens": tokens,
                                           "assignments": world.assignments(ids)}})
       rollout = registry.diffusion("draft").make_loss(
-          config, diffusion_rl.sampler_kwargs(pipe.sampler(sampler), sampler))
-      update = diffusion_rl.make_backprop_update(config, pipe, sampler, reward, rollout,
+          config, diffusion_updates.sampler_kwargs(pipe.sampler(sampler), sampler))
+      update = diffusion_updates.make_backprop_update(config, pipe, sampler, reward, rollout,
                                                  materialize, tx)
       state = jax.device_get(TrainState.create(trainable, tx))
       reward_params = jax.device_get(reward.params)
