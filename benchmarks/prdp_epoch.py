@@ -15,10 +15,15 @@ Settings:
               stops at the first frozen layer; `rft.repro`'s T1 cpu preset trains these)
   after       lowres plus the variance levers of the paper-table presets: shared initial
               noise per group and x0_reward step baselines (one reward-model pass on the
-              sampler's x0 prediction at every step); the main job (configs/prdp.py)
-              runs these settings on 32 fixed captions x 16 samples
+              sampler's x0 prediction at every step)
+  shared_ref  after, with the base model's log-probs of the sampled transitions scored
+              inside the rollout's loop (config.ref_in_rollout): the frozen input layers
+              policy and base share run once per step (as far as XLA's CSE merges
+              them), and no second scan over the stored latents. The main job
+              (configs/prdp.py) runs `after` on 32 fixed captions x 16 samples: the
+              base's log-probs in a separate scan (config.ref_in_rollout=False).
 
-  python benchmarks/prdp_epoch.py [--epochs 5] [--settings before,devices,lowres,after]
+  python benchmarks/prdp_epoch.py [--epochs 5] [--settings before,devices,lowres,after,shared_ref]
 
 Prints samples/s per setting and the ratio to `before`.
 """
@@ -35,7 +40,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = {"prompts_per_epoch": 64, "samples_per_prompt": 8, "prompts_per_update": 64,
-         "updates_per_epoch": 1, "train_prompts": 0}
+         "updates_per_epoch": 1, "train_prompts": 0, "ref_in_rollout": False}
 _DEV = dict(SHAPE, cpu_devices=8)
 _LOWRES = dict(_DEV, **{"finetune.trainable": r"^unet/(mid|down2|up2)"})
 SETTINGS = {
@@ -45,6 +50,7 @@ SETTINGS = {
     "after": dict(_LOWRES, share_initial_noise=True,
                   **{"objective.step_baseline": "x0_reward"}),
 }
+SETTINGS["shared_ref"] = dict(SETTINGS["after"], ref_in_rollout=True)
 
 
 def epoch_seconds(overrides: dict, epochs: int, workdir: str) -> list[float]:
@@ -67,7 +73,7 @@ def epoch_seconds(overrides: dict, epochs: int, workdir: str) -> list[float]:
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--epochs", type=int, default=5)
-  ap.add_argument("--settings", default="before,devices,lowres,after")
+  ap.add_argument("--settings", default="before,devices,lowres,after,shared_ref")
   args = ap.parse_args(argv)
   names = args.settings.split(",")
   samples = SHAPE["prompts_per_epoch"] * SHAPE["samples_per_prompt"]
@@ -82,6 +88,8 @@ def main(argv=None) -> None:
   if "before" in rate:
     for name in names:
       print(f"{name:>8}: {rate[name] / rate['before']:.2f}x the samples/s of 'before'")
+  if "after" in rate and "shared_ref" in rate:
+    print(f"shared_ref: {rate['shared_ref'] / rate['after']:.2f}x the samples/s of 'after'")
 
 
 if __name__ == "__main__":

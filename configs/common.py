@@ -91,6 +91,12 @@ def base() -> config_dict.ConfigDict:
   # convs in rolled loops ~10x slower), rolled on GPU/TPU; or "full" / "none".
   c.unroll = "auto"
   c.kl_metric = True  # log the approximate KL to the base model (one more forward scan)
+  # True: score the rollout's transitions under the base model inside the rollout's own
+  # loop (Trajectory.ref_log_probs) instead of a second scan over the stored latents, so
+  # that XLA can compute the frozen layers policy and base share once per step. Measured
+  # on the main job's shapes (benchmarks/prdp_epoch.py): 1.02x, within the noise; XLA
+  # merged only the first two convolutions (README, "Cheaper samples"). Off by default.
+  c.ref_in_rollout = False
   # Evaluation: independent evaluator's alignment on fixed prompt sets of both splits.
   c.eval_every = 10
   c.eval_prompts = 256

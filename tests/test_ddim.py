@@ -377,3 +377,55 @@ def test_sampler_traced_eta_and_scale_and_eta0(setup):
   with pytest.raises(ValueError, match="key"):
     ddim_sample(s["eps_fn"], s["params"], s["x_T"], s["cond"], s["null"], schedule=s["sched"],
                 num_steps=S, eta=1.0)
+
+
+def test_rollout_scores_the_reference_in_the_same_loop(setup):
+  """rollout(ref_params=...) records each transition's log-prob under the reference
+  (as trajectory_log_probs would), leaves the policy's own chain and log-probs bitwise
+  unchanged, gives 0 on a mixed rollout's ODE steps, and computes the layers the two
+  models share once per step (one convolution fewer in the compiled loop)."""
+  from rft.diffusion import sampling
+  s = setup
+  sampler = sampling.build("ddim", s["sched"], eta=1.0)
+  # The reference differs from the policy only in the last conv: the first conv and
+  # the conditioning Dense are the same leaves (a finetuned subset of layers).
+  params = s["params"]
+  conv1 = jax.tree_util.tree_map(lambda p: p + 0.1, params["params"]["Conv_1"])
+  ref = {"params": dict(params["params"], Conv_1=conv1)}
+  kw = dict(num_steps=S, guidance_scale=CFG, key=jax.random.PRNGKey(3))
+
+  def roll_(policy, reference, sde=None, with_ref=True):
+    return sampling.rollout(s["eps_fn"], policy, sampler, s["x_T"], s["cond"], s["null"],
+                            sde_steps=sde, ref_params=reference if with_ref else None, **kw)
+
+  roll = jax.jit(roll_, static_argnames="with_ref")
+
+  def shared_roll(policy, last_conv, with_ref=True):
+    # As the training loop builds them: the reference's other leaves ARE the policy's.
+    return roll_(policy, {"params": dict(policy["params"], Conv_1=last_conv)},
+                 with_ref=with_ref)
+
+  plain, both = roll(params, ref, with_ref=False), roll(params, ref)
+  assert plain.ref_log_probs is None and both.ref_log_probs.shape == (B, S)
+  np.testing.assert_array_equal(np.asarray(both.latents), np.asarray(plain.latents))
+  np.testing.assert_array_equal(np.asarray(both.log_probs), np.asarray(plain.log_probs))
+  separate = jax.jit(lambda p, traj: sampling.trajectory_log_probs(
+      s["eps_fn"], p, sampler, traj, s["cond"], s["null"], guidance_scale=CFG))(ref, plain)
+  np.testing.assert_allclose(np.asarray(both.ref_log_probs), np.asarray(separate),
+                             rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(both.ref_log_probs) - np.asarray(both.log_probs)).max() > 1e-3
+  # With the policy as its own reference the two are the same numbers.
+  same = roll(params, params)
+  np.testing.assert_array_equal(np.asarray(same.ref_log_probs), np.asarray(same.log_probs))
+
+  sde = jnp.asarray([True, False, True, True, False, False])
+  mixed = roll(params, ref, sde)
+  assert np.all(np.asarray(mixed.ref_log_probs)[:, ~np.asarray(sde)] == 0.0)
+  assert np.all(np.asarray(mixed.ref_log_probs)[:, np.asarray(sde)] != 0.0)
+
+  def convs(with_ref):
+    return jax.jit(shared_roll, static_argnames="with_ref").lower(
+        params, conv1, with_ref=with_ref).compile().as_text().count("convolution(")
+  # Per step: policy 2 convs; the reference adds only its own last conv (CFG doubles
+  # the batch, not the calls).
+  assert convs(True) == convs(False) + convs(False) // 2

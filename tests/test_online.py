@@ -62,15 +62,22 @@ def test_smoke_run_writes_results_checkpoint_and_model(name, tmp_path):
 
 def test_resumed_run_continues_the_same_curve(tmp_path):
   """DDPO (with per-prompt reward statistics in the checkpoint): 2 epochs straight ==
-  1 epoch, stop, resume to 2, bit for bit."""
+  1 epoch, stop, resume to 2, bit for bit. The second run scores the base model's
+  log-probs (its KL metric) inside the rollout (config.ref_in_rollout) instead of in a
+  separate scan: the same KL to 1e-5."""
   args = ["--config.eval_every=0"]
   run_main("configs/ddpo.py:smoke", tmp_path / "a", *args, env=DEFAULT_XLA)
+  args.append("--config.ref_in_rollout=true")
   run_main("configs/ddpo.py:smoke", tmp_path / "b", "--config.epochs=1", *args, env=DEFAULT_XLA)
   run_main("configs/ddpo.py:smoke", tmp_path / "b", *args, env=DEFAULT_XLA)
   _, a, _ = pretrained.load_shapes_base(str(tmp_path / "a"))
   _, b, _ = pretrained.load_shapes_base(str(tmp_path / "b"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  kl = [[m["kl_to_ref"] for _, m in sorted(_results(tmp_path / w)["curve"].items())]
+        for w in "ab"]
+  assert len(kl[0]) == 2 and np.all(np.abs(kl[0]) > 0)
+  np.testing.assert_allclose(kl[0], kl[1], rtol=1e-5, atol=1e-7)
 
 
 def test_lora_finetuning_keeps_base_outside_targets(tmp_path):

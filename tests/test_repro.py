@@ -67,10 +67,11 @@ def _run_config(run, config=None):
   return config_lib.apply_overrides(c, items).to_dict()
 
 
-@pytest.mark.parametrize("variant,preset", [("", "cpu"), ("long", "cpu_long")])
+@pytest.mark.parametrize("variant,preset", [("", "cpu_long"), ("short", "cpu")])
 def test_the_main_job_is_t1s_prdp_row(tmp_path, variant, preset):
-  """configs/prdp.py's default (the README's first command) is the PRDP row of T1's cpu
-  preset, and `:long` its cpu_long row: the table's numbers are the main job's."""
+  """configs/prdp.py's default (the README's first command) is the PRDP row of T1's
+  cpu_long preset (120 epochs), and `:short` its cpu row (40 epochs): the table's
+  numbers are the main job's."""
   run = runner.plan(tables.get("prdp_table1"), preset, str(tmp_path), rows=["prdp"])[0]
   main_job = config_lib.load("prdp", variant or None).to_dict()
   assert _run_config(run) == main_job

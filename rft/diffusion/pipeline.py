@@ -89,19 +89,23 @@ class Text2ImagePipeline:
     return jnp.repeat(x, share_within, axis=0)
 
   def sample(self, params, tokens, key, cfg: SamplerConfig, *, share_within: int = 1,
-             record_x0: bool = False, sde_steps=None) -> tuple[sampling.Trajectory, Any, Any]:
+             record_x0: bool = False, sde_steps=None, ref_params=None
+             ) -> tuple[sampling.Trajectory, Any, Any]:
     """Sample one trajectory per row of `tokens`: (trajectory, cond, null_cond).
 
     share_within: rows per shared x_T (see initial_noise); record_x0: keep each step's
     x0 prediction in the trajectory (``Trajectory.x0_preds``); sde_steps: bool [steps],
-    the only stochastic steps (the rest ODE; `sampling.rollout`).
+    the only stochastic steps (the rest ODE; `sampling.rollout`); ref_params: also
+    record each transition's log-prob under these params (``Trajectory.ref_log_probs``,
+    scored with the same text conditions).
     """
     cond, null = self.conditions(params, tokens)
     k_init, k_steps = jax.random.split(key)
     x_T = self.initial_noise(k_init, tokens.shape[0], share_within)
     traj = sampling.rollout(self.model_fn, params, self.sampler(cfg), x_T, cond, null,
                             num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-                            key=k_steps, record_x0=record_x0, sde_steps=sde_steps)
+                            key=k_steps, record_x0=record_x0, sde_steps=sde_steps,
+                            ref_params=ref_params)
     return traj, cond, null
 
 

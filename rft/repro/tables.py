@@ -104,7 +104,8 @@ STEP_BASELINE = {"objective.step_baseline": "x0_reward"}
 LEVERED = dict(LEVERS, **STEP_BASELINE)  # both, the overrides of every black-box row
 
 
-# configs/prdp.py's default is T1's PRDP row (the main job). The presets measured on the
+# configs/prdp.py's default is T1's 120-epoch PRDP row (the main job; `:short` the
+# 40-epoch one). The presets measured on the
 # original base (rft/assets) or with the generic PRDP layers and rate pin what they used to
 # inherit from the earlier defaults, so their commands keep meaning what they measured.
 ORIGINAL_BASE = {"base_dir": ""}
@@ -169,13 +170,13 @@ T1_CPU = Preset(
         "raft": dict(epochs=40, eval_every=20, ckpt_every=10, lr=1e-5),
     },
     note="this 2-core CPU, 8 XLA CPU devices, each run <= 30 min; base rft/assets/positions")
-# The +10-point budget: PRDP and DDPO for 120 epochs (61,440 reward queries; a PRDP run
-# took 42-49 min on one 2-core CPU, about 28 min on the faster one of the `cpu` table),
-# the rest as `cpu`. PRDP measured +11.8 [8.7, 15.0] seen points over 3 seeds.
+# The +10-point budget and the main job (configs/prdp.py's default): PRDP and DDPO for
+# 120 epochs (61,440 reward queries), the rest as `cpu`. PRDP measured +10.8 [8.0, 13.6]
+# seen points over 3 seeds, 26.8-27.7 min per run alone on one 2-core CPU (host B).
 T1_CPU_LONG = dataclasses.replace(
     T1_CPU, rows={r: dict(T1_CPU.rows[r], epochs=120) for r in ("prdp", "ddpo")},
-    note="this 2-core CPU, 8 XLA CPU devices, 120 epochs (28-49 min per PRDP run, by "
-         "machine); base rft/assets/positions")
+    note="this 2-core CPU, 8 XLA CPU devices, 120 epochs (27-28 min per PRDP run alone; "
+         "the same host took 1.5x as long on another day); base rft/assets/positions")
 # The same table on the original shipped base (rft/assets) with 30 RL epochs: the T1
 # numbers measured before the positions base existed.
 T1_CPU_ORIGINAL = dataclasses.replace(

@@ -315,11 +315,14 @@ def train_and_evaluate(config, workdir: str):
   step_baseline = o.get("step_baseline", "none")
   share_within = B if config.get("share_initial_noise") else 1
 
-  @functools.partial(jax.jit, static_argnames=("share", "record_x0"))
-  def rollout(trainable, base, tokens, key, share=1, record_x0=False, sde_steps=None):
+  @functools.partial(jax.jit, static_argnames=("share", "record_x0", "with_ref"))
+  def rollout(trainable, base, tokens, key, share=1, record_x0=False, sde_steps=None,
+              with_ref=False):
+    # with_ref: the base's log-prob of every sampled transition, in the same loop (the
+    # frozen layers policy and base share are computed once per step; sampling.rollout).
     traj, cond, null = pipe.sample(materialize(trainable, base), tokens, key, sampler,
                                    share_within=share, record_x0=record_x0,
-                                   sde_steps=sde_steps)
+                                   sde_steps=sde_steps, ref_params=base if with_ref else None)
     return traj, cond, null
 
   window = config.get("sde_window", {}).get("size", 0)
@@ -413,12 +416,13 @@ def train_and_evaluate(config, workdir: str):
     return out
 
   # ---------------------------------------------------------------- one epoch
-  def sample_and_score(state, ids, k_epoch, record_x0=False, sde_steps=None):
+  def sample_and_score(state, ids, k_epoch, record_x0=False, sde_steps=None, with_ref=False):
     tokens = placement.batch(tokens_all[ids])  # each process supplies its rows
     policy = sampling_params if lagged else state.params
     t0 = time.time()
     traj, cond, null = rollout(policy, base_params, tokens, jax.random.fold_in(k_epoch, 0),
-                               share=share_within, record_x0=record_x0, sde_steps=sde_steps)
+                               share=share_within, record_x0=record_x0, sde_steps=sde_steps,
+                               with_ref=with_ref)
     jax.block_until_ready(traj)
     t1 = time.time()
     scores = score(to_images(base_params, traj.sample), ids)
@@ -435,8 +439,10 @@ def train_and_evaluate(config, workdir: str):
   def trajectory_epoch(state, epoch, ids, k_epoch):
     with_values = step_baseline != "none"
     sde_mask, train_steps = sde_window(epoch)
-    traj, cond, null, scores, m = sample_and_score(state, ids, k_epoch, record_x0=with_values,
-                                                   sde_steps=sde_mask)
+    need_ref = obj.needs_ref_log_probs or config.kl_metric
+    traj, cond, null, scores, m = sample_and_score(
+        state, ids, k_epoch, record_x0=with_values, sde_steps=sde_mask,
+        with_ref=need_ref and config.get("ref_in_rollout", False))
     batch = {"latents": traj.latents, "timesteps": traj.timesteps,
              "prev_timesteps": traj.prev_timesteps, "log_probs": traj.log_probs,
              "cond": cond, "null_cond": null, "rewards": placement.batch(scores)}
@@ -452,10 +458,12 @@ def train_and_evaluate(config, workdir: str):
       m["baseline_corr_mid_step"] = float(corr[len(corr) // 2])
       values = step_baselines.lambda_baselines(scores, values, o.get("baseline_lambda", 1.0))
     t0 = time.time()
-    if obj.needs_ref_log_probs or config.kl_metric:
-      ref = ref_log_probs(base_params, traj, cond, null)
-      if sde_mask is not None:  # ODE steps have no density: 0, as the rollout records them
-        ref = jnp.where(jnp.asarray(sde_mask)[None], ref, 0.0)
+    if need_ref:
+      ref = traj.ref_log_probs  # recorded by the rollout (config.ref_in_rollout)
+      if ref is None:
+        ref = ref_log_probs(base_params, traj, cond, null)
+        if sde_mask is not None:  # ODE steps have no density: 0, as the rollout records them
+          ref = jnp.where(jnp.asarray(sde_mask)[None], ref, 0.0)
       batch["ref_log_probs"] = ref
       # On the host: op-by-op math on multi-device arrays is what can stall XLA:CPU's
       # collectives (rft.placement.split_cpu).
