@@ -297,9 +297,12 @@ def test_seed_lists():
   assert runner.seed_list("4", 3) == [0, 1, 2, 3]
   assert runner.seed_list("3-5", 3) == [3, 4, 5]
   assert runner.seed_list("0,2,4", 3) == [0, 2, 4]
+  assert runner.seed_list("0-0", 3) == [0] and runner.seed_list("2,", 3) == [2]
   for bad in ("x", "5-3", "1,1", "-1,2"):
     with pytest.raises(ValueError, match="--seeds"):
       runner.seed_list(bad, 3)
+  with pytest.raises(ValueError, match="count of seeds.*--seeds 0-0 or --seeds 0,"):
+    runner.seed_list("0", 3)  # seed 0 alone is a range or a list, not the count 0
   t = tables.get("prdp_table1")
   runs = runner.plan(t, "cpu", "/w", seeds="3-4", rows=["prdp"])
   assert [r.seed for r in runs] == [3, 4]
