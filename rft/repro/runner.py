@@ -99,9 +99,10 @@ def seed_list(seeds, default: int) -> list[int]:
   except ValueError:
     raise ValueError(f"--seeds {seeds!r}: use a count (3), a range (3-5) or a list "
                      "(0,2,4)") from None
-  if text == "0":
-    raise ValueError("--seeds '0' is a count of seeds (3 = seeds 0-2) and runs none; for "
-                     "seed 0 alone write a range or a list: --seeds 0-0 or --seeds 0,")
+  if not out and text.isdigit():  # a count of zero
+    raise ValueError(f"--seeds {seeds!r} is a count of seeds (3 = seeds 0-2) and runs none; "
+                     f"for seed {int(text)} alone write a range or a list: --seeds "
+                     f"{int(text)}-{int(text)} or --seeds {int(text)},")
   if not out or min(out) < 0 or len(set(out)) != len(out):
     raise ValueError(f"--seeds {seeds!r}: gives {out}; seeds are distinct and >= 0")
   return out

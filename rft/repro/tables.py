@@ -105,9 +105,9 @@ LEVERED = dict(LEVERS, **STEP_BASELINE)  # both, the overrides of every black-bo
 
 
 # configs/prdp.py's default is T1's 120-epoch PRDP row (the main job; `:short` the
-# 40-epoch one). The presets measured on the
-# original base (rft/assets) or with the generic PRDP layers and rate pin what they used to
-# inherit from the earlier defaults, so their commands keep meaning what they measured.
+# 40-epoch one). The presets measured on the original base (rft/assets) or with the
+# generic PRDP layers and rate pin what they used to inherit from the earlier defaults,
+# so their commands keep meaning what they measured.
 ORIGINAL_BASE = {"base_dir": ""}
 ALL_CAPTIONS = dict(ORIGINAL_BASE, train_prompts=0)
 GENERIC_LAYERS = {"lr": 2e-5, "finetune.trainable": "^(unet|dit|transformer)/"}

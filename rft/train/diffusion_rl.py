@@ -318,8 +318,8 @@ def train_and_evaluate(config, workdir: str):
   @functools.partial(jax.jit, static_argnames=("share", "record_x0", "with_ref"))
   def rollout(trainable, base, tokens, key, share=1, record_x0=False, sde_steps=None,
               with_ref=False):
-    # with_ref: the base's log-prob of every sampled transition, in the same loop (the
-    # frozen layers policy and base share are computed once per step; sampling.rollout).
+    # with_ref: the base's log-prob of every sampled transition, in the same loop (XLA may
+    # compute the frozen layers policy and base share once per step; sampling.rollout).
     traj, cond, null = pipe.sample(materialize(trainable, base), tokens, key, sampler,
                                    share_within=share, record_x0=record_x0,
                                    sde_steps=sde_steps, ref_params=base if with_ref else None)
