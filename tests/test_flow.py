@@ -294,10 +294,20 @@ def test_flow_base_pretrains_loads_and_finetunes_through_the_seams(tmp_path):
   run = tmp_path / "prdp"
   # An untrained base draws noise, whose alignment reward is exactly 0 for every sample
   # (all pairs tied, no gradient); brightness differs between any two samples.
+  # Judged with the deterministic Euler ODE whatever the rollout's noise level
+  # (config.eval_sampler): a run rolling out at another eta evaluates the same samples.
+  flow_args = ("--config.sampler.name=flow", "--config.reward=brightness",
+               "--config.eval_sampler.eta=0")
   run_main("configs/prdp.py:all_captions,smoke", run, f"--config.base_dir={base}",
-           "--config.sampler.name=flow", "--config.sampler.eta=0.7", "--config.reward=brightness")
+           "--config.sampler.eta=0.7", *flow_args)
   results = json.load(open(run / "results.json"))
   assert results["epochs"] == 2 and results["reward_queries"] > 0
+  assert results["eval_sampler"]["eta"] == 0.0 and results["eval_sampler"]["name"] == "flow"
+  other = tmp_path / "prdp_other_eta"
+  run_main("configs/prdp.py:all_captions,smoke", other, f"--config.base_dir={base}",
+           "--config.sampler.eta=0.3", "--config.epochs=1", *flow_args)
+  first = json.load(open(other / "results.json"))["history"]["0"]
+  assert first == results["history"]["0"] and first["train/config_reward"] > 0
   tuned, tuned_params, tuned_meta = pretrained.load_shapes_base(str(run))
   assert isinstance(tuned, TextToImageDiT)
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
@@ -627,3 +637,23 @@ def test_the_flow_configs_start_from_the_shipped_flow_base():
   assert meta["schedule"] == {"name": "flow", "num_train_timesteps": 1000, "shift": 3.0}
   assert meta["results"]["train/alignment"] >= 0.5 and meta["results"]["heldout/alignment"] > 0.25
   assert config_lib.load("pretrain_flow_shapes").flow_shift == meta["schedule"]["shift"]
+
+
+def test_evaluation_sampler_overrides_only_what_is_set():
+  """config.eval_sampler replaces the rollout sampler's eta / guidance scale where it is
+  >= 0 and keeps the rest; keys it does not hold are an error naming them."""
+  from ml_collections import config_dict
+
+  from rft.diffusion.sampling import SamplerConfig
+  from rft.train.diffusion_rl import evaluation_sampler
+  rollout = SamplerConfig(num_steps=10, eta=0.7, guidance_scale=1.5, clip_x0=1.0, name="flow")
+  c = config_dict.ConfigDict({"eval_sampler": {"eta": -1.0, "guidance_scale": -1.0}})
+  assert evaluation_sampler(c, rollout) == rollout
+  c.eval_sampler.eta = 0.0
+  assert evaluation_sampler(c, rollout) == SamplerConfig(10, 0.0, 1.5, 1.0, "flow")
+  c.eval_sampler.guidance_scale = 3.0
+  assert evaluation_sampler(c, rollout) == SamplerConfig(10, 0.0, 3.0, 1.0, "flow")
+  assert evaluation_sampler(config_dict.ConfigDict(), rollout) == rollout  # older configs
+  c.eval_sampler.num_steps = 20
+  with pytest.raises(ValueError, match="num_steps"):
+    evaluation_sampler(c, rollout)

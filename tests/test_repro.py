@@ -203,6 +203,34 @@ def test_report_from_finished_runs(tmp_path):
   assert report._value(runs[0].results(), "max_kl", "final") == 0.2
 
 
+def test_queries_to_reach_a_gain_by_hand(tmp_path):
+  """The flow table reports, per seed, the reward queries at the first evaluation whose
+  seen alignment is 5 points above epoch 0 (512 samples per epoch; 'never' otherwise)."""
+  t = tables.get("flow_methods")
+  runs = runner.plan(t, "cpu", str(tmp_path), seeds=2, rows=["nft", "flow_grpo"])
+  curves = {("nft", 0): [0.40, 0.44, 0.46, 0.47], ("nft", 1): [0.40, 0.45, 0.41, 0.50],
+            ("flow_grpo", 0): [0.40, 0.41, 0.42, 0.44], ("flow_grpo", 1): [0.40, 0.40, 0.47,
+                                                                           0.39]}
+  for r in runs:
+    os.makedirs(r.workdir, exist_ok=True)
+    hist = {str(5 * i): {"train/alignment": v, "heldout/alignment": 0.2, "train/reward": v}
+            for i, v in enumerate(curves[r.row, r.seed])}
+    with open(os.path.join(r.workdir, "results.json"), "w") as f:
+      json.dump({"epochs": 15, "reward_queries": 7680, "samples_per_epoch": 512,
+                 "total_seconds": 60, "history": hist, "curve": {}}, f)
+  # nft seed 0: +6 points at epoch 10; seed 1: +5 at epoch 5 (the float sum 0.40 + 0.05
+  # counts as reached); flow_grpo seed 0 never; seed 1 +7 at epoch 10
+  got = {(r.row, r.seed): report.queries_to_reach(r.results(), "train/alignment", 0.05)
+         for r in runs}
+  assert got == {("nft", 0): 5120, ("nft", 1): 2560, ("flow_grpo", 0): None,
+                 ("flow_grpo", 1): 5120}
+  report.write(t, "cpu", runs, str(tmp_path / "out"))
+  md = (tmp_path / "out" / "table.md").read_text()
+  assert "first reaches +5 points over epoch 0" in md
+  assert "| DiffusionNFT | 5,120, 2,560 | 2 of 2 |" in md
+  assert "| Flow-GRPO (KL 0.04) | never, 5,120 | 1 of 2 |" in md
+
+
 def test_finished_runs_are_skipped_and_a_changed_command_is_an_error(tmp_path):
   t = tables.get("prdp_table1")
   runs = runner.plan(t, "smoke", str(tmp_path), seeds=1)

@@ -61,6 +61,21 @@ def _value(results: dict, key: str, which: str) -> float | None:
   return None
 
 
+def queries_to_reach(results: dict, key: str, gain: float) -> int | None:
+  """Reward queries at the first evaluation whose `key` is at least `gain` above the
+  epoch-0 value (None: never within the run)."""
+  hist = results.get("history", {})
+  base = hist.get("0", {}).get(key)
+  per_epoch = results.get("samples_per_epoch")
+  if base is None or not per_epoch:
+    return None
+  for epoch in sorted(hist, key=int):
+    v = hist[epoch].get(key)
+    if v is not None and v - base >= gain - 1e-9:
+      return int(epoch) * int(per_epoch)
+  return None
+
+
 def collect(metrics: tuple[tables_lib.Metric, ...], runs: list[Run]) -> dict:
   """{row: {metric: {base|final|gain: Interval, "seeds": {...}}}, "_runs": ...} of the
   finished runs."""
@@ -163,8 +178,22 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
                  f"{int(np.mean(q)):,} | " + (f"{np.mean(mins):.1f}" if mins else "–") + " |"
                  if q else f"| {label} | " + " | ".join(cells) + f" | {len(per['_seeds'])} | – | – |")
   lines += ["", "Values: mean over seeds [95 % t interval]; percentages are points of "
-            "evaluator alignment.", "", "| claim | verdict | interval (paired by seed) |",
-            "|---|---|---|"]
+            "evaluator alignment.", ""]
+  if table.reach:
+    key, gain = table.reach
+    m = next((m for m in metrics if m.key == key), tables_lib.Metric(key, key))
+    amount = f"+{gain * 100:g} points" if m.percent else f"+{gain:g}"
+    lines += [f"Reward queries until {m.label} first reaches {amount} over epoch 0 (per "
+              "seed; evaluations at the preset's eval_every):", "",
+              "| method | per seed | seeds reaching it |", "|---|---|---|"]
+    for row in data:
+      done = [r for r in runs if r.row == row and r.done]
+      got = [queries_to_reach(r.results(), key, gain) for r in done]
+      shown = ", ".join("never" if q is None else f"{q:,}" for q in got)
+      lines.append(f"| {table.row(row).label} | {shown} | "
+                   f"{sum(q is not None for q in got)} of {len(got)} |")
+    lines.append("")
+  lines += ["| claim | verdict | interval (paired by seed) |", "|---|---|---|"]
   for v in ver:
     m = next((m for m in metrics if m.key == v["metric"]), None)
     iv = v["interval"]

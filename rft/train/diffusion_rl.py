@@ -14,6 +14,7 @@ theta_old == theta, so a resumed run continues the same curve bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -201,6 +202,10 @@ def validate(config) -> registry.DiffusionObjective:
     raise ValueError("config.share_initial_noise=True needs groups: several samples per prompt "
                      f"(config.samples_per_prompt={config.samples_per_prompt}, objective "
                      f"{o.name!r})")
+  @jax.jit
+  def eval_rollout(trainable, base, tokens, key):
+    return pipe.sample(materialize(trainable, base), tokens, key, eval_sampler)[0]
+
   window = config.get("sde_window", {}).get("size", 0)
   if window:
     w = config.sde_window
@@ -224,6 +229,17 @@ def validate(config) -> registry.DiffusionObjective:
   return obj
 
 
+def evaluation_sampler(config, sampler: SamplerConfig) -> SamplerConfig:
+  """The sampler of the evaluation samples: the rollout's, with config.eval_sampler's
+  eta and guidance_scale where they are >= 0 (eta 0: the deterministic ODE / DDIM)."""
+  over = {k: float(v) for k, v in dict(config.get("eval_sampler", {})).items() if v >= 0}
+  unknown = set(over) - {"eta", "guidance_scale"}
+  if unknown:
+    raise ValueError(f"config.eval_sampler sets {sorted(unknown)}; it holds eta and "
+                     "guidance_scale (negative: the rollout sampler's)")
+  return dataclasses.replace(sampler, **over)
+
+
 # ------------------------------------------------------------------------ main
 
 
@@ -239,6 +255,7 @@ def train_and_evaluate(config, workdir: str):
   base_params = placement.put_frozen(world.base_params)
   sampler = SamplerConfig(**dict(config.sampler))
   step_sampler = pipe.sampler(sampler)  # the registered sampler (config.sampler.name)
+  eval_sampler = evaluation_sampler(config, sampler)
   B = config.samples_per_prompt
   # ---------------------------------------------------------------- reward
   reward = rewards_lib.build(config.reward, options=config.get("reward_options"),
@@ -325,6 +342,10 @@ def train_and_evaluate(config, workdir: str):
                                    sde_steps=sde_steps, ref_params=base if with_ref else None)
     return traj, cond, null
 
+  @jax.jit
+  def eval_rollout(trainable, base, tokens, key):
+    return pipe.sample(materialize(trainable, base), tokens, key, eval_sampler)[0]
+
   window = config.get("sde_window", {}).get("size", 0)
 
   def sde_window(epoch):
@@ -377,7 +398,7 @@ def train_and_evaluate(config, workdir: str):
 
       def fn(chunk, k):
         tokens = placement.batch(tokens_all[chunk], strict=False)
-        traj = rollout(trainable, base_params, tokens, k)[0]
+        traj = eval_rollout(trainable, base_params, tokens, k)
         return placement.gather(to_images(base_params, traj.sample))
 
       judged = world.evaluate(fn, ids, key, config.eval_batch_size)
@@ -587,6 +608,8 @@ def train_and_evaluate(config, workdir: str):
              "total_seconds_this_run": round(time.time() - t_start, 1),
              "total_seconds": round(seconds_before + time.time() - t_start, 1),
              "samples_per_epoch": samples_per_epoch,
+             # what drew the evaluation samples (config.eval_sampler over config.sampler)
+             "eval_sampler": dataclasses.asdict(eval_sampler),
              "history": history, "curve": curve}
   final = placement.gather(materialize(eval_params(state), base_params))  # all processes
   ft = config.finetune
