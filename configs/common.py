@@ -101,7 +101,8 @@ def base() -> config_dict.ConfigDict:
   # The evaluation samples come from the rollout sampler (config.sampler) unless these
   # say otherwise (negative: the rollout's value): eta 0 gives the deterministic ODE /
   # DDIM, the usual way to judge a flow model whatever sampler trained it.
-  c.eval_sampler = config_dict.ConfigDict({"eta": -1.0, "guidance_scale": -1.0})
+  c.eval_sampler = config_dict.ConfigDict(
+      {"eta": -1.0, "guidance_scale": -1.0, "num_steps": -1})
   c.eval_every = 10
   c.eval_prompts = 256
   c.eval_batch_size = 256

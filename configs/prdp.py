@@ -22,6 +22,9 @@ Variants:
                 (rft/assets), the whole UNet at lr 2e-5, 60 epochs x 64 prompts x 8, no
                 variance levers (held-out alignment 36.3 -> 40.6 % in 30 min, one seed;
                 the README's method table)
+  flow          the same on the shipped rectified-flow base (a DiT; flow SDE at noise
+                level 0.7, its last two blocks at lr 3e-4, 20 epochs, judged with the
+                Euler ODE): the PRDP row of `python -m rft.repro flow_methods`
   smoke         any of the above shrunk to seconds (`prdp.py:smoke`, `prdp.py:all_captions,smoke`)
   paper_small / paper_large   Table 4 hyperparameters (on all_captions for ShapesWorld)
 
@@ -75,10 +78,28 @@ SMALL_SCALE = {
     "cpu_devices": 8,  # XLA CPU devices on a CPU host (ignored on GPU / TPU)
 }
 
+# `flow`: the same on the shipped rectified-flow base (a DiT; README "Flow matching"),
+# sampled with the flow SDE at noise level 0.7, the last two of the DiT's four blocks
+# trained, 20 epochs, judged with the Euler ODE: the PRDP row of
+# `python -m rft.repro flow_methods`.
+FLOW = {
+    "base_dir": "assets/flow",
+    "sampler.name": "flow",
+    "sampler.eta": 0.7,
+    "finetune.trainable": r"^dit/(block2|block3|final_)",
+    "epochs": 20,
+    "eval_every": 5,
+    "eval_sampler.eta": 0.0,
+}
+
 
 def get_config(arg=None):
   variants = config_lib.parse_arg(
-      arg, ("smoke", "short", "all_captions", "paper_small", "paper_large") + SD_VARIANTS)
+      arg, ("smoke", "short", "flow", "all_captions", "paper_small", "paper_large") +
+      SD_VARIANTS)
+  if "flow" in variants and variants - {"flow", "smoke"}:
+    raise ValueError("the `flow` variant is the small-scale setting on the rectified-flow "
+                     f"base; it does not combine with {sorted(variants - {'flow', 'smoke'})}")
   c = common.base()
   c.objective = config_dict.ConfigDict({
       "name": "prdp",
@@ -126,6 +147,8 @@ def get_config(arg=None):
                                    for k, v in SMALL_SCALE.items()])
     if "short" in variants:
       c.epochs = 40
+    if "flow" in variants:
+      config_lib.apply_overrides(c, [f"{k}={v}" for k, v in FLOW.items()])
   if "short" in variants and c.epochs != 40:
     raise ValueError("the `short` variant is the main job's setting for 40 epochs; it "
                      f"does not combine with {sorted(variants - {'short', 'smoke'})}")

@@ -654,6 +654,29 @@ def test_evaluation_sampler_overrides_only_what_is_set():
   c.eval_sampler.guidance_scale = 3.0
   assert evaluation_sampler(c, rollout) == SamplerConfig(10, 0.0, 3.0, 1.0, "flow")
   assert evaluation_sampler(config_dict.ConfigDict(), rollout) == rollout  # older configs
-  c.eval_sampler.num_steps = 20
-  with pytest.raises(ValueError, match="num_steps"):
+  c.eval_sampler.num_steps = 40
+  assert evaluation_sampler(c, rollout) == SamplerConfig(40, 0.0, 3.0, 1.0, "flow")
+  c.eval_sampler.num_steps = 0
+  with pytest.raises(ValueError, match="num_steps=0"):
     evaluation_sampler(c, rollout)
+  c.eval_sampler = {"eta": 0.0, "clip_x0": 2.0}
+  with pytest.raises(ValueError, match="clip_x0"):
+    evaluation_sampler(c, rollout)
+
+
+@pytest.mark.parametrize("config", ["flow_grpo:sd35_pickscore", "nft:sd35_pickscore"])
+def test_sd35_paper_settings_without_the_weights_fail_at_once_naming_the_model(
+    config, tmp_path, monkeypatch):
+  """The SD3.5-Medium variants need the diffusers folder; without it the run stops before
+  any work with an error naming the hub id and the command that fetches it."""
+  from rft import config as config_lib
+  from rft.train.diffusion_rl import train_and_evaluate
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  c = config_lib.load(*config.split(":"))
+  with pytest.raises(FileNotFoundError) as e:
+    train_and_evaluate(c, str(tmp_path / "run"))
+  msg = str(e.value)
+  assert "'stabilityai/stable-diffusion-3.5-medium'" in msg
+  assert "hf download stabilityai/stable-diffusion-3.5-medium" in msg
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -79,6 +79,14 @@ def test_the_main_job_is_t1s_prdp_row(tmp_path, variant, preset):
   assert _run_config(run, f"{config_lib.CONFIG_DIR}/prdp.py:all_captions") == main_job
 
 
+def test_prdp_flow_variant_is_the_flow_tables_prdp_row(tmp_path):
+  """configs/prdp.py:flow builds the config of the flow method table's PRDP row."""
+  run = runner.plan(tables.get("flow_methods"), "cpu", str(tmp_path), rows=["prdp"])[0]
+  assert _run_config(run) == config_lib.load("prdp", "flow").to_dict()
+  with pytest.raises(ValueError, match="does not combine with"):
+    config_lib.load("prdp", "flow,short")
+
+
 @pytest.mark.parametrize("table,preset", [
     ("prdp_table1", "cpu_original"), ("prdp_table2", "cpu"), ("prdp_table2", "cpu_original"),
     ("prdp_table2", "accelerator"), ("prdp_table3", "cpu"), ("prdp_table3", "accelerator"), ("prdp_table5", "cpu"),

@@ -231,12 +231,18 @@ def validate(config) -> registry.DiffusionObjective:
 
 def evaluation_sampler(config, sampler: SamplerConfig) -> SamplerConfig:
   """The sampler of the evaluation samples: the rollout's, with config.eval_sampler's
-  eta and guidance_scale where they are >= 0 (eta 0: the deterministic ODE / DDIM)."""
-  over = {k: float(v) for k, v in dict(config.get("eval_sampler", {})).items() if v >= 0}
-  unknown = set(over) - {"eta", "guidance_scale"}
+  eta, guidance_scale and num_steps where they are >= 0 (eta 0: the deterministic ODE /
+  DDIM)."""
+  kinds = {"eta": float, "guidance_scale": float, "num_steps": int}
+  given = dict(config.get("eval_sampler", {}))
+  unknown = set(given) - set(kinds)
   if unknown:
-    raise ValueError(f"config.eval_sampler sets {sorted(unknown)}; it holds eta and "
-                     "guidance_scale (negative: the rollout sampler's)")
+    raise ValueError(f"config.eval_sampler sets {sorted(unknown)}; it holds "
+                     f"{', '.join(kinds)} (negative: the rollout sampler's)")
+  over = {k: kinds[k](v) for k, v in given.items() if v >= 0}
+  if over.get("num_steps") == 0:
+    raise ValueError("config.eval_sampler.num_steps=0: give a step count >= 1, or -1 for "
+                     "the rollout sampler's")
   return dataclasses.replace(sampler, **over)
 
 
