@@ -223,19 +223,21 @@ def test_queries_to_reach_a_gain_by_hand(tmp_path):
     os.makedirs(r.workdir, exist_ok=True)
     hist = {str(5 * i): {"train/alignment": v, "heldout/alignment": 0.2, "train/reward": v}
             for i, v in enumerate(curves[r.row, r.seed])}
+    curve = {str(e): {"epoch_seconds": 6.0} for e in range(1, 16)} if r.row == "nft" else {}
     with open(os.path.join(r.workdir, "results.json"), "w") as f:
       json.dump({"epochs": 15, "reward_queries": 7680, "samples_per_epoch": 512,
-                 "total_seconds": 60, "history": hist, "curve": {}}, f)
+                 "total_seconds": 60, "history": hist, "curve": curve}, f)
   # nft seed 0: +6 points at epoch 10; seed 1: +5 at epoch 5 (the float sum 0.40 + 0.05
   # counts as reached); flow_grpo seed 0 never; seed 1 +7 at epoch 10
   got = {(r.row, r.seed): report.queries_to_reach(r.results(), "train/alignment", 0.05)
          for r in runs}
-  assert got == {("nft", 0): 5120, ("nft", 1): 2560, ("flow_grpo", 0): None,
-                 ("flow_grpo", 1): 5120}
+  # (queries, seconds): nft's curves record 6 s per epoch, flow_grpo's none
+  assert got == {("nft", 0): (5120, 60.0), ("nft", 1): (2560, 30.0), ("flow_grpo", 0): None,
+                 ("flow_grpo", 1): (5120, 0.0)}
   report.write(t, "cpu", runs, str(tmp_path / "out"))
   md = (tmp_path / "out" / "table.md").read_text()
   assert "first reaches +5 points over epoch 0" in md
-  assert "| DiffusionNFT | 5,120, 2,560 | 2 of 2 |" in md
+  assert "| DiffusionNFT | 5,120 (1.0 min), 2,560 (0.5 min) | 2 of 2 |" in md
   assert "| Flow-GRPO (KL 0.04) | never, 5,120 | 1 of 2 |" in md
 
 

@@ -61,9 +61,11 @@ def _value(results: dict, key: str, which: str) -> float | None:
   return None
 
 
-def queries_to_reach(results: dict, key: str, gain: float) -> int | None:
-  """Reward queries at the first evaluation whose `key` is at least `gain` above the
-  epoch-0 value (None: never within the run)."""
+def queries_to_reach(results: dict, key: str, gain: float) -> tuple[int, float] | None:
+  """(reward queries, training seconds) at the first evaluation whose `key` is at least
+  `gain` above the epoch-0 value; None: never within the run. The seconds sum the
+  per-epoch times of the curve up to that epoch (compilation in the first, evaluations
+  not counted)."""
   hist = results.get("history", {})
   base = hist.get("0", {}).get(key)
   per_epoch = results.get("samples_per_epoch")
@@ -72,7 +74,10 @@ def queries_to_reach(results: dict, key: str, gain: float) -> int | None:
   for epoch in sorted(hist, key=int):
     v = hist[epoch].get(key)
     if v is not None and v - base >= gain - 1e-9:
-      return int(epoch) * int(per_epoch)
+      curve = results.get("curve", {})
+      seconds = sum(float(c.get("epoch_seconds", 0.0)) for e, c in curve.items()
+                    if int(e) <= int(epoch))
+      return int(epoch) * int(per_epoch), seconds
   return None
 
 
@@ -183,13 +188,14 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
     key, gain = table.reach
     m = next((m for m in metrics if m.key == key), tables_lib.Metric(key, key))
     amount = f"+{gain * 100:g} points" if m.percent else f"+{gain:g}"
-    lines += [f"Reward queries until {m.label} first reaches {amount} over epoch 0 (per "
-              "seed; evaluations at the preset's eval_every):", "",
+    lines += [f"Reward queries (and training minutes) until {m.label} first reaches "
+              f"{amount} over epoch 0, per seed, at the preset's evaluations:", "",
               "| method | per seed | seeds reaching it |", "|---|---|---|"]
     for row in data:
       done = [r for r in runs if r.row == row and r.done]
       got = [queries_to_reach(r.results(), key, gain) for r in done]
-      shown = ", ".join("never" if q is None else f"{q:,}" for q in got)
+      shown = ", ".join("never" if q is None else f"{q[0]:,}" + (
+          f" ({q[1] / 60:.1f} min)" if q[1] else "") for q in got)
       lines.append(f"| {table.row(row).label} | {shown} | "
                    f"{sum(q is not None for q in got)} of {len(got)} |")
     lines.append("")
