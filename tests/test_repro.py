@@ -79,10 +79,12 @@ def test_the_main_job_is_t1s_prdp_row(tmp_path, variant, preset):
   assert _run_config(run, f"{config_lib.CONFIG_DIR}/prdp.py:all_captions") == main_job
 
 
-def test_prdp_flow_variant_is_the_flow_tables_prdp_row(tmp_path):
-  """configs/prdp.py:flow builds the config of the flow method table's PRDP row."""
-  run = runner.plan(tables.get("flow_methods"), "cpu", str(tmp_path), rows=["prdp"])[0]
-  assert _run_config(run) == config_lib.load("prdp", "flow").to_dict()
+def test_prdp_flow_variant_and_nft_default_are_the_flow_tables_rows(tmp_path):
+  """configs/prdp.py:flow and configs/nft.py build the configs of the flow method
+  table's PRDP and DiffusionNFT rows."""
+  for row, name, variant in (("prdp", "prdp", "flow"), ("nft", "nft", None)):
+    run = runner.plan(tables.get("flow_methods"), "cpu", str(tmp_path), rows=[row])[0]
+    assert _run_config(run) == config_lib.load(name, variant).to_dict(), row
   with pytest.raises(ValueError, match="does not combine with"):
     config_lib.load("prdp", "flow,short")
 

@@ -529,6 +529,8 @@ FLOW_METHODS = Table(
               "reward queries", "gt", SEEN, "nft", "flow_grpo"),
         Claim("PRDP >= Flow-GRPO on seen-caption alignment (within 2 points)", "geq", SEEN,
               "prdp", "flow_grpo", margin=0.02),
+        Claim("DanceGRPO raises seen-caption alignment", "pos", SEEN, "dance"),
+        Claim("MixGRPO raises seen-caption alignment", "pos", SEEN, "mix"),
     ),
     presets={
         "cpu": Preset(seeds=3, cpu_devices=8,
