@@ -501,6 +501,8 @@ FLOW_ROWS = {
     "prdp": dict(_FLOW_TRAJ, **_FLOW_SDE, **_FLOW_BUDGET),
     "flow_grpo": dict(_FLOW_TRAJ, **_FLOW_BUDGET),
     "nft": dict(_FLOW_BUDGET),
+    # NFT on the trajectory rows' layers and learning rate: its objective, their budget.
+    "nft_layers": dict(_FLOW_BUDGET, **FLOW_LAYERS),
     "dance": dict(_FLOW_TRAJ, **_FLOW_BUDGET),
     # MixGRPO's window moves over all 10 steps, so none is left out of the gradient.
     "mix": dict(_FLOW_TRAJ, **_FLOW_BUDGET, **{"objective.skip_last_steps": 0}),
@@ -517,6 +519,7 @@ FLOW_METHODS = Table(
     rows=(Row("prdp", "prdp", "PRDP on the flow SDE"),
           Row("flow_grpo", "flow_grpo", "Flow-GRPO (KL 0.04)"),
           Row("nft", "nft", "DiffusionNFT"),
+          Row("nft_layers", "nft", "DiffusionNFT, the last two DiT blocks at 3e-4"),
           Row("dance", "flow_grpo:dance", "DanceGRPO (60 % of the steps, no KL)"),
           Row("mix", "flow_grpo:mix", "MixGRPO (a 2-step SDE window, no KL)")),
     metrics=(Metric(SEEN, "seen alignment"), Metric(UNSEEN, "unseen alignment"),
@@ -529,6 +532,8 @@ FLOW_METHODS = Table(
               "reward queries", "gt", SEEN, "nft", "flow_grpo"),
         Claim("PRDP >= Flow-GRPO on seen-caption alignment (within 2 points)", "geq", SEEN,
               "prdp", "flow_grpo", margin=0.02),
+        Claim("DiffusionNFT on the trajectory rows' layers and lr gains more than "
+              "Flow-GRPO", "gt", SEEN, "nft_layers", "flow_grpo"),
         Claim("DanceGRPO raises seen-caption alignment", "pos", SEEN, "dance"),
         Claim("MixGRPO raises seen-caption alignment", "pos", SEEN, "mix"),
     ),
