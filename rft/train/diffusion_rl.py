@@ -202,10 +202,6 @@ def validate(config) -> registry.DiffusionObjective:
     raise ValueError("config.share_initial_noise=True needs groups: several samples per prompt "
                      f"(config.samples_per_prompt={config.samples_per_prompt}, objective "
                      f"{o.name!r})")
-  @jax.jit
-  def eval_rollout(trainable, base, tokens, key):
-    return pipe.sample(materialize(trainable, base), tokens, key, eval_sampler)[0]
-
   window = config.get("sde_window", {}).get("size", 0)
   if window:
     w = config.sde_window
