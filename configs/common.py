@@ -203,6 +203,20 @@ def sd3_world(c: config_dict.ConfigDict, model_path: str, prompt_set: str = "ani
   c.eval_batch_size = 8
 
 
+def sd35m_pickscore(c: config_dict.ConfigDict) -> None:
+  """The PickScore setting the flow papers share on Stable Diffusion 3.5 Medium
+  (Flow-GRPO, DiffusionNFT): sd3_world with LoRA on Pick-a-Pic prompts, 512 px, the
+  PickScore reward at its default file locations, 1,000 epochs with an evaluation every
+  60 and a checkpoint every 20. Sampler and objective settings stay with each config."""
+  sd3_world(c, "stabilityai/stable-diffusion-3.5-medium", prompt_set="pickapic", lora=True)
+  c.resolution = 512
+  c.reward = "pickscore"
+  c.reward_options = reward_files("pickscore")
+  c.epochs = 1000
+  c.eval_every = 60
+  c.ckpt_every = 20
+
+
 # Where each SD reward model's files are expected by default (override with
 # --config.reward_options.<name>.<key>=...): hub ids resolve in the local HF cache.
 REWARD_FILES = {

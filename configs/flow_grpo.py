@@ -74,11 +74,7 @@ def get_config(arg=None):
     c.sde_window.stride = 1
     c.sde_window.every = 3
   if "sd35_pickscore" in variants:
-    common.sd3_world(c, "stabilityai/stable-diffusion-3.5-medium",
-                            prompt_set="pickapic", lora=True)
-    c.resolution = 512
-    c.reward = "pickscore"
-    c.reward_options = common.reward_files("pickscore")
+    common.sd35m_pickscore(c)
     c.sampler.eta = 0.7
     c.objective.kl_coef = 0.01
     c.objective.global_std = True
@@ -89,9 +85,6 @@ def get_config(arg=None):
     c.prompts_per_update = 24
     c.lr = 3e-4
     c.ema_decay = 0.9
-    c.epochs = 1000
-    c.eval_every = 60
-    c.ckpt_every = 20
   if "smoke" in variants:
     common.smoke(c)
   return config_lib.lock(c)

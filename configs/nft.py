@@ -66,11 +66,7 @@ def get_config(arg=None):
   if "sd35_pickscore" in variants:
     c.train_prompts = 0
     c.cpu_devices = 0
-    common.sd3_world(c, "stabilityai/stable-diffusion-3.5-medium",
-                            prompt_set="pickapic", lora=True)
-    c.resolution = 512
-    c.reward = "pickscore"
-    c.reward_options = common.reward_files("pickscore")
+    common.sd35m_pickscore(c)
     c.sampler.eta = 0.0
     c.sampler.guidance_scale = 1.0  # sd3_world sets Flow-GRPO's 4.5; NFT is CFG-free
     c.eval_sampler.num_steps = 40
@@ -79,9 +75,6 @@ def get_config(arg=None):
     c.updates_per_epoch = 1
     c.prompts_per_update = 48
     c.lr = 3e-4
-    c.epochs = 1000
-    c.eval_every = 60
-    c.ckpt_every = 20
   if "smoke" in variants:
     common.smoke(c)
   return config_lib.lock(c)
