@@ -38,6 +38,13 @@ def test_grpo_smoke_runs(variant, tmp_path):
   r = _results(wd)
   assert r["objective"] == OBJECTIVE.get(variant, "grpo")
   assert set(r["history"]) == {"0", "2"}
+  # per-step curve: completions scored and seconds (rft.repro's queries and minutes)
+  assert set(r["curve"]) == {"1", "2"}
+  per_step = [c["completions"] for c in r["curve"].values()]
+  assert r["reward_queries"] == sum(per_step) > 0
+  assert r["samples_per_epoch"] == round(sum(per_step) / 2)
+  assert all(c["step_seconds"] > 0 for c in r["curve"].values())
+  assert r["total_seconds"] >= r["train_seconds_this_run"]
   for h in r["history"].values():
     for k in ("train/accuracy_greedy", "heldout/accuracy_sampled"):
       assert 0.0 <= h[k] <= 1.0
@@ -80,6 +87,12 @@ def test_resumed_run_continues_the_same_curve(tmp_path):
   run_main("configs/grpo.py:smoke,dapo", tmp_path / "b", *args)
   _, a, _ = pretrained.load_arith_base(str(tmp_path / "a"))
   _, b, _ = pretrained.load_arith_base(str(tmp_path / "b"))
+  # the resumed run's curve and counts carry the first run's step (extra rounds included)
+  ra, rb = _results(tmp_path / "a"), _results(tmp_path / "b")
+  assert ([c["completions"] for c in rb["curve"].values()]
+          == [c["completions"] for c in ra["curve"].values()])
+  assert rb["reward_queries"] == ra["reward_queries"]
+  assert rb["total_seconds"] > rb["total_seconds_this_run"]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 

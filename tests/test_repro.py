@@ -238,7 +238,7 @@ def test_queries_to_reach_a_gain_by_hand(tmp_path):
                  ("flow_grpo", 1): (5120, 0.0)}
   report.write(t, "cpu", runs, str(tmp_path / "out"))
   md = (tmp_path / "out" / "table.md").read_text()
-  assert "first reaches +5 points over epoch 0" in md
+  assert "first reaches +5 points over its start (epoch or step 0)" in md
   assert "| DiffusionNFT | 5,120 (1.0 min), 2,560 (0.5 min) | 2 of 2 |" in md
   assert "| Flow-GRPO (KL 0.04) | never, 5,120 | 1 of 2 |" in md
 
@@ -435,3 +435,33 @@ def test_pooled_reports_equal_one_report_of_all_seeds(tmp_path):
   other.write_text((tmp_path / "b" / "out" / "table.csv").read_text().replace(",cpu,", ",cpu_long,"))
   with pytest.raises(ValueError, match="different tables or presets"):
     pool.pool([str(tmp_path / "a" / "out"), str(other)])
+
+
+def test_lm_objectives_table_reads_lm_runs(tmp_path):
+  """The LM table reads the LM loop's results.json (steps, per-step curve with
+  step_seconds, completions as reward queries); its percentages are exact match."""
+  t = tables.get("lm_objectives")
+  runs = runner.plan(t, "cpu", str(tmp_path), seeds=2)
+  assert [r.row for r in runs] == ["grpo", "rebel", "copg"] * 2
+  assert "--config.steps=50" in runs[0].argv and "--config.eval_seed=1" in runs[3].argv
+  sampled = {"grpo": (0.43, 0.50, 0.56), "rebel": (0.43, 0.55, 0.60),
+             "copg": (0.43, 0.52, 0.54)}
+  for r in runs:
+    os.makedirs(r.workdir, exist_ok=True)
+    hist = {str(25 * i): {"heldout/accuracy_sampled": v + 0.01 * r.seed,
+                          "heldout/accuracy_greedy": 0.82, "train/accuracy_sampled": v}
+            for i, v in enumerate(sampled[r.row])}
+    curve = {str(s): {"completions": 1024, "step_seconds": 3.0} for s in range(1, 51)}
+    with open(os.path.join(r.workdir, "results.json"), "w") as f:
+      json.dump({"steps": 50, "reward_queries": 51200, "samples_per_epoch": 1024,
+                 "total_seconds": 180, "history": hist, "curve": curve}, f)
+  summary = report.write(t, "cpu", runs, str(tmp_path / "out"))
+  md = (tmp_path / "out" / "table.md").read_text()
+  assert "percentages are points of exact match" in md
+  # +10 points: grpo at step 50 (0.56 - 0.43 = 13), rebel at 25 (12), copg at 50 (11)
+  assert "| GRPO | 51,200 (2.5 min), 51,200 (2.5 min) | 2 of 2 |" in md
+  assert "| REBEL (eta 1, all pairs) | 25,600 (1.2 min), 25,600 (1.2 min) | 2 of 2 |" in md
+  v = {c["claim"]: c for c in summary["verdicts"]}
+  iv = v["REBEL >= GRPO on held-out sampled accuracy (within 2 points)"]
+  np.testing.assert_allclose(iv["interval"]["mean"], 0.04)  # 0.17 - 0.13 on both seeds
+  assert iv["verdict"] == stats.HOLDS

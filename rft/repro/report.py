@@ -75,7 +75,8 @@ def queries_to_reach(results: dict, key: str, gain: float) -> tuple[int, float] 
     v = hist[epoch].get(key)
     if v is not None and v - base >= gain - 1e-9:
       curve = results.get("curve", {})
-      seconds = sum(float(c.get("epoch_seconds", 0.0)) for e, c in curve.items()
+      seconds = sum(float(c.get("epoch_seconds", c.get("step_seconds", 0.0)))
+                    for e, c in curve.items()
                     if int(e) <= int(epoch))
       return int(epoch) * int(per_epoch), seconds
   return None
@@ -183,13 +184,13 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
                  f"{int(np.mean(q)):,} | " + (f"{np.mean(mins):.1f}" if mins else "–") + " |"
                  if q else f"| {label} | " + " | ".join(cells) + f" | {len(per['_seeds'])} | – | – |")
   lines += ["", "Values: mean over seeds [95 % t interval]; percentages are points of "
-            "evaluator alignment.", ""]
+            f"{table.percent_of}.", ""]
   if table.reach:
     key, gain = table.reach
     m = next((m for m in metrics if m.key == key), tables_lib.Metric(key, key))
     amount = f"+{gain * 100:g} points" if m.percent else f"+{gain:g}"
     lines += [f"Reward queries (and training minutes) until {m.label} first reaches "
-              f"{amount} over epoch 0, per seed, at the preset's evaluations:", "",
+              f"{amount} over its start (epoch or step 0), per seed, at the preset's evaluations:", "",
               "| method | per seed | seeds reaching it |", "|---|---|---|"]
     for row in data:
       done = [r for r in runs if r.row == row and r.done]

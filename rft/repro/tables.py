@@ -73,6 +73,7 @@ class Table:
   # (metric, gain): the table also reports, per row, the reward queries at which each
   # seed's evaluations first reach that gain over its epoch-0 value (sample efficiency).
   reach: tuple[str, float] | None = None
+  percent_of: str = "evaluator alignment"  # what the table's percentages measure
 
   def row(self, name: str) -> Row:
     for r in self.rows:
@@ -481,6 +482,72 @@ REWARD_HACKING = Table(
     curve_metric=UNSEEN,
 )
 
+# Reward backprop against the same rewards: DRaFT with gradients through the whole
+# 10-step chain (configs/draft.py:full) on T1's 32 training captions from T1's base
+# (rft/assets/positions), training T1's low-resolution UNet blocks. It trains the model
+# (ReNO optimises each image's noise), so the hacking it finds is the policy's: the
+# optimised reward on the training captions against the evaluator on them. PAR's
+# reference is the base model's mean score under the seed-0 RM on those captions (3.8 at
+# epoch 0 of the `single` row; ReNO's 1.8 was measured on its own captions). The raw
+# (unstandardised) ensemble rules are left out: their members' offsets make min and
+# std meaningless (above).
+DRAFT_PAR_REFERENCE = 3.8
+DRAFT_HACK_ROWS = {
+    "classifier": {},
+    "single": HACK_ROWS["single"],
+    "par": dict(HACK_ROWS["par"], **{
+        "reward_options.shapes_preference.shaping_reference": DRAFT_PAR_REFERENCE}),
+    "mean_z": HACK_ROWS["mean_z"],
+    "min_z": HACK_ROWS["min_z"],
+    "mean_minus_std_z": HACK_ROWS["mean_minus_std_z"],
+}
+OPTIMISED = "train/config_reward"  # the configured reward's score of the evaluation images
+
+REWARD_HACKING_DRAFT = Table(
+    name="reward_hacking_draft",
+    title="Reward hacking under reward backprop: DRaFT against one preference reward model, "
+          "PAR and ensembles",
+    paper=REWARD_HACKING.paper + (" DRaFT / AlignProp (Clark et al. 2024; Prabhudesai et "
+                                  "al. 2023) optimise the reward by its gradient and are "
+                                  "the most direct test of over-optimisation."),
+    rows=(Row("classifier", "draft:full", "attribute classifier, P(caption) (reference)"),
+          Row("single", "draft:full", "one preference RM (seed 0)"),
+          Row("par", "draft:full", f"the same RM shaped by PAR, sigmoid(r - "
+                                   f"{DRAFT_PAR_REFERENCE})"),
+          Row("mean_z", "draft:full", "ensemble of 3 standardised, mean"),
+          Row("min_z", "draft:full", "ensemble of 3 standardised, min (WCO)"),
+          Row("mean_minus_std_z", "draft:full", "ensemble of 3 standardised, mean - std")),
+    metrics=(Metric(SEEN, "seen alignment"), Metric(UNSEEN, "unseen alignment"),
+             Metric(OPTIMISED, "optimised reward (seen)", percent=False),
+             Metric("train/reward", "classifier P(caption) (seen)", percent=False)),
+    claims=(
+        Claim("DRaFT raises its reward model's own score on the training captions", "pos",
+              OPTIMISED, "single"),
+        Claim("the preference RM is hacked: DRaFT against it gains less seen alignment than "
+              "against the attribute classifier", "gt", SEEN, "classifier", "single"),
+        Claim("PAR shaping mitigates: more seen alignment than the unshaped RM", "gt", SEEN,
+              "par", "single"),
+        Claim("standardised ensemble mean mitigates: more seen alignment than one RM", "gt",
+              SEEN, "mean_z", "single"),
+        Claim("standardised ensemble min mitigates: more seen alignment than one RM", "gt",
+              SEEN, "min_z", "single"),
+        Claim("standardised ensemble mean - std mitigates: more seen alignment than one RM",
+              "gt", SEEN, "mean_minus_std_z", "single"),
+        Claim("... but does not eliminate: the standardised mean still below the classifier",
+              "gt", SEEN, "classifier", "mean_z"),
+    ),
+    presets={
+        "cpu": Preset(seeds=3, cpu_devices=8,
+                      common=dict(_T1_COMMON, **T1_BASE, **LOWRES, epochs=150, eval_every=50,
+                                  ckpt_every=50),
+                      rows=DRAFT_HACK_ROWS,
+                      note="this 2-core CPU, 8 XLA CPU devices, 150 updates of 32 captions "
+                           "(4,800 reward queries, each with its gradient); base "
+                           "rft/assets/positions, T1's captions and layers"),
+        "smoke": _smoke({r: dict(T1_BASE, **o) for r, o in DRAFT_HACK_ROWS.items()}),
+    },
+)
+
 # ---------------------------------------------------------------------------- flow methods
 
 # Every flow method from the shipped rectified-flow base (rft/assets/flow) on T1's 32
@@ -548,8 +615,58 @@ FLOW_METHODS = Table(
     reach=(SEEN, 0.05),
 )
 
+# ---------------------------------------------------------------------------- LM objectives
+
+# GRPO against the pair objectives on the arithmetic world (configs/grpo.py: 128 problems
+# x 8 completions per step, exact-match reward, AdamW 1e-4): every row draws the same
+# completions per step and is judged by exact match on 512 fixed held-out problems,
+# sampled at T = 1 and greedy.
+LM_SAMPLED, LM_GREEDY = "heldout/accuracy_sampled", "heldout/accuracy_greedy"
+LM_ROWS = {"grpo": {}, "rebel": {}, "copg": {}}
+
+LM_OBJECTIVES = Table(
+    name="lm_objectives",
+    title="GRPO vs REBEL vs CoPG on the arithmetic world at equal completions",
+    paper=("REBEL (Gao et al. 2024): regressing reward differences on differences of "
+           "log-ratios to the sampling policy matches or beats PPO on TL;DR and chat; CoPG "
+           "(Flet-Berliac et al. 2024): a contrastive, off-policy-correct policy gradient "
+           "on pairs that optimises the reward as well as on-policy methods. Both are pair "
+           "objectives over completions of one prompt; the claim tested is that each does "
+           "at least as well as GRPO at the same number of completions."),
+    rows=(Row("grpo", "grpo", "GRPO"),
+          Row("rebel", "grpo:rebel", "REBEL (eta 1, all pairs)"),
+          Row("copg", "grpo:copg", "CoPG (beta 0.1, all pairs)")),
+    metrics=(Metric(LM_SAMPLED, "held-out exact match, sampled"),
+             Metric(LM_GREEDY, "held-out exact match, greedy"),
+             Metric("train/accuracy_sampled", "training problems, sampled")),
+    claims=(
+        Claim("GRPO raises held-out sampled accuracy", "pos", LM_SAMPLED, "grpo"),
+        Claim("REBEL raises held-out sampled accuracy", "pos", LM_SAMPLED, "rebel"),
+        Claim("CoPG raises held-out sampled accuracy", "pos", LM_SAMPLED, "copg"),
+        Claim("REBEL >= GRPO on held-out sampled accuracy (within 2 points)", "geq",
+              LM_SAMPLED, "rebel", "grpo", margin=0.02),
+        Claim("CoPG >= GRPO on held-out sampled accuracy (within 2 points)", "geq",
+              LM_SAMPLED, "copg", "grpo", margin=0.02),
+        Claim("greedy accuracy is kept: REBEL >= GRPO within 2 points", "geq", LM_GREEDY,
+              "rebel", "grpo", margin=0.02),
+        Claim("greedy accuracy is kept: CoPG >= GRPO within 2 points", "geq", LM_GREEDY,
+              "copg", "grpo", margin=0.02),
+    ),
+    presets={
+        "cpu": Preset(seeds=3, common={"steps": 50, "eval_every": 25, "ckpt_every": 25},
+                      rows=LM_ROWS,
+                      note="this 2-core CPU, 50 steps x 1,024 completions per run (51,200)"),
+        "smoke": Preset(seeds=2, config_arg="smoke", common={}, rows=LM_ROWS,
+                        note="smoke test (seconds per run)"),
+    },
+    curve_metric=LM_SAMPLED,
+    reach=(LM_SAMPLED, 0.10),
+    percent_of="exact match",
+)
+
 ALL = {t.name: t for t in (PRDP_TABLE1, PRDP_TABLE2, PRDP_TABLE3, PRDP_TABLE5,
-                           REWARD_HACKING, FLOW_METHODS)}
+                           REWARD_HACKING, REWARD_HACKING_DRAFT, FLOW_METHODS,
+                           LM_OBJECTIVES)}
 
 
 def get(name: str) -> Table:

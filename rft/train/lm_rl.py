@@ -47,6 +47,9 @@ from rft.train.batching import group_rows, minibatches
 from rft.train.pretrain_lm import load_or_pretrain_arith
 from rft.train.state import TrainState, lr_schedule, make_optimizer
 
+# Per-step training metrics kept for results.json["curve"].
+CURVE_KEYS = ("reward_mean", "loss", "grad_norm", "kl", "completions", "tokens",
+              "step_seconds", "rollout_seconds")
 # The console line of an evaluation (rft.train.loop.eval_line).
 EVAL_LINE = (("accuracy greedy", "accuracy_greedy", "%"),
              ("sampled", "accuracy_sampled", "%"))
@@ -292,7 +295,10 @@ def train_and_evaluate(config, workdir: str):
   # ---------------------------------------------------------------- checkpoint / resume
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", max_to_keep=2)
   start, state, ck_meta = loop.resume(ckpt, state, workdir)
-  history = ck_meta.get("history", {})
+  # history: evaluations by step; curve: per-step training metrics (CURVE_KEYS);
+  # seconds_before: wall seconds of the runs this one resumes
+  history, curve = ck_meta.get("history", {}), ck_meta.get("curve", {})
+  seconds_before = float(ck_meta.get("seconds", 0.0))
 
   # ---------------------------------------------------------------- log-probs and updates
   update = make_update(lm_config, config, tx, placement, state)
@@ -426,10 +432,12 @@ def train_and_evaluate(config, workdir: str):
     # Throughput: completions and their tokens generated (every dynamic-sampling round
     # counted) per second of the rollout (generation, decoding, rewards) and of the step.
     m["rollout_seconds"] = rollout_seconds
+    m.update(generated)
     for what, count in generated.items():
       m[f"{what}_per_sec_rollout"] = count / rollout_seconds
       m[f"{what}_per_sec"] = count / m["step_seconds"]
     writer.write_scalars(done, {f"train/{k}": v for k, v in m.items()})
+    curve[str(done)] = {k: m[k] for k in CURVE_KEYS if k in m}
     if done % config.log_every == 0 or done == config.steps:
       writer.write_texts(done, {"samples/rollouts": "\n".join(
           f"{world.prompts[i]}{world.completion_separator}{t}  (reward {r:.2f})"
@@ -440,7 +448,9 @@ def train_and_evaluate(config, workdir: str):
       history[str(done)]["train/reward_mean_step"] = m["reward_mean"]
       logging.info("%s", loop.eval_line("step", done, history[str(done)], EVAL_LINE))
     loop.end_of_step(stop, done, config.steps, config.ckpt_every,
-                     lambda: ckpt.save(done, state, metadata={"history": history}),
+                     lambda: ckpt.save(done, state, metadata={
+                         "history": history, "curve": curve,
+                         "seconds": seconds_before + time.time() - t_start}),
                      writer, workdir)
   stop.close()
   bar.close()
@@ -450,7 +460,14 @@ def train_and_evaluate(config, workdir: str):
   results = {"objective": o.name, "loss": obj.label(config),
              "steps": config.steps, "completions_per_step": Q * G,
              "train_seconds_this_run": round(time.time() - t_loop, 1),
-             "total_seconds_this_run": round(time.time() - t_start, 1), "history": history}
+             "total_seconds_this_run": round(time.time() - t_start, 1),
+             "total_seconds": round(seconds_before + time.time() - t_start, 1),
+             # completions the reward scored (every dynamic-sampling round counted)
+             "reward_queries": int(sum(c.get("completions", 0) for c in curve.values())),
+             # completions per step (Q x G, more with dynamic sampling's extra rounds)
+             "samples_per_epoch": round(sum(c.get("completions", 0) for c in curve.values())
+                                        / max(len(curve), 1)),
+             "history": history, "curve": curve}
   final = placement.gather(state.params)  # on every process (a collective)
   loop.write_results(workdir, results)
   if jax.process_index() == 0:
