@@ -37,8 +37,8 @@ def get_config(arg=None):
     c.sampler.guidance_scale = 7.5
     c.finetune.lora_rank, c.finetune.lora_alpha = 32, 32.0
     c.lr, c.epochs, c.prompts_per_epoch, c.prompts_per_update = 2e-4, 2000, 8, 8
-  if "full" in variants:
-    c.objective.grad_steps = c.sampler.num_steps
   if "smoke" in variants:
     common.smoke(c)
+  if "full" in variants:  # after smoke, which shortens the chain
+    c.objective.grad_steps = c.sampler.num_steps
   return config_lib.lock(c)

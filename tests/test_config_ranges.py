@@ -58,3 +58,21 @@ def test_main_stops_before_any_work(tmp_path):
   p = run_main("configs/prdp.py:smoke", tmp_path / "wd", "--config.epochs=-1", check=False)
   assert p.returncode != 0 and "--config.epochs=-1 (must be an integer >= 1)" in p.stderr
   assert not (tmp_path / "wd").exists()
+
+
+def test_variants_combined_with_smoke_pass_the_trainers_checks():
+  """A variant that sizes something by the sampler (draft:full, K = T) still holds after
+  smoke shortens the chain; rft.repro's smoke presets combine every row with smoke."""
+  from rft.train import diffusion_rl
+  c = config_lib.load("draft", "full,smoke")
+  assert c.objective.grad_steps == c.sampler.num_steps == 3
+  diffusion_rl.validate(c)
+  from rft.repro import tables
+  for t in tables.ALL.values():
+    smoke = t.presets.get("smoke")
+    for row in t.rows if smoke else ():
+      if row.name not in smoke.rows or row.config.split(":")[0] in ("grpo", "reno"):
+        continue
+      path, _, arg = row.config.partition(":")
+      c = config_lib.load(path, f"{arg},smoke" if arg else "smoke")
+      diffusion_rl.validate(c)
