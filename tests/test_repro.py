@@ -136,14 +136,19 @@ def test_every_named_preference_reward_model_is_shipped():
     assert stats["n"] == 2048 and stats["std"] > 0
 
 
-def test_the_par_row_optimises_sigmoid_of_the_single_rms_score_minus_its_reference(tmp_path):
-  """reward_hacking's `par` row: the planned run's reward is PAR on the `single` row's
-  preference RM, sigmoid(r - PAR_REFERENCE), differentiable (ReNO backpropagates it)."""
+@pytest.mark.parametrize("table,reference", [("reward_hacking", tables.PAR_REFERENCE),
+                                             ("reward_hacking_draft",
+                                              tables.DRAFT_PAR_REFERENCE)])
+def test_the_par_row_optimises_sigmoid_of_the_single_rms_score_minus_its_reference(
+    tmp_path, table, reference):
+  """The hacking tables' `par` rows: the planned run's reward is PAR on the `single` row's
+  preference RM, sigmoid(r - reference), differentiable (ReNO and DRaFT backpropagate
+  it); the table's reference, not the other table's."""
   from rft import main as main_lib
   from rft.data import shapes
   from rft.reward_models import image_model
   from rft.rewards import base as rewards_lib
-  t = tables.get("reward_hacking")
+  t = tables.get(table)
   run, = runner.plan(t, "cpu", str(tmp_path), seeds=1, rows=["par"])
   rest, opts = main_lib.split_reward_options(list(run.argv))
   c = config_lib.load(rest[0].split("=", 1)[1])
@@ -159,7 +164,7 @@ def test_the_par_row_optimises_sigmoid_of_the_single_rms_score_minus_its_referen
   x = shapes.render_np(world.sample_scenes(rng, ids), rng)
   prompts = {"ids": ids, "tokens": shapes.tokenizer().encode([world.texts[i] for i in ids])}
   raw = image_model.load(tables.PREFERENCE_RMS[0]).score(x, prompts["tokens"])
-  np.testing.assert_allclose(reward(x, prompts), 1 / (1 + np.exp(-(raw - tables.PAR_REFERENCE))),
+  np.testing.assert_allclose(reward(x, prompts), 1 / (1 + np.exp(-(raw - reference))),
                              rtol=1e-5, atol=1e-6)
 
 
