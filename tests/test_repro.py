@@ -470,3 +470,32 @@ def test_lm_objectives_table_reads_lm_runs(tmp_path):
   iv = v["REBEL >= GRPO on held-out sampled accuracy (within 2 points)"]
   np.testing.assert_allclose(iv["interval"]["mean"], 0.04)  # 0.17 - 0.13 on both seeds
   assert iv["verdict"] == stats.HOLDS
+
+
+def test_reward_model_table_reads_trainer_results(tmp_path):
+  """reward_model_losses reads the reward-model trainer's results.json: no reward
+  queries ('–', curves against training steps), minutes from train_seconds_this_run;
+  the preset picks the world through the config variant."""
+  t = tables.get("reward_model_losses")
+  runs = runner.plan(t, "shapes", str(tmp_path), seeds=2)
+  assert [r.argv[0].rsplit("/", 1)[1] for r in runs[:3]] == [
+      "reward_model.py:shapes", "reward_model.py:regression,shapes",
+      "reward_model.py:both,shapes"]
+  final = {"bt": 0.86, "regression": 0.79, "both": 0.89}
+  for r in runs:
+    os.makedirs(r.workdir, exist_ok=True)
+    hist = {"0": {"heldout/pair_accuracy": 0.5, "train/pair_accuracy": 0.5,
+                  "heldout/ece": 0.1},
+            "2000": {"heldout/pair_accuracy": final[r.row] + 0.01 * r.seed,
+                     "train/pair_accuracy": 0.9, "heldout/ece": 0.03}}
+    with open(os.path.join(r.workdir, "results.json"), "w") as f:
+      json.dump({"history": hist, "train_seconds_this_run": 540.0}, f)
+  summary = report.write(t, "shapes", runs, str(tmp_path / "out"))
+  md = (tmp_path / "out" / "table.md").read_text()
+  assert "| Bradley-Terry on pairs | 86.5 [" in md and "| 2 | – | 9.0 |" in md
+  assert "percentages are points of pair accuracy" in md
+  v = {c["claim"]: c for c in summary["verdicts"]}
+  iv = v["BT + regression is more accurate than BT alone (held-out pairs)"]
+  np.testing.assert_allclose(iv["interval"]["mean"], 0.03)
+  assert iv["verdict"] == stats.HOLDS
+  assert (tmp_path / "out" / "curves.png").stat().st_size > 1000

@@ -99,9 +99,10 @@ def collect(metrics: tuple[tables_lib.Metric, ...], runs: list[Run]) -> dict:
       per[m.key] = entry
     per["_seeds"] = [r.seed for r in done]
     per["_queries"] = [x.get("reward_queries") for x in res]
-    per["_minutes"] = [x.get("total_seconds", x.get("total_seconds_this_run",
-                                                    x.get("wall_seconds", 0))) / 60
-                       for x in res]  # wall_seconds: ReNO's
+    # wall_seconds: ReNO's; train_seconds_this_run: the reward-model trainer's
+    per["_minutes"] = [next((x[k] for k in ("total_seconds", "total_seconds_this_run",
+                                            "wall_seconds", "train_seconds_this_run")
+                             if k in x), 0) / 60 for x in res]
     out[row] = per
   return out
 
@@ -181,8 +182,8 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
     q = [x for x in per["_queries"] if x]
     mins = per["_minutes"]
     lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(per['_seeds'])} | "
-                 f"{int(np.mean(q)):,} | " + (f"{np.mean(mins):.1f}" if mins else "–") + " |"
-                 if q else f"| {label} | " + " | ".join(cells) + f" | {len(per['_seeds'])} | – | – |")
+                 + (f"{int(np.mean(q)):,}" if q else "–") + " | "
+                 + (f"{np.mean(mins):.1f}" if mins and np.mean(mins) > 0 else "–") + " |")
   lines += ["", "Values: mean over seeds [95 % t interval]; percentages are points of "
             f"{table.percent_of}.", ""]
   if table.reach:
@@ -238,7 +239,10 @@ def _curves(table: tables_lib.Table, metric: str, scale: float, runs: list[Run],
       res = r.results()
       # ReNO's history counts iterations and its results hold no epochs: the last key
       steps = res.get("epochs") or max(int(e) for e in res["history"])
-      per_epoch = res.get("samples_per_epoch") or res["reward_queries"] / max(steps, 1)
+      # reward queries on the x axis; a run that queries no reward (reward-model
+      # training) is drawn against its steps
+      per_epoch = res.get("samples_per_epoch") or (
+          res["reward_queries"] / max(steps, 1) if "reward_queries" in res else 1)
       pts = sorted((int(e) * per_epoch, h[metric])
                    for e, h in res["history"].items() if metric in h)
       series.append(pts)
@@ -250,7 +254,8 @@ def _curves(table: tables_lib.Table, metric: str, scale: float, runs: list[Run],
     ax.plot(xs, scale * mean, label=f"{table.row(row).label} ({len(series)} seeds)")
     ax.fill_between(xs, scale * np.nanmin(ys, 0), scale * np.nanmax(ys, 0), alpha=0.2)
     plotted = True
-  ax.set_xlabel("reward queries")
+  ax.set_xlabel("reward queries" if any(r.done and "reward_queries" in r.results()
+                                        for r in runs) else "training steps")
   ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
   ax.set_title(table.title, fontsize=9)
   if plotted:

@@ -615,6 +615,51 @@ FLOW_METHODS = Table(
     reach=(SEEN, 0.05),
 )
 
+# ---------------------------------------------------------------------------- RM losses
+
+# Reward models trained by Bradley-Terry on pairs, by regression (MSE) on ratings, and by
+# both, on the same world's ground truth (configs/reward_model.py), judged by pairwise
+# accuracy on 1,024 clean held-out pairs. The preset picks the world: `arith` (a reward
+# head on the arithmetic LM, 300 steps) or `shapes` (the caption-conditioned image scorer
+# from renders, 2,000 steps; the BT rows are how rft/assets/shapes_preference was made).
+# The base is the untrained model's accuracy (step 0).
+RM_ACCURACY = "heldout/pair_accuracy"
+RM_ROWS = {"bt": {}, "regression": {}, "both": {}}
+
+REWARD_MODEL_LOSSES = Table(
+    name="reward_model_losses",
+    title="Reward models: Bradley-Terry vs regression vs both",
+    paper=("HelpSteer2-Preference (Wang et al. 2024): with matched data, Bradley-Terry and "
+           "regression reward models are close, and a model trained with both (BT on "
+           "preferences and regression on ratings) is the most accurate."),
+    rows=(Row("bt", "reward_model", "Bradley-Terry on pairs"),
+          Row("regression", "reward_model:regression", "regression (MSE) on ratings"),
+          Row("both", "reward_model:both", "both (BT + MSE)")),
+    metrics=(Metric(RM_ACCURACY, "held-out pair accuracy"),
+             Metric("train/pair_accuracy", "training-prompt pair accuracy"),
+             Metric("heldout/ece", "held-out ECE", percent=False)),
+    claims=(
+        Claim("BT + regression is more accurate than BT alone (held-out pairs)", "gt",
+              RM_ACCURACY, "both", "bt"),
+        Claim("BT + regression is more accurate than regression alone", "gt", RM_ACCURACY,
+              "both", "regression"),
+        Claim("BT and regression are close (BT >= regression within 2 points)", "geq",
+              RM_ACCURACY, "bt", "regression", margin=0.02),
+    ),
+    presets={
+        "arith": Preset(seeds=3, common={}, rows=RM_ROWS,
+                        note="this 2-core CPU; the arithmetic world, 300 steps of 64 pairs "
+                             "/ ratings on the shipped LM (~7 min per run)"),
+        "shapes": Preset(seeds=3, config_arg="shapes", common={}, rows=RM_ROWS,
+                         note="this 2-core CPU; ShapesWorld, 2,000 steps of 64 pairs / "
+                              "ratings of renders (~8-11 min per run)"),
+        "smoke": Preset(seeds=2, config_arg="smoke", common={}, rows=RM_ROWS,
+                        note="smoke test (seconds per run)"),
+    },
+    curve_metric=RM_ACCURACY,
+    percent_of="pair accuracy",
+)
+
 # ---------------------------------------------------------------------------- LM objectives
 
 # GRPO against the pair objectives on the arithmetic world (configs/grpo.py: 128 problems
@@ -666,7 +711,7 @@ LM_OBJECTIVES = Table(
 
 ALL = {t.name: t for t in (PRDP_TABLE1, PRDP_TABLE2, PRDP_TABLE3, PRDP_TABLE5,
                            REWARD_HACKING, REWARD_HACKING_DRAFT, FLOW_METHODS,
-                           LM_OBJECTIVES)}
+                           REWARD_MODEL_LOSSES, LM_OBJECTIVES)}
 
 
 def get(name: str) -> Table:
