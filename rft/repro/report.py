@@ -191,7 +191,8 @@ def write(table: tables_lib.Table, preset_name: str, runs: list[Run], out_dir: s
     m = next((m for m in metrics if m.key == key), tables_lib.Metric(key, key))
     amount = f"+{gain * 100:g} points" if m.percent else f"+{gain:g}"
     lines += [f"Reward queries (and training minutes) until {m.label} first reaches "
-              f"{amount} over its start (epoch or step 0), per seed, at the preset's evaluations:", "",
+              f"{amount} over its start (epoch or step 0), per seed, at the preset's "
+              "evaluations:", "",
               "| method | per seed | seeds reaching it |", "|---|---|---|"]
     for row in data:
       done = [r for r in runs if r.row == row and r.done]
