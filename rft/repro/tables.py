@@ -643,8 +643,8 @@ REWARD_MODEL_LOSSES = Table(
               RM_ACCURACY, "both", "bt"),
         Claim("BT + regression is more accurate than regression alone", "gt", RM_ACCURACY,
               "both", "regression"),
-        Claim("BT and regression are close (BT >= regression within 2 points)", "geq",
-              RM_ACCURACY, "bt", "regression", margin=0.02),
+        Claim("Bradley-Terry is at least as accurate as regression (within 2 points)",
+              "geq", RM_ACCURACY, "bt", "regression", margin=0.02),
     ),
     presets={
         "arith": Preset(seeds=3, common={}, rows=RM_ROWS,
