@@ -231,13 +231,14 @@ def _curves(table: tables_lib.Table, metric: str, scale: float, runs: list[Run],
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  plotted = False
+  plotted = queried = False
   for row in dict.fromkeys(r.row for r in runs):
     series = []
     for r in runs:
       if r.row != row or not r.done:
         continue
       res = r.results()
+      queried = queried or "reward_queries" in res
       # ReNO's history counts iterations and its results hold no epochs: the last key
       steps = res.get("epochs") or max(int(e) for e in res["history"])
       # reward queries on the x axis; a run that queries no reward (reward-model
@@ -255,8 +256,7 @@ def _curves(table: tables_lib.Table, metric: str, scale: float, runs: list[Run],
     ax.plot(xs, scale * mean, label=f"{table.row(row).label} ({len(series)} seeds)")
     ax.fill_between(xs, scale * np.nanmin(ys, 0), scale * np.nanmax(ys, 0), alpha=0.2)
     plotted = True
-  ax.set_xlabel("reward queries" if any(r.done and "reward_queries" in r.results()
-                                        for r in runs) else "training steps")
+  ax.set_xlabel("reward queries" if queried else "training steps")
   ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
   ax.set_title(table.title, fontsize=9)
   if plotted:

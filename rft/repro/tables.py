@@ -17,83 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-  name: str  # e.g. "prdp"
-  config: str  # configs/<file>.py[:arg], e.g. "prdp" or "ddpo:sf"
-  label: str  # what the README calls it
-
-
-@dataclasses.dataclass(frozen=True)
-class Metric:
-  key: str  # a results.json history key, e.g. "train/alignment", or "max_kl" (curve)
-  label: str
-  percent: bool = True  # shown x100 with one decimal
-
-
-@dataclasses.dataclass(frozen=True)
-class Claim:
-  """`a` vs `b` (row names; b None: a's own change) on metric `metric`'s gain or final
-  value (`on`), read with stats.verdict(kind, interval, margin)."""
-  text: str
-  kind: str  # gt | geq | pos
-  metric: str
-  a: str
-  b: str | None = None
-  on: str = "gain"  # gain | final
-  margin: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-  seeds: int
-  common: Mapping[str, object]  # overrides every row gets
-  rows: Mapping[str, Mapping[str, object]]  # row name -> its own overrides (present = run)
-  note: str  # hardware and budget, for the README
-  cpu_devices: int = 0  # split a CPU host into this many devices (rft.placement.split_cpu)
-  config_arg: str = ""  # a variant added to every row's config, e.g. "smoke"
-  # What this preset measures when it differs from the table's (Stable Diffusion has no
-  # independent evaluator: its metrics are the configured rewards).
-  metrics: tuple[Metric, ...] | None = None
-  claims: tuple[Claim, ...] | None = None
-  curve_metric: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Table:
-  name: str
-  title: str
-  paper: str  # the paper's claim and numbers
-  rows: tuple[Row, ...]
-  metrics: tuple[Metric, ...]
-  claims: tuple[Claim, ...]
-  presets: Mapping[str, Preset]
-  curve_metric: str = "train/alignment"
-  # (metric, gain): the table also reports, per row, the reward queries at which each
-  # seed's evaluations first reach that gain over its epoch-0 value (sample efficiency).
-  reach: tuple[str, float] | None = None
-  percent_of: str = "evaluator alignment"  # what the table's percentages measure
-
-  def row(self, name: str) -> Row:
-    for r in self.rows:
-      if r.name == name:
-        return r
-    raise KeyError(f"table {self.name} has no row {name!r}; rows: {[r.name for r in self.rows]}")
-
-  def metrics_of(self, preset: str) -> tuple[Metric, ...]:
-    return self.preset(preset).metrics or self.metrics
-
-  def claims_of(self, preset: str) -> tuple[Claim, ...]:
-    return self.preset(preset).claims or self.claims
-
-  def curve_metric_of(self, preset: str) -> str:
-    return self.preset(preset).curve_metric or self.curve_metric
-
-  def preset(self, name: str) -> Preset:
-    if name not in self.presets:
-      raise ValueError(f"table {self.name} has no preset {name!r}; presets: {sorted(self.presets)}")
-    return self.presets[name]
+from rft.repro.table_spec import Claim, Metric, Preset, Row, Table  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------------- shared parts
@@ -119,11 +43,12 @@ GENERIC_LAYERS = {"lr": 2e-5, "finetune.trainable": "^(unet|dit|transformer)/"}
 ON_ACCELERATOR = {"cpu_devices": 0}
 
 
-def _smoke(rows: Mapping[str, Mapping[str, object]]) -> Preset:
-  """Seconds per run: the configs' :smoke variants on 4 fixed captions, 2 seeds."""
-  return Preset(seeds=2, config_arg="smoke",
-                common={"train_prompts": 4, "eval_prompts": 8, "eval_batch_size": 8},
-                rows=rows, note="smoke test (seconds per run)")
+def _smoke(rows: Mapping[str, Mapping[str, object]], captions: bool = True) -> Preset:
+  """Seconds per run: the configs' :smoke variants, 2 seeds; with `captions`, on 4 fixed
+  training captions judged on 8 (the text-to-image tables)."""
+  common = {"train_prompts": 4, "eval_prompts": 8, "eval_batch_size": 8} if captions else {}
+  return Preset(seeds=2, config_arg="smoke", common=common, rows=rows,
+                note="smoke test (seconds per run)")
 
 
 # Stable Diffusion (the paper settings of configs/prdp.py and configs/ddpo.py): judged by
@@ -476,8 +401,7 @@ REWARD_HACKING = Table(
         "cpu": Preset(seeds=3, common={}, rows=HACK_ROWS,
                       note="this 2-core CPU; ReNO's defaults: 32 captions per split, 20 "
                            "iterations of a 6-step DDIM sampler, the original base"),
-        "smoke": Preset(seeds=2, config_arg="smoke", common={}, rows=HACK_ROWS,
-                        note="smoke test (seconds per run)"),
+        "smoke": _smoke(HACK_ROWS, captions=False),
     },
     curve_metric=UNSEEN,
 )
@@ -653,8 +577,7 @@ REWARD_MODEL_LOSSES = Table(
         "shapes": Preset(seeds=3, config_arg="shapes", common={}, rows=RM_ROWS,
                          note="this 2-core CPU; ShapesWorld, 2,000 steps of 64 pairs / "
                               "ratings of renders (~8-11 min per run)"),
-        "smoke": Preset(seeds=2, config_arg="smoke", common={}, rows=RM_ROWS,
-                        note="smoke test (seconds per run)"),
+        "smoke": _smoke(RM_ROWS, captions=False),
     },
     curve_metric=RM_ACCURACY,
     percent_of="pair accuracy",
@@ -701,8 +624,7 @@ LM_OBJECTIVES = Table(
         "cpu": Preset(seeds=3, common={"steps": 50, "eval_every": 25, "ckpt_every": 25},
                       rows=LM_ROWS,
                       note="this 2-core CPU, 50 steps x 1,024 completions per run (51,200)"),
-        "smoke": Preset(seeds=2, config_arg="smoke", common={}, rows=LM_ROWS,
-                        note="smoke test (seconds per run)"),
+        "smoke": _smoke(LM_ROWS, captions=False),
     },
     curve_metric=LM_SAMPLED,
     reach=(LM_SAMPLED, 0.10),

@@ -457,16 +457,16 @@ def train_and_evaluate(config, workdir: str):
   ckpt.close()
   writer.flush()
   # ---------------------------------------------------------------- results and export
+  # completions the reward scored (every dynamic-sampling round counted)
+  queries = int(sum(c.get("completions", 0) for c in curve.values()))
   results = {"objective": o.name, "loss": obj.label(config),
              "steps": config.steps, "completions_per_step": Q * G,
              "train_seconds_this_run": round(time.time() - t_loop, 1),
              "total_seconds_this_run": round(time.time() - t_start, 1),
              "total_seconds": round(seconds_before + time.time() - t_start, 1),
-             # completions the reward scored (every dynamic-sampling round counted)
-             "reward_queries": int(sum(c.get("completions", 0) for c in curve.values())),
+             "reward_queries": queries,
              # completions per step (Q x G, more with dynamic sampling's extra rounds)
-             "samples_per_epoch": round(sum(c.get("completions", 0) for c in curve.values())
-                                        / max(len(curve), 1)),
+             "samples_per_epoch": round(queries / max(len(curve), 1)),
              "history": history, "curve": curve}
   final = placement.gather(state.params)  # on every process (a collective)
   loop.write_results(workdir, results)
